@@ -1,0 +1,124 @@
+"""The adapter contract: how a model family's checkpoint maps onto the core model.
+
+An adapter only *translates*: config.json <-> `DiffusionConfig`, checkpoint key <-> internal key,
+plus the family's sampler defaults. Adapters live in `model_adapters/`, one module per family, and
+register themselves with `@register_adapter`. The core never imports a family by name.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+from diffusion_lens.config import DiffusionConfig
+
+
+@dataclass(frozen=True)
+class KeyRule:
+    """One checkpoint <-> internal key correspondence; `{l}` (layer) and `{e}` (expert) are integers.
+
+    Example: KeyRule("model.transformer.blocks.{l}.q_proj.weight", "blocks.{l}.attn.q_proj.weight")
+    """
+
+    checkpoint: str
+    internal: str
+
+    def _pattern(self, template: str) -> re.Pattern:
+        escaped = re.escape(template).replace(r"\{l\}", r"(?P<l>\d+)").replace(r"\{e\}", r"(?P<e>\d+)")
+        return re.compile(escaped + r"\Z")
+
+    def convert(self, key: str, to_internal: bool) -> Optional[str]:
+        source, target = (self.checkpoint, self.internal) if to_internal else (self.internal, self.checkpoint)
+        match = self._pattern(source).match(key)
+        return target.format(**match.groupdict()) if match else None
+
+
+class ModelAdapter:
+    """Base class of a family adapter. Subclasses set `name`, `key_rules` and implement the hooks below."""
+
+    name: ClassVar[str]
+    key_rules: ClassVar[tuple[KeyRule, ...]]
+    # Checkpoint keys that exist upstream but carry nothing the model needs (e.g. rotary caches).
+    ignored_checkpoint_keys: ClassVar[tuple[str, ...]] = ()
+
+    def matches(self, config: dict) -> bool:
+        """True if this adapter reads a checkpoint with this config.json."""
+        raise NotImplementedError
+
+    def to_config(self, config: dict) -> DiffusionConfig:
+        """config.json -> DiffusionConfig. Must read every key that changes the math and reject
+        values it does not implement (`unsupported(...)`)."""
+        raise NotImplementedError
+
+    def to_checkpoint_config(self, cfg: DiffusionConfig) -> dict:
+        """DiffusionConfig -> the family's original config.json contents."""
+        raise NotImplementedError
+
+    def sampler(self, model) -> "object":
+        """The family's reference sampler with upstream defaults (see `diffusion_lens.denoising`)."""
+        raise NotImplementedError(f"The {self.name} adapter does not define a sampler.")
+
+    # -- key mapping, shared by every adapter
+    def to_internal_key(self, key: str) -> Optional[str]:
+        for rule in self.key_rules:
+            converted = rule.convert(key, to_internal=True)
+            if converted is not None:
+                return converted
+        return None
+
+    def to_checkpoint_key(self, key: str) -> str:
+        for rule in self.key_rules:
+            converted = rule.convert(key, to_internal=False)
+            if converted is not None:
+                return converted
+        raise KeyError(f"The {self.name} adapter has no checkpoint name for internal weight {key!r}.")
+
+    def is_ignored(self, key: str) -> bool:
+        return any(re.fullmatch(pattern, key) for pattern in self.ignored_checkpoint_keys)
+
+
+def unsupported(adapter: str, key: str, value, supported) -> ValueError:
+    return ValueError(
+        f"{adapter} checkpoint has {key}={value!r}, which diffusion_lens does not implement "
+        f"(supported: {supported}). Open an issue with the checkpoint id if you need it."
+    )
+
+
+_REGISTRY: dict[str, ModelAdapter] = {}
+
+
+def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
+    """Class decorator: make an adapter available to `from_pretrained` (by detection or `adapter=`)."""
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def registered_adapters() -> dict[str, ModelAdapter]:
+    import model_adapters  # noqa: F401  (importing the package registers the shipped families)
+
+    return dict(_REGISTRY)
+
+
+def get_adapter(name: str) -> ModelAdapter:
+    adapters = registered_adapters()
+    if name not in adapters:
+        raise KeyError(f"No adapter named {name!r}; registered adapters: {sorted(adapters)}.")
+    return adapters[name]
+
+
+def detect_adapter(config: dict) -> ModelAdapter:
+    """The one registered adapter whose `matches` accepts this config.json."""
+    adapters = registered_adapters()
+    found = [adapter for adapter in adapters.values() if adapter.matches(config)]
+    if len(found) == 1:
+        return found[0]
+    seen = {key: config.get(key) for key in ("model_type", "architectures")}
+    if not found:
+        raise ValueError(
+            f"No adapter recognises this config.json ({seen}); registered adapters: {sorted(adapters)}. "
+            "Pass adapter=... to force one, or add an adapter (docs/adding_a_model.md)."
+        )
+    raise ValueError(
+        f"Several adapters claim this config.json ({seen}): {[a.name for a in found]}; pass adapter=... to choose."
+    )

@@ -1,0 +1,46 @@
+"""One pre-norm transformer block: the residual stream passes through attention, then the MLP."""
+
+from __future__ import annotations
+
+from jaxtyping import Float
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+from diffusion_lens.components.attention import Attention, AttentionMask
+from diffusion_lens.components.mlp import GatedMLP
+from diffusion_lens.components.norm import RMSNorm
+from diffusion_lens.components.rotary import Rotary
+from diffusion_lens.config import DiffusionConfig
+
+
+def build_mlp(cfg: DiffusionConfig, layer: int) -> nn.Module:
+    """The block's MLP: a mixture of experts on `cfg.moe_layers`, a dense SwiGLU elsewhere."""
+    if layer in cfg.moe_layers:
+        from diffusion_lens.components.moe import MixtureOfExperts
+
+        return MixtureOfExperts(cfg)
+    return GatedMLP(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: DiffusionConfig, layer: int, rotary: Rotary):
+        super().__init__()
+        self.layer = layer
+        self.ln1 = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg, rotary)
+        self.ln2 = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = build_mlp(cfg, layer)
+        self.hook_resid_pre = HookPoint()
+        self.hook_attn_out = HookPoint()
+        self.hook_resid_mid = HookPoint()
+        self.hook_mlp_out = HookPoint()
+        self.hook_resid_post = HookPoint()
+
+    def forward(
+        self, resid_pre: Float[Tensor, "batch pos d_model"], mask: AttentionMask, rope: tuple[Tensor, Tensor]
+    ) -> Float[Tensor, "batch pos d_model"]:
+        resid_pre = self.hook_resid_pre(resid_pre)
+        attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre), mask, rope))
+        resid_mid = self.hook_resid_mid(resid_pre + attn_out)
+        mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid_mid)))
+        return self.hook_resid_post(resid_mid + mlp_out)

@@ -1,0 +1,60 @@
+"""Rotary position embedding in the half-split ("rotate_half", NeoX / HF-Llama) layout."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from diffusion_lens.config import DiffusionConfig
+
+
+class Rotary:
+    """Computes cos/sin tables once per (length, device) and rotates the first `rotary_dim` dims.
+
+    Not an `nn.Module` and holds no buffers: tables are rebuilt on the device of the input, so a
+    model initialised on the meta device and loaded shard by shard needs no fix-up.
+    """
+
+    def __init__(self, cfg: DiffusionConfig):
+        self.rotary_dim = cfg.rotary_dim
+        self.theta = cfg.rope_theta
+        self.in_fp32 = cfg.rope_in_fp32
+        self._tables: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+    def tables(
+        self, n_pos: int, device: torch.device, position_ids: Optional[Int[Tensor, "batch pos"]] = None
+    ) -> tuple[Float[Tensor, "*batch pos 1 rot"], Float[Tensor, "*batch pos 1 rot"]]:
+        """cos and sin shaped to broadcast over [batch pos head rot]."""
+        if position_ids is None:
+            key = (n_pos, device)
+            if key not in self._tables:
+                self._tables[key] = self._compute(torch.arange(n_pos, device=device))
+            return self._tables[key]
+        return self._compute(position_ids)
+
+    def _compute(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        half = torch.arange(0, self.rotary_dim, 2, device=positions.device, dtype=torch.int64).float()
+        inv_freq = 1.0 / (self.theta ** (half / self.rotary_dim))
+        angles = positions.float()[..., None] * inv_freq
+        emb = torch.cat([angles, angles], dim=-1)[..., None, :]  # [... pos 1 rot]
+        return emb.cos(), emb.sin()
+
+    def __call__(
+        self, x: Float[Tensor, "batch pos head d_head"], cos: Tensor, sin: Tensor
+    ) -> Float[Tensor, "batch pos head d_head"]:
+        rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
+        if self.in_fp32:
+            r = rot.float()
+            rotated = (r * cos + _rotate_half(r) * sin).to(x.dtype)
+        else:
+            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+            rotated = rot * cos + _rotate_half(rot) * sin
+        return rotated if rest.shape[-1] == 0 else torch.cat([rotated, rest], dim=-1)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)

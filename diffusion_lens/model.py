@@ -1,0 +1,372 @@
+"""`HookedDiffusionTransformer`: embed -> blocks -> ln_final -> unembed, hook points everywhere.
+
+The forward is the same for every family; what differs is in `DiffusionConfig`. Hooks use the
+TransformerLens machinery (`HookedRootModule`, `HookPoint`, `ActivationCache`), so TransformerLens
+hook functions, filters and cache analysis work unchanged.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from transformer_lens import ActivationCache, HookedRootModule
+from transformer_lens.FactoredMatrix import FactoredMatrix
+from transformer_lens.hook_points import HookPoint
+
+from diffusion_lens.components import RMSNorm, Rotary, TransformerBlock, attention_mask_for
+from diffusion_lens.config import DiffusionConfig
+
+TextInput = Union[str, Sequence[str]]
+TokensInput = Union[TextInput, Int[Tensor, "batch pos"], Int[Tensor, " pos"]]
+NamesFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
+HookList = Sequence[tuple[Union[str, Callable[[str], bool]], Callable]]
+
+
+class HookedDiffusionTransformer(HookedRootModule):
+    """A masked-diffusion language model with a TransformerLens hook point on every activation.
+
+    Example:
+        >>> model = HookedDiffusionTransformer.from_pretrained("tiny-refusal")
+        >>> logits, cache = model.run_with_cache("Hello", names_filter="blocks.0.hook_resid_post")
+        >>> cache["blocks.0.hook_resid_post"].shape  # [batch pos d_model]
+    """
+
+    def __init__(self, cfg: DiffusionConfig, tokenizer=None):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.adapter = None  # set by `from_pretrained`; used by `save_pretrained` and the samplers
+        self.rotary = Rotary(cfg)
+        self.embed = nn.Embedding(cfg.d_vocab_out, cfg.d_model)
+        self.hook_embed = HookPoint()  # [batch pos d_model]
+        self.blocks = nn.ModuleList(TransformerBlock(cfg, layer, self.rotary) for layer in range(cfg.n_layers))
+        self.ln_final = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.unembed = nn.Linear(cfg.d_model, cfg.d_vocab_out, bias=False)
+        if cfg.tie_word_embeddings:
+            self.unembed.weight = self.embed.weight
+        self.setup()
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input: TokensInput,
+        attention_mask: Optional[Int[Tensor, "batch pos"]] = None,
+        *,
+        position_ids: Optional[Int[Tensor, "batch pos"]] = None,
+        return_type: Optional[str] = "logits",
+        targets: Optional[Int[Tensor, "batch pos"]] = None,
+        loss_weights: Optional[Float[Tensor, "batch pos"]] = None,
+    ) -> Union[Float[Tensor, "batch pos d_vocab"], Float[Tensor, ""], None]:
+        """One denoising forward over a canvas.
+
+        Returns raw logits per residual position [batch pos d_vocab_out]; for families with
+        `cfg.logit_shift` use `model.token_logits(logits)` to get the prediction for each token.
+        `return_type="loss"` gives the masked-diffusion loss: cross-entropy of `targets` at the
+        positions holding the mask token, weighted by `loss_weights` (e.g. 1/t in LLaDA's SFT
+        objective) and averaged over those positions. `return_type=None` runs hooks only.
+        """
+        if return_type not in ("logits", "loss", None):
+            raise ValueError(f"return_type must be 'logits', 'loss' or None, got {return_type!r}")
+        tokens = self._as_tokens(input)
+        if attention_mask is not None and attention_mask.shape != tokens.shape:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but tokens have shape "
+                f"{tuple(tokens.shape)}; pass one 0/1 entry per token."
+            )
+        mask = attention_mask_for(self.cfg, attention_mask)
+        rope = self.rotary.tables(tokens.shape[1], tokens.device, position_ids)
+        resid = self.hook_embed(self.embed(tokens))
+        for block in self.blocks:
+            resid = block(resid, mask, rope)
+        logits = self.unembed(self.ln_final(resid))
+        if return_type == "logits":
+            return logits
+        if return_type == "loss":
+            return self.masked_diffusion_loss(logits, tokens, targets, loss_weights)
+        return None
+
+    def token_logits(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, "batch pos d_vocab"]:
+        """Per-token predictions from per-residual-position logits: the one place the logit shift lives.
+
+        With `cfg.logit_shift == 1` (Dream), token j is predicted by residual position j-1, and
+        position 0 reuses its own row (it is never masked in practice). Otherwise identity.
+        """
+        if not self.cfg.logit_shift:
+            return logits
+        return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+
+    def masked_diffusion_loss(
+        self,
+        logits: Float[Tensor, "batch pos d_vocab"],
+        tokens: Int[Tensor, "batch pos"],
+        targets: Optional[Int[Tensor, "batch pos"]],
+        loss_weights: Optional[Float[Tensor, "batch pos"]] = None,
+    ) -> Float[Tensor, ""]:
+        """Cross-entropy of the clean `targets` at masked positions, optionally weighted."""
+        if targets is None or targets.shape != tokens.shape:
+            raise ValueError(
+                "return_type='loss' needs targets: the clean tokens, same shape as the input "
+                f"({tuple(tokens.shape)}); got {None if targets is None else tuple(targets.shape)}."
+            )
+        masked = tokens == self.cfg.mask_token_id
+        if not masked.any():
+            raise ValueError(f"No position holds the mask token {self.cfg.mask_token_id}; nothing to predict.")
+        predicted = self.token_logits(logits)[masked].float()
+        loss = F.cross_entropy(predicted, targets[masked], reduction="none")
+        if loss_weights is not None:
+            loss = loss * loss_weights[masked]
+        return loss.mean()
+
+    # ------------------------------------------------------------------ hooks and caching
+    def check_hook_names(self, names: Sequence[str]) -> None:
+        """Raise a KeyError naming each unknown hook point with the closest real names."""
+        unknown = [name for name in names if name not in self.hook_dict]
+        if unknown:
+            lines = []
+            for name in unknown:
+                close = difflib.get_close_matches(name, self.hook_dict.keys(), n=3, cutoff=0.6)
+                lines.append(f"{name!r} (did you mean {', '.join(map(repr, close))}?)" if close else repr(name))
+            raise KeyError(
+                "Unknown hook point " + "; ".join(lines) + ". See `model.hook_dict` for all names."
+            )
+
+    def hook_names(self, names_filter: NamesFilter = None) -> list[str]:
+        """Hook point names selected by a TransformerLens names filter (None = all).
+
+        A string or list must name existing hook points; a callable is applied to every name.
+        """
+        if names_filter is None:
+            return list(self.hook_dict)
+        if isinstance(names_filter, str):
+            names_filter = [names_filter]
+        if callable(names_filter):
+            return [name for name in self.hook_dict if names_filter(name)]
+        names = list(names_filter)
+        self.check_hook_names(names)
+        return names
+
+    def _enable_hook(self, name, hook, dir):
+        if isinstance(name, str):
+            self.check_hook_names([name])
+        super()._enable_hook(name, hook, dir)
+
+    def add_hook(self, name, hook, dir="fwd", is_permanent=False, level=None, prepend=False):
+        if isinstance(name, str):
+            self.check_hook_names([name])
+        super().add_hook(name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
+
+    def hooks(self, fwd_hooks: HookList = (), bwd_hooks: HookList = (), reset_hooks_end=True, clear_contexts=False):
+        """Context manager adding temporary hooks; every string name is checked before any is added,
+        and the hooks are removed on exit even if the body raises."""
+        self.check_hook_names([name for name, _ in [*fwd_hooks, *bwd_hooks] if isinstance(name, str)])
+        return super().hooks(list(fwd_hooks), list(bwd_hooks), reset_hooks_end, clear_contexts)
+
+    def run_with_cache(
+        self,
+        *model_args,
+        names_filter: NamesFilter = None,
+        device: Optional[Union[str, torch.device]] = None,
+        remove_batch_dim: bool = False,
+        **model_kwargs,
+    ) -> tuple[Optional[Tensor], ActivationCache]:
+        """Run a forward and return (output, `ActivationCache`) of the hook points in `names_filter`.
+
+        Example:
+            >>> logits, cache = model.run_with_cache(tokens, names_filter=lambda n: "resid" in n)
+            >>> cache.accumulated_resid(apply_ln=True).shape  # [layer+1 batch pos d_model]
+        """
+        names = self.hook_names(names_filter)
+        if remove_batch_dim and model_args and isinstance(model_args[0], Tensor) and model_args[0].ndim > 1:
+            if model_args[0].shape[0] != 1:
+                raise ValueError(f"remove_batch_dim=True needs a batch of 1, got {model_args[0].shape[0]}.")
+        store: dict[str, Tensor] = {}
+
+        def save(act: Tensor, hook: HookPoint) -> None:
+            act = act.detach() if device is None else act.detach().to(device)
+            store[hook.name] = act[0] if remove_batch_dim else act
+
+        with self.hooks(fwd_hooks=[(name, save) for name in names]):
+            out = self(*model_args, **model_kwargs)
+        return out, ActivationCache(store, self, has_batch_dim=not remove_batch_dim)
+
+    def set_use_attn_result(self, use: bool) -> None:
+        """Compute each head's output separately so `attn.hook_result` [batch pos head d_model] fires.
+        Costs memory proportional to n_heads x d_model per position; off by default."""
+        for block in self.blocks:
+            block.attn.use_attn_result = use
+
+    # ------------------------------------------------------------------ weight views (TransformerLens shapes)
+    @property
+    def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
+        return self.embed.weight
+
+    @property
+    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
+        return self.unembed.weight.T
+
+    @property
+    def W_Q(self) -> Float[Tensor, "n_layers n_heads d_model d_head"]:
+        return torch.stack([block.attn.W_Q for block in self.blocks])
+
+    @property
+    def W_K(self) -> Float[Tensor, "n_layers n_heads d_model d_head"]:
+        return torch.stack([block.attn.W_K for block in self.blocks])
+
+    @property
+    def W_V(self) -> Float[Tensor, "n_layers n_heads d_model d_head"]:
+        return torch.stack([block.attn.W_V for block in self.blocks])
+
+    @property
+    def W_O(self) -> Float[Tensor, "n_layers n_heads d_head d_model"]:
+        return torch.stack([block.attn.W_O for block in self.blocks])
+
+    @property
+    def W_in(self) -> Float[Tensor, "n_layers d_model d_mlp"]:
+        """Linear ("up") branch of the gated MLP."""
+        return torch.stack([self._dense_mlp(layer).up_proj.weight.T for layer in range(self.cfg.n_layers)])
+
+    @property
+    def W_gate(self) -> Float[Tensor, "n_layers d_model d_mlp"]:
+        """Gate branch (the one the activation is applied to)."""
+        return torch.stack([self._dense_mlp(layer).gate_proj.weight.T for layer in range(self.cfg.n_layers)])
+
+    @property
+    def W_out(self) -> Float[Tensor, "n_layers d_mlp d_model"]:
+        return torch.stack([self._dense_mlp(layer).down_proj.weight.T for layer in range(self.cfg.n_layers)])
+
+    @property
+    def OV(self) -> FactoredMatrix:
+        return FactoredMatrix(self.W_V, self.W_O)
+
+    @property
+    def QK(self) -> FactoredMatrix:
+        return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
+
+    def _dense_mlp(self, layer: int) -> nn.Module:
+        mlp = self.blocks[layer].mlp
+        if not hasattr(mlp, "up_proj"):
+            raise AttributeError(
+                f"Block {layer} has a mixture-of-experts MLP, so there is no single W_in/W_gate/W_out; "
+                f"use model.blocks[{layer}].mlp.experts[e] instead."
+            )
+        return mlp
+
+    def tokens_to_residual_directions(self, tokens) -> Float[Tensor, "... d_model"]:
+        """Residual-stream direction whose dot product with ln_final's *normalised* input gives the
+        logit: W_U[:, token] scaled by ln_final's weight (which we keep unfolded)."""
+        if isinstance(tokens, str):
+            tokens = self.to_single_token(tokens)
+        tokens = torch.as_tensor(tokens, device=self.W_U.device)
+        return (self.W_U * self.ln_final.weight[:, None])[:, tokens].movedim(0, -1)
+
+    # ------------------------------------------------------------------ tokenization
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError(
+                "This model has no tokenizer (its folder held no tokenizer files); pass token ids "
+                "as a tensor, or set model.tokenizer = transformers.AutoTokenizer.from_pretrained(...)."
+            )
+        return self.tokenizer
+
+    def _as_tokens(self, input: TokensInput) -> Int[Tensor, "batch pos"]:
+        if isinstance(input, Tensor):
+            if input.dtype not in (torch.int64, torch.int32):
+                raise TypeError(f"Token ids must be an integer tensor, got {input.dtype}.")
+            tokens = input if input.ndim == 2 else input[None]
+            if tokens.ndim != 2:
+                raise ValueError(f"Token ids must be [batch pos] or [pos], got shape {tuple(input.shape)}.")
+            return tokens.to(self.embed.weight.device)
+        return self.to_tokens(input)
+
+    def chat_text(self, prompt: str) -> str:
+        """The prompt rendered with the checkpoint's chat template as one user turn."""
+        tokenizer = self._require_tokenizer()
+        if not tokenizer.chat_template:
+            raise ValueError("The tokenizer has no chat template; call with chat=False for a base model.")
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+
+    def to_tokens(
+        self, text: TextInput, *, chat: bool = False, return_attention_mask: bool = False
+    ) -> Union[Int[Tensor, "batch pos"], tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]]:
+        """Tokenize one string or a batch (left-padded with the pad token, as the samplers expect).
+
+        `chat=True` renders each string as a user turn with the chat template first. Special tokens
+        come from the template only (`add_special_tokens=False`), as in the reference samplers.
+        """
+        tokenizer = self._require_tokenizer()
+        texts = [text] if isinstance(text, str) else list(text)
+        if chat:
+            texts = [self.chat_text(t) for t in texts]
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token_id = self.cfg.pad_token_id
+        encoded = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+        device = self.embed.weight.device
+        tokens, mask = encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
+        return (tokens, mask) if return_attention_mask else tokens
+
+    def to_string(self, tokens: Union[Int[Tensor, "... pos"], Sequence[int]], skip_special_tokens: bool = False):
+        """Decode [pos] to a string, or [batch pos] to a list of strings."""
+        tokenizer = self._require_tokenizer()
+        tokens = torch.as_tensor(tokens)
+        if tokens.ndim == 1:
+            return tokenizer.decode(tokens.tolist(), skip_special_tokens=skip_special_tokens)
+        return tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=skip_special_tokens)
+
+    def to_str_tokens(self, tokens: Union[str, Int[Tensor, " pos"]]) -> list[str]:
+        tokenizer = self._require_tokenizer()
+        ids = self._as_tokens(tokens)[0] if isinstance(tokens, str) else torch.as_tensor(tokens)
+        return [tokenizer.decode([i]) for i in ids.tolist()]
+
+    def to_single_token(self, text: str) -> int:
+        ids = self._require_tokenizer()(text, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ValueError(f"{text!r} is {len(ids)} tokens, not one: {ids}")
+        return ids[0]
+
+    # ------------------------------------------------------------------ loading and saving
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: Union[str, Path],
+        *,
+        dtype: Optional[torch.dtype] = None,
+        device: Union[str, torch.device] = "cpu",
+        adapter: Optional[str] = None,
+        revision: Optional[str] = None,
+    ) -> "HookedDiffusionTransformer":
+        """Load a checkpoint: an embedded name ("tiny-refusal"), a local folder or a hub id.
+
+        Weights are read shard by shard straight into `dtype` on `device` (default: the checkpoint's
+        dtype), so peak memory stays near one copy. The family adapter is detected from config.json
+        or forced with `adapter=`. No code from the checkpoint folder is ever run.
+
+        Example:
+            >>> model = HookedDiffusionTransformer.from_pretrained("GSAI-ML/LLaDA-8B-Instruct",
+            ...                                                    dtype=torch.bfloat16, device="cuda")
+        """
+        from diffusion_lens.loading import load_pretrained
+
+        return load_pretrained(cls, name_or_path, dtype=dtype, device=device, adapter=adapter, revision=revision)
+
+    def save_pretrained(self, path: Union[str, Path], *, max_shard_bytes: int = 4 * 2**30) -> Path:
+        """Write the model in its family's original checkpoint format (config.json, safetensors,
+        tokenizer files), loadable by upstream code and by `from_pretrained`."""
+        from diffusion_lens.loading import save_pretrained
+
+        return save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
+
+    def __repr__(self) -> str:
+        c = self.cfg
+        return (
+            f"HookedDiffusionTransformer({c.model_name}: {c.n_layers} layers, d_model {c.d_model}, "
+            f"{c.n_heads} heads ({c.n_key_value_heads} kv), vocab {c.d_vocab_out}, {c.dtype})"
+        )

@@ -1,0 +1,128 @@
+"""LLaDA-8B Base / Instruct and LLaDA-1.5 (GSAI-ML): `LLaDAModelLM` checkpoints, "llama" blocks.
+
+Spec: shared/reference/llada_family.md section 1. The config class fills every missing key with an
+OLMo-era default (weight tying on, LayerNorm, no RoPE, dropout 0.1...), so `to_config` starts from
+those class defaults, never from ours, and rejects any value whose math we do not implement.
+"""
+
+from __future__ import annotations
+
+from diffusion_lens.adapters import KeyRule, ModelAdapter, register_adapter, unsupported
+from diffusion_lens.config import DiffusionConfig
+
+# `LLaDAConfig` / `ModelConfig` defaults applied to keys absent from config.json.
+CONFIG_CLASS_DEFAULTS = {
+    "d_model": 768, "n_heads": 12, "n_kv_heads": None, "n_layers": 12, "mlp_ratio": 4,
+    "mlp_hidden_size": None, "activation_type": "swiglu", "block_type": "sequential",
+    "block_group_size": 1, "alibi": False, "alibi_bias_max": 8.0, "rope": False,
+    "rope_full_precision": True, "flash_attention": False, "attention_dropout": 0.1,
+    "multi_query_attention": None, "attention_layer_norm": False, "residual_dropout": 0.1,
+    "embedding_dropout": 0.1, "input_emb_norm": False, "layer_norm_type": "default",
+    "layer_norm_with_affine": True, "rms_norm_eps": 1e-05, "attention_layer_norm_with_affine": True,
+    "max_sequence_length": 1024, "rope_theta": 10000.0, "include_qkv_bias": False,
+    "include_bias": False, "bias_for_layer_norm": None, "scale_logits": False, "vocab_size": 50257,
+    "embedding_size": 50304, "weight_tying": True, "eos_token_id": 50256, "pad_token_id": 50256,
+    "mask_token_id": 50256, "init_device": None, "init_fn": "normal", "init_std": 0.02,
+    "init_cutoff_factor": None, "precision": None,
+}
+
+# The values this library implements, for each key that changes the math.
+REQUIRED_VALUES = {
+    "block_type": ("llama",),
+    "activation_type": ("silu",),
+    "layer_norm_type": ("rms",),
+    "layer_norm_with_affine": (True,),
+    "rope": (True,),
+    "alibi": (False,),
+    "block_group_size": (1,),
+    "include_bias": (False,),
+    "scale_logits": (False,),
+    "input_emb_norm": (False,),
+    "attention_layer_norm": (False,),
+}
+
+BLOCK = "model.transformer.blocks.{l}"
+
+
+@register_adapter
+class LLaDAAdapter(ModelAdapter):
+    name = "llada"
+    key_rules = (
+        KeyRule("model.transformer.wte.weight", "embed.weight"),
+        KeyRule(f"{BLOCK}.attn_norm.weight", "blocks.{l}.ln1.weight"),
+        KeyRule(f"{BLOCK}.q_proj.weight", "blocks.{l}.attn.q_proj.weight"),
+        KeyRule(f"{BLOCK}.k_proj.weight", "blocks.{l}.attn.k_proj.weight"),
+        KeyRule(f"{BLOCK}.v_proj.weight", "blocks.{l}.attn.v_proj.weight"),
+        KeyRule(f"{BLOCK}.q_proj.bias", "blocks.{l}.attn.q_proj.bias"),
+        KeyRule(f"{BLOCK}.k_proj.bias", "blocks.{l}.attn.k_proj.bias"),
+        KeyRule(f"{BLOCK}.v_proj.bias", "blocks.{l}.attn.v_proj.bias"),
+        KeyRule(f"{BLOCK}.attn_out.weight", "blocks.{l}.attn.o_proj.weight"),
+        KeyRule(f"{BLOCK}.ff_norm.weight", "blocks.{l}.ln2.weight"),
+        KeyRule(f"{BLOCK}.ff_proj.weight", "blocks.{l}.mlp.gate_proj.weight"),  # the activated branch
+        KeyRule(f"{BLOCK}.up_proj.weight", "blocks.{l}.mlp.up_proj.weight"),
+        KeyRule(f"{BLOCK}.ff_out.weight", "blocks.{l}.mlp.down_proj.weight"),
+        KeyRule("model.transformer.ln_f.weight", "ln_final.weight"),
+        KeyRule("model.transformer.ff_out.weight", "unembed.weight"),  # LM head (not the block ff_out)
+    )
+    model_types = ("llada",)
+    attention_mask_mode = "key_padding"  # current HF file: bidirectional, padded keys masked
+
+    def matches(self, config: dict) -> bool:
+        return config.get("model_type") in self.model_types and "num_experts" not in config
+
+    def read(self, config: dict) -> dict:
+        """config.json with the config class's defaults filled in for absent keys."""
+        return {**CONFIG_CLASS_DEFAULTS, **config}
+
+    def to_config(self, config: dict) -> DiffusionConfig:
+        c = self.read(config)
+        for key, allowed in REQUIRED_VALUES.items():
+            if c[key] not in allowed:
+                raise unsupported(self.name, key, c[key], allowed)
+        if c["bias_for_layer_norm"]:
+            raise unsupported(self.name, "bias_for_layer_norm", True, (False, None))
+        n_kv = c["n_kv_heads"]
+        if n_kv is None:
+            n_kv = 1 if c["multi_query_attention"] else c["n_heads"]
+        return DiffusionConfig(
+            d_model=c["d_model"],
+            n_layers=c["n_layers"],
+            n_heads=c["n_heads"],
+            n_key_value_heads=n_kv,
+            d_mlp=c["mlp_hidden_size"] or c["mlp_ratio"] * c["d_model"],
+            d_vocab=c["vocab_size"],
+            d_vocab_out=c["embedding_size"] or c["vocab_size"],
+            rope_theta=float(c["rope_theta"]),
+            rope_in_fp32=bool(c["rope_full_precision"]),
+            norm_eps=c["rms_norm_eps"],
+            qkv_bias=bool(c["include_qkv_bias"]),
+            clip_qkv=c.get("clip_qkv"),
+            tie_word_embeddings=bool(c["weight_tying"]),
+            attention_mask_mode=self.attention_mask_mode,
+            mask_token_id=c["mask_token_id"],
+            eos_token_id=c["eos_token_id"],
+            pad_token_id=c["pad_token_id"],
+            bos_token_id=c.get("bos_token_id"),
+            family=self.name,
+            extra={"checkpoint_config": dict(config)},
+        )
+
+    def to_checkpoint_config(self, cfg: DiffusionConfig) -> dict:
+        original = dict(cfg.extra.get("checkpoint_config", {}))
+        written = {
+            **CONFIG_CLASS_DEFAULTS,
+            "architectures": ["LLaDAModelLM"],
+            "model_type": "llada",
+            "activation_type": "silu", "block_type": "llama", "layer_norm_type": "rms", "rope": True,
+            "attention_dropout": 0.0, "residual_dropout": 0.0, "embedding_dropout": 0.0,
+            "bias_for_layer_norm": False, "use_cache": False,
+        }
+        written.update(original)
+        written.update(
+            d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_key_value_heads,
+            mlp_hidden_size=cfg.d_mlp, vocab_size=cfg.d_vocab, embedding_size=cfg.d_vocab_out,
+            rope_theta=cfg.rope_theta, rope_full_precision=cfg.rope_in_fp32, rms_norm_eps=cfg.norm_eps,
+            include_qkv_bias=cfg.qkv_bias, weight_tying=cfg.tie_word_embeddings,
+            mask_token_id=cfg.mask_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
+        )
+        return written
