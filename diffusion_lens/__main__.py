@@ -1,0 +1,19 @@
+"""Command line: `python -m diffusion_lens demo`."""
+
+import argparse
+
+from diffusion_lens.demo import run_demo
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m diffusion_lens", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="run the demo on the embedded default model")
+    demo.add_argument("--out", default="demo_out", help="folder for results (default: demo_out)")
+    args = parser.parse_args()
+    if args.command == "demo":
+        run_demo(args.out)
+
+
+if __name__ == "__main__":
+    main()
