@@ -13,6 +13,7 @@ from typing import Literal, Optional
 import torch
 
 AttentionMaskMode = Literal["key_padding", "causal_when_padded", "query_key_padding", "ignored"]
+PositionIdsMode = Literal["absolute", "renumber_padded"]
 
 
 @dataclass
@@ -36,6 +37,10 @@ class DiffusionConfig:
     rope_theta: float = 10000.0
     rotary_dim: Optional[int] = None  # None -> d_head (full rotation); smaller -> partial RoPE
     rope_in_fp32: bool = True  # rotate in fp32 then cast back (LLaDA); False casts cos/sin first (Qwen2/Dream)
+    # RoPE positions when the forward gets a padding mask with a zero and no explicit position_ids:
+    #   absolute         0..pos-1 whatever the padding (LLaDA, MMaDA, LLaDA-MoE)
+    #   renumber_padded  real tokens cumsum(mask)-1, pad positions 1 (Dream's sampler)
+    position_ids_mode: PositionIdsMode = "absolute"
 
     # Norms and biases
     norm_eps: float = 1e-5
@@ -111,6 +116,10 @@ class DiffusionConfig:
             problems.append(
                 f"attention_mask_mode={self.attention_mask_mode!r} is not one of {AttentionMaskMode.__args__}"
             )
+        if self.position_ids_mode not in PositionIdsMode.__args__:
+            problems.append(
+                f"position_ids_mode={self.position_ids_mode!r} is not one of {PositionIdsMode.__args__}"
+            )
         if self.logit_shift not in (0, 1):
             problems.append(f"logit_shift={self.logit_shift} must be 0 or 1")
         if self.moe_layers:
@@ -157,4 +166,4 @@ class DiffusionConfig:
         return cls(**values)
 
 
-__all__ = ["DiffusionConfig", "AttentionMaskMode"]
+__all__ = ["DiffusionConfig", "AttentionMaskMode", "PositionIdsMode"]

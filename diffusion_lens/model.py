@@ -19,7 +19,7 @@ from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.FactoredMatrix import FactoredMatrix
 from transformer_lens.hook_points import HookPoint
 
-from diffusion_lens.components import RMSNorm, Rotary, TransformerBlock, attention_mask_for
+from diffusion_lens.components import RMSNorm, Rotary, TransformerBlock, attention_mask_for, position_ids_for
 from diffusion_lens.config import DiffusionConfig
 
 TextInput = Union[str, Sequence[str]]
@@ -67,6 +67,9 @@ class HookedDiffusionTransformer(HookedRootModule):
 
         Returns raw logits per residual position [batch pos d_vocab_out]; for families with
         `cfg.logit_shift` use `model.token_logits(logits)` to get the prediction for each token.
+        `attention_mask` [batch pos] (1 = real token) is applied per `cfg.attention_mask_mode`; without
+        `position_ids`, RoPE positions are 0..pos-1, or renumbered from the mask where
+        `cfg.position_ids_mode == "renumber_padded"` (Dream).
         `return_type="loss"` gives the masked-diffusion loss: cross-entropy of `targets` at the
         positions holding the mask token, weighted by `loss_weights` (e.g. 1/t in LLaDA's SFT
         objective) and averaged over those positions. `return_type=None` runs hooks only.
@@ -80,6 +83,8 @@ class HookedDiffusionTransformer(HookedRootModule):
                 f"{tuple(tokens.shape)}; pass one 0/1 entry per token."
             )
         mask = attention_mask_for(self.cfg, attention_mask)
+        if position_ids is None:  # renumbers padded rows where cfg.position_ids_mode asks for it
+            position_ids = position_ids_for(self.cfg, attention_mask)
         rope = self.rotary.tables(tokens.shape[1], tokens.device, position_ids)
         resid = self.hook_embed(self.embed(tokens))
         for block in self.blocks:

@@ -4,6 +4,6 @@ from diffusion_lens.components.attention import Attention, attention_mask_for
 from diffusion_lens.components.block import TransformerBlock
 from diffusion_lens.components.mlp import GatedMLP
 from diffusion_lens.components.norm import RMSNorm
-from diffusion_lens.components.rotary import Rotary
+from diffusion_lens.components.rotary import Rotary, position_ids_for
 
-__all__ = ["Attention", "GatedMLP", "RMSNorm", "Rotary", "TransformerBlock", "attention_mask_for"]
+__all__ = ["Attention", "GatedMLP", "RMSNorm", "Rotary", "TransformerBlock", "attention_mask_for", "position_ids_for"]

@@ -11,6 +11,29 @@ from torch import Tensor
 from diffusion_lens.config import DiffusionConfig
 
 
+def position_ids_for(
+    cfg: DiffusionConfig, padding_mask: Optional[Int[Tensor, "batch pos"]]
+) -> Optional[Int[Tensor, "batch pos"]]:
+    """RoPE positions implied by a [batch pos] padding mask (1 = real token) under
+    `cfg.position_ids_mode`; None means the default 0..pos-1 for every row.
+
+    Why: Dream's sampler renumbers left-padded rows so each prompt starts at position 0, and gives
+    pads position 1; exact parity needs the same numbers (RoPE is relative, so real tokens differ
+    only by ~1e-6 otherwise). Families with `"absolute"` positions ignore the mask here.
+
+    Example:
+        >>> position_ids_for(cfg, torch.tensor([[0, 0, 1, 1, 1]]))  # renumber_padded
+        tensor([[1, 1, 0, 1, 2]])
+    """
+    if padding_mask is None or cfg.position_ids_mode == "absolute":
+        return None
+    valid = padding_mask.bool()
+    if bool(valid.all()):
+        return None
+    positions = valid.long().cumsum(dim=-1) - 1
+    return positions.masked_fill(~valid, 1)
+
+
 class Rotary:
     """Computes cos/sin tables once per (length, device) and rotates the first `rotary_dim` dims.
 
