@@ -4,3 +4,6 @@ Importing this package registers every shipped adapter with `diffusion_lens.adap
 """
 
 from model_adapters import llada  # noqa: F401
+from model_adapters import dream  # noqa: F401
+from model_adapters import llada_moe  # noqa: F401
+from model_adapters import mmada  # noqa: F401

@@ -1,0 +1,162 @@
+"""Issue 4: the Dream adapter on dream-tiny / dream-tiny-b: forward parity (unpadded and padded,
+every intermediate), the logit shift, position renumbering, config mapping, save/load, sampler."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffusion_lens import HookedDiffusionTransformer
+from diffusion_lens.components import position_ids_for
+from tests.adapter_parity import assert_pairs_close, ln_out
+from tests.conftest import FIXTURES
+
+DREAM = ["dream-tiny", "dream-tiny-b"]
+
+
+@pytest.fixture(scope="module", params=DREAM)
+def dream(request):
+    folder = FIXTURES / request.param
+    return HookedDiffusionTransformer.from_pretrained(folder), load_file(folder / "golden.safetensors"), folder
+
+
+def dream_pairs(model, golden, prefix, attention_mask=None, with_pattern=False):
+    """(upstream name -> our activation) for every `{prefix}.*` forward tensor of the golden file."""
+    ids = golden["forward.input_ids"]
+    names = lambda n: "hook_" in n and (with_pattern or "pattern" not in n and "attn_scores" not in n)  # noqa: E731
+    logits, cache = model.run_with_cache(ids, attention_mask, names_filter=names)
+    flat = lambda t: t.reshape(*ids.shape, -1)  # noqa: E731
+    pairs = {f"{prefix}.logits": logits}
+    n_layers = model.cfg.n_layers
+    for layer in range(n_layers):
+        up, ours, block = f"{prefix}.layers.{layer}", f"blocks.{layer}", model.blocks[layer]
+        pairs.update({
+            f"{up}.resid_pre": cache[f"{ours}.hook_resid_pre"],
+            f"{up}.ln1_out": ln_out(cache, f"{ours}.ln1", block.ln1),
+            f"{up}.q_proj": flat(cache[f"{ours}.attn.hook_q"]),
+            f"{up}.k_proj": flat(cache[f"{ours}.attn.hook_k"]),
+            f"{up}.v_proj": flat(cache[f"{ours}.attn.hook_v"]),
+            f"{up}.attn_out": cache[f"{ours}.hook_attn_out"],
+            f"{up}.resid_mid": cache[f"{ours}.hook_resid_mid"],
+            f"{up}.ln2_out": ln_out(cache, f"{ours}.ln2", block.ln2),
+            f"{up}.mlp_out": cache[f"{ours}.hook_mlp_out"],
+            f"{up}.resid_post": cache[f"{ours}.hook_resid_post"],
+            f"{prefix}.hidden_states.{layer}": cache[f"{ours}.hook_resid_pre"],
+        })
+        if with_pattern:
+            pairs[f"{up}.attn_pattern"] = cache[f"{ours}.attn.hook_pattern"]
+    pairs[f"{prefix}.hidden_states.{n_layers}"] = ln_out(cache, "ln_final", model.ln_final)
+    return pairs, logits, cache
+
+
+def test_unpadded_forward_every_tensor_matches(dream):
+    model, golden, _ = dream
+    pairs, _, _ = dream_pairs(model, golden, "forward_nomask", with_pattern=True)
+    assert len(pairs) == 1 + model.cfg.n_layers * 12 + 1
+    assert assert_pairs_close(pairs, golden) < 1e-5
+
+
+def test_padded_forward_from_a_2d_mask_matches_including_pad_rows(dream):
+    """A plain [batch pos] mask gives upstream's 4D query-and-key mask and renumbered positions."""
+    model, golden, _ = dream
+    mask = golden["forward.attention_mask_2d"]
+    assert (mask == 0).any()
+    pairs, logits, cache = dream_pairs(model, golden, "forward", mask)
+    assert assert_pairs_close(pairs, golden) < 1e-5
+    pads = mask == 0
+    for layer in range(model.cfg.n_layers):  # fully masked query rows output exactly zero, as SDPA does
+        assert torch.equal(cache[f"blocks.{layer}.hook_attn_out"][pads], torch.zeros_like(cache[f"blocks.{layer}.hook_attn_out"][pads]))
+    # The explicit path (taken while patterns are hooked) gives the same numbers, pad rows included.
+    explicit, _, _ = dream_pairs(model, golden, "forward", mask, with_pattern=True)
+    torch.testing.assert_close(explicit["forward.logits"], golden["forward.logits"], atol=1e-4, rtol=1e-4)
+
+
+def test_position_renumbering_follows_upstream_and_can_be_overridden(dream):
+    model, golden, _ = dream
+    mask = golden["forward.attention_mask_2d"]
+    assert torch.equal(position_ids_for(model.cfg, mask), golden["forward.position_ids"])
+    assert position_ids_for(model.cfg, torch.ones_like(mask)) is None
+    explicit = model(golden["forward.input_ids"], mask, position_ids=golden["forward.position_ids"])
+    torch.testing.assert_close(explicit, golden["forward.logits"], atol=1e-4, rtol=1e-4)
+    # Not renumbering moves real tokens by a constant, which RoPE barely notices; the pad rows
+    # and exact parity are what renumbering is for.
+    plain = model(golden["forward.input_ids"], mask, position_ids=torch.arange(mask.shape[1]).expand_as(mask))
+    real = mask.bool()
+    assert (plain[real] - golden["forward.logits"][real]).abs().max() < 1e-4
+
+
+def test_logit_shift_lives_in_token_logits(dream):
+    model, golden, _ = dream
+    raw = model(golden["forward.input_ids"], golden["forward.attention_mask_2d"])
+    shifted = model.token_logits(raw)
+    torch.testing.assert_close(shifted, golden["forward.logits_shifted"], atol=1e-4, rtol=1e-4)
+    assert torch.equal(shifted[:, 1:], raw[:, :-1]) and torch.equal(shifted[:, 0], raw[:, 0])
+    assert model.cfg.logit_shift == 1
+
+
+def test_config_mapping(dream):
+    model, _, folder = dream
+    config = json.loads((folder / "config.json").read_text())
+    cfg = model.cfg
+    assert (cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_key_value_heads, cfg.d_mlp, cfg.d_vocab) == (
+        config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"],
+        config["num_key_value_heads"], config["intermediate_size"], config["vocab_size"],
+    )
+    assert (cfg.rope_theta, cfg.norm_eps, cfg.mask_token_id, cfg.pad_token_id, cfg.eos_token_id) == (
+        config["rope_theta"], config["rms_norm_eps"], config["mask_token_id"], config["pad_token_id"],
+        config["eos_token_id"],
+    )
+    assert cfg.qkv_bias and not cfg.attn_out_bias and not cfg.rope_in_fp32
+    assert (cfg.attention_mask_mode, cfg.position_ids_mode) == ("query_key_padding", "renumber_padded")
+
+
+def copy_fixture(tmp_path, name="dream-tiny"):
+    target = tmp_path / name
+    shutil.copytree(FIXTURES / name, target)
+    return target
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("use_sliding_window", True, "use_sliding_window"),
+        ("rope_scaling", {"rope_type": "linear", "factor": 2.0}, "rope_scaling"),
+        ("hidden_act", "gelu", "hidden_act"),
+        ("head_dim", 8, "head_dim"),
+    ],
+)
+def test_unsupported_config_values_are_rejected(tmp_path, key, value, message):
+    folder = copy_fixture(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    config[key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        HookedDiffusionTransformer.from_pretrained(folder)
+
+
+def test_absent_keys_take_dream_config_class_defaults_not_ours(tmp_path):
+    folder = copy_fixture(tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    del config["rms_norm_eps"], config["rope_theta"]  # DreamConfig defaults: 1e-6, 10000
+    (folder / "config.json").write_text(json.dumps(config))
+    model = HookedDiffusionTransformer.from_pretrained(folder)
+    assert (model.cfg.norm_eps, model.cfg.rope_theta) == (1e-6, 10000.0)
+
+
+def test_save_pretrained_round_trip_in_dream_format(dream, tmp_path):
+    model, golden, folder = dream
+    model.save_pretrained(tmp_path)
+    original = load_file(folder / "model.safetensors")
+    saved = load_file(tmp_path / "model.safetensors")
+    assert set(saved) == set(original)
+    assert all(torch.equal(saved[k], original[k]) for k in original)
+    config = json.loads((tmp_path / "config.json").read_text())
+    source = json.loads((folder / "config.json").read_text())
+    assert {k: config[k] for k in source} == source
+    assert (tmp_path / "generation_config.json").is_file()
+    reloaded = HookedDiffusionTransformer.from_pretrained(tmp_path)
+    assert reloaded.adapter.name == "dream"
+    ids = golden["forward.input_ids"]
+    assert torch.equal(reloaded(ids), model(ids))
