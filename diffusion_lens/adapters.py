@@ -55,9 +55,32 @@ class ModelAdapter:
         """DiffusionConfig -> the family's original config.json contents."""
         raise NotImplementedError
 
+    def load_tokenizer(self, folder) -> "object":
+        """The checkpoint's tokenizer, or None when the folder has none.
+
+        Why: some families ship a remote-code tokenizer class (Dream's `DreamTokenizer`) that
+        `AutoTokenizer` refuses without `trust_remote_code`; their adapter overrides this to build
+        the equivalent built-in class. Default: `AutoTokenizer`, never running checkpoint code.
+
+        Example:
+            >>> tokenizer = get_adapter("llada").load_tokenizer(Path("LLaDA-8B-Instruct"))
+        """
+        from diffusion_lens.loading import load_tokenizer
+
+        return load_tokenizer(folder)
+
     def sampler(self, model) -> "object":
         """The family's reference sampler with upstream defaults (see `diffusion_lens.denoising`)."""
         raise NotImplementedError(f"The {self.name} adapter does not define a sampler.")
+
+    def on_loaded(self, model) -> None:
+        """Called by `from_pretrained` once weights and tokenizer are in place; fills config facts
+        only the tokenizer knows (e.g. `cfg.eot_token_id` from the end-of-turn token). Default: nothing.
+
+        Example:
+            >>> model = HookedDiffusionTransformer.from_pretrained("GSAI-ML/LLaDA-8B-Instruct")
+            >>> model.cfg.eot_token_id  # 126348, set by the LLaDA adapter's on_loaded
+        """
 
     # -- key mapping, shared by every adapter
     def to_internal_key(self, key: str) -> Optional[str]:

@@ -147,7 +147,8 @@ def load_pretrained(model_cls, name_or_path, *, dtype=None, device="cpu", adapte
     if cfg.tie_word_embeddings:
         model.unembed.weight = model.embed.weight
     model.adapter = family
-    model.tokenizer = load_tokenizer(folder)
+    model.tokenizer = family.load_tokenizer(folder)
+    family.on_loaded(model)
     model.checkpoint_folder = folder
     return model.eval().requires_grad_(False)
 

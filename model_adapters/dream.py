@@ -17,6 +17,9 @@ differ from every published checkpoint, so they only fill keys that are absent.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from diffusion_lens.adapters import ModelAdapter, register_adapter, unsupported
 from diffusion_lens.config import DiffusionConfig
 from model_adapters.hf_layout import hf_decoder_rules, hf_dense_mlp_rules
@@ -50,6 +53,26 @@ class DreamAdapter(ModelAdapter):
         return str(config.get("model_type", "")).lower() == "dream" or "DreamModel" in (
             config.get("architectures") or []
         )
+
+    def load_tokenizer(self, folder):
+        """Dream ships a remote-code `DreamTokenizer` (a copy of Qwen2's byte-level BPE) and no
+        tokenizer.json; we build the built-in `Qwen2TokenizerFast` from the same vocab.json,
+        merges.txt and tokenizer_config.json (added tokens, chat template, special tokens) instead
+        of running that code. Checkpoints with a standard tokenizer class load through AutoTokenizer.
+
+        Example:
+            >>> tok = get_adapter("dream").load_tokenizer(Path("Dream-v0-Instruct-7B"))
+            >>> tok.mask_token_id
+            151666
+        """
+        folder = Path(folder)
+        config_path = folder / "tokenizer_config.json"
+        tokenizer_class = json.loads(config_path.read_text()).get("tokenizer_class") if config_path.is_file() else None
+        if tokenizer_class != "DreamTokenizer":
+            return super().load_tokenizer(folder)
+        from transformers import Qwen2TokenizerFast
+
+        return Qwen2TokenizerFast.from_pretrained(str(folder))
 
     def read(self, config: dict) -> dict:
         """config.json with `DreamConfig`'s defaults for absent keys (num_key_value_heads None -> heads)."""

@@ -160,3 +160,50 @@ def test_save_pretrained_round_trip_in_dream_format(dream, tmp_path):
     assert reloaded.adapter.name == "dream"
     ids = golden["forward.input_ids"]
     assert torch.equal(reloaded(ids), model(ids))
+
+
+def byte_level_alphabet() -> list[str]:
+    """The 256 printable stand-ins byte-level BPE uses for raw bytes (GPT-2 / Qwen2 layout)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[byte] = chr(byte)
+        else:
+            chars[byte] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def test_remote_code_dream_tokenizer_is_replaced_by_qwen2_without_running_code(tmp_path):
+    """A Dream folder declares `DreamTokenizer` (remote code, no tokenizer.json): we build Qwen2's
+    tokenizer from its vocab/merges instead, and never import the folder's Python file."""
+    folder = copy_fixture(tmp_path)
+    (folder / "tokenization_dream.py").write_text("raise RuntimeError('checkpoint code was executed')\n")
+    vocab = {ch: i for i, ch in enumerate(byte_level_alphabet())}
+    vocab.update({"he": 256, "ll": 257, "hell": 258, "hello": 259})
+    vocab.update({f"<unused{i}>": i for i in range(260, 290)})
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\nh e\nl l\nhe ll\nhell o\n")
+    # Added tokens follow the regular vocab contiguously, as in the real checkpoint (151643-151666).
+    special = {290: "<|endoftext|>", 291: "<|im_start|>", 292: "<|im_end|>", 297: "<|mask|>"}
+    special.update({i: f"<|reserved{i}|>" for i in range(293, 297)})
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "DreamTokenizer",
+        "auto_map": {"AutoTokenizer": ["tokenization_dream.DreamTokenizer", None]},
+        "added_tokens_decoder": {str(i): {"content": c, "special": True, "lstrip": False, "rstrip": False,
+                                          "normalized": False, "single_word": False} for i, c in special.items()},
+        "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "mask_token": "<|mask|>", "bos_token": None,
+        "add_bos_token": False, "clean_up_tokenization_spaces": False, "model_max_length": 512,
+        "chat_template": "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    }))
+    model = HookedDiffusionTransformer.from_pretrained(folder)
+    tokenizer = model.tokenizer
+    assert tokenizer.mask_token_id == model.cfg.mask_token_id == 297
+    assert tokenizer.pad_token_id == model.cfg.pad_token_id == 290
+    tokens = model.to_tokens("hello", chat=True)
+    assert model.to_string(tokens[0]) == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+    assert tokens[0, 0].item() == 291 and 259 in tokens[0].tolist()  # special token, merged "hello"
+    batch, mask = model.to_tokens(["hello", "hello hello"], return_attention_mask=True)
+    assert batch[0, 0].item() == 290 and mask[0, 0].item() == 0  # left-padded with the pad id
