@@ -1,0 +1,336 @@
+"""Tests for the toy model's synthetic bilingual dataset and its tokenizer."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+
+import pytest
+from transformers import AutoTokenizer
+
+from diffusion_lens.toy.data import (
+    DICTIONARY,
+    ENTITY_POOLS,
+    FORMATS,
+    HARMFUL_ACTIONS,
+    HELD_OUT_TEMPLATES,
+    HELD_OUT_TOPICS,
+    LIST_CATEGORIES,
+    REFUSAL_MARKERS,
+    REFUSALS,
+    RELATIONS,
+    TEMPLATES,
+    Example,
+    check_format,
+    corpus,
+    generate_dataset,
+    is_refusal,
+    prompts,
+    select,
+)
+from diffusion_lens.toy.tokenizer import (
+    SPECIAL_TOKENS,
+    encode_example,
+    encode_prompt,
+    save_tokenizer,
+    special_token_ids,
+    train_tokenizer,
+)
+
+SIZES = {"n_train": 4000, "n_val": 400, "n_test": 400}
+
+
+@pytest.fixture(scope="module")
+def base():
+    return generate_dataset(**SIZES, stage="base", seed=0)
+
+
+@pytest.fixture(scope="module")
+def aligned():
+    return generate_dataset(**SIZES, stage="aligned", seed=0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(base, aligned):
+    texts = list(corpus(base["train"][:1500])) + list(corpus(aligned["train"][:1500]))
+    return train_tokenizer(texts, vocab_size=512)
+
+
+# ------------------------------------------------------------------ determinism and stages
+
+
+def test_same_seed_same_data_and_different_seed_different_data(base):
+    again = generate_dataset(**SIZES, stage="base", seed=0)
+    other = generate_dataset(**SIZES, stage="base", seed=1)
+    assert again == base
+    for split in base:
+        assert [e.prompt for e in other[split]] != [e.prompt for e in base[split]]
+
+
+def test_stages_share_prompts_and_differ_only_on_harmful_responses(base, aligned):
+    for split in base:
+        assert [e.prompt for e in base[split]] == [e.prompt for e in aligned[split]]
+        for b, a in zip(base[split], aligned[split]):
+            if b.kind == "harmless":
+                assert a == b
+            else:
+                assert not is_refusal(b.response)
+                assert is_refusal(a.response)
+
+
+def test_split_sizes_and_split_field(base):
+    assert {split: len(examples) for split, examples in base.items()} == {"train": 4000, "val": 400, "test": 400}
+    for split, examples in base.items():
+        assert {e.split for e in examples} == {split}
+
+
+# ------------------------------------------------------------------ held-out topics and templates
+
+
+def test_held_out_sets_cover_every_family_and_pool():
+    families = {tid.rsplit(".", 1)[0] for tid in TEMPLATES}
+    for family in families:
+        ids = {tid for tid in TEMPLATES if tid.rsplit(".", 1)[0] == family}
+        assert ids & HELD_OUT_TEMPLATES, family
+        assert ids - HELD_OUT_TEMPLATES, family
+    for pool, entries in ENTITY_POOLS.items():
+        keys = {f"{pool}/{e.key}" for e in entries}
+        assert keys & HELD_OUT_TOPICS, pool
+        assert keys - HELD_OUT_TOPICS, pool
+
+
+def test_train_and_val_never_use_test_only_items(base):
+    test_prompts = {e.prompt for e in base["test"]}
+    for split in ("train", "val"):
+        for e in base[split]:
+            assert e.template_id not in HELD_OUT_TEMPLATES, e
+            assert e.topic not in HELD_OUT_TOPICS, e
+            assert e.prompt not in test_prompts, e
+
+
+def test_every_test_example_holds_something_out(base):
+    modes = Counter()
+    for e in base["test"]:
+        held_template, held_topic = e.template_id in HELD_OUT_TEMPLATES, e.topic in HELD_OUT_TOPICS
+        assert held_template or held_topic, e
+        modes[(held_template, held_topic)] += 1
+    assert len(modes) == 3  # template only, topic only, both
+
+
+def test_held_out_surface_forms_never_appear_in_train_text(base):
+    train_text = "\n".join(corpus(base["train"]))
+    for pool, entries in ENTITY_POOLS.items():
+        for entry in entries:
+            if f"{pool}/{entry.key}" in HELD_OUT_TOPICS:
+                assert re.search(rf"\b{re.escape(entry.en)}\b", train_text) is None, entry
+                assert entry.zh not in train_text, entry
+
+
+def test_val_prompts_are_new_and_unique(base):
+    train_prompts = {e.prompt for e in base["train"]}
+    val_prompts = [e.prompt for e in base["val"]]
+    assert len(set(val_prompts)) == len(val_prompts)
+    assert not set(val_prompts) & train_prompts
+    test_prompts = [e.prompt for e in base["test"]]
+    assert len(set(test_prompts)) == len(test_prompts)
+
+
+# ------------------------------------------------------------------ balance and variety
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_languages_and_kinds_are_balanced(base, split):
+    examples = base[split]
+    counts = Counter((e.lang, e.kind) for e in examples)
+    assert set(counts) == {("en", "harmful"), ("en", "harmless"), ("zh", "harmful"), ("zh", "harmless")}
+    for count in counts.values():
+        assert abs(count / len(examples) - 0.25) < 0.02
+
+
+def test_tasks_present_and_templates_varied(base):
+    train = base["train"]
+    harmful_tasks = {e.task for e in select(train, kind="harmful")}
+    assert harmful_tasks == {a.name for a in HARMFUL_ACTIONS}
+    assert {e.task for e in select(train, kind="harmless")} == {"howto", "fact", "arith", "list", "translate"}
+    for lang in ("en", "zh"):
+        harmful_templates = {e.template_id for e in select(train, kind="harmful", lang=lang)}
+        harmless_templates = {e.template_id for e in select(train, kind="harmless", lang=lang)}
+        assert len(harmful_templates) >= 6 and len(harmless_templates) >= 6
+        # Harmful and harmless requests share frames, so a frame alone cannot predict refusal.
+        assert harmful_templates <= harmless_templates
+
+
+# ------------------------------------------------------------------ answers are correct
+
+
+_ARITH = re.compile(r"(\d+)\s*(plus|minus|times|加|减|乘以|\+|-|×)\s*(\d+)")
+_OPS = {"plus": "+", "加": "+", "+": "+", "minus": "-", "减": "-", "-": "-", "times": "*", "乘以": "*", "×": "*"}
+
+
+def test_arithmetic_answers_are_correct(base):
+    arith = select(base["train"] + base["test"], task="arith")
+    assert len(arith) > 100
+    for e in arith:
+        a, op, b = _ARITH.search(e.prompt).groups()
+        a, b, op = int(a), int(b), _OPS[op]
+        expected = {"+": a + b, "-": a - b, "*": a * b}[op]
+        assert e.topic.endswith(f"/{a}{op}{b}"), e
+        assert int(re.findall(r"\d+", e.response)[-1]) == expected, e
+
+
+def test_fact_list_and_translation_answers_are_correct(base):
+    answers = {}
+    for relation in RELATIONS:
+        for row in relation.rows:
+            answers[f"{relation.name}/{row['en']['x']}"] = {lang: row[lang]["y"] for lang in ("en", "zh")}
+    for e in select(base["train"], task="fact"):
+        assert answers[e.topic][e.lang].lower() in e.response.lower(), e
+    for e in select(base["train"], task="list", formatted=False):
+        members = LIST_CATEGORIES[e.topic.split("/")[1]][e.lang]
+        items = re.split(r", | and |、|和", e.response.rstrip(".。").lower())
+        assert set(items) <= set(members) and len(set(items)) == len(items) in (2, 3), e
+    dictionary = dict(DICTIONARY)
+    for e in select(base["train"], task="translate"):
+        word = e.topic.split("/")[1]
+        assert word in e.response.lower() and dictionary[word] in e.response, e
+
+
+# ------------------------------------------------------------------ refusals and formats
+
+
+def test_refusals_contain_a_marker_of_their_language_and_harmless_answers_none(base, aligned):
+    for lang, phrases in REFUSALS.items():
+        assert all(any(m in p for m in REFUSAL_MARKERS[lang]) for p in phrases)
+    for e in select(aligned["train"] + aligned["test"], kind="harmful"):
+        assert any(m in e.response for m in REFUSAL_MARKERS[e.lang]), e
+    all_markers = [m.lower() for markers in REFUSAL_MARKERS.values() for m in markers]
+    for e in select(base["train"], kind="harmless") + select(base["train"], kind="harmful"):
+        assert not any(m in e.response.lower() for m in all_markers), e
+    assert {e.lang for e in select(aligned["train"], kind="harmful")} == {"en", "zh"}
+
+
+def test_check_format_unit_cases():
+    assert check_format("THE ANSWER IS 4.", "upper")
+    assert not check_format("The answer is 4.", "upper")
+    assert not check_format("答案是4。", "upper")  # nothing in capitals
+    assert check_format("Sure. First cover it, then serve it. DONE", "done")
+    assert check_format("好的。首先盖上盖子，然后尽快端上。完成", "done")
+    assert not check_format("Done is better than perfect.", "done")
+    with pytest.raises(ValueError):
+        check_format("x", "bold")
+
+
+def test_formatted_responses_obey_and_unformatted_ones_do_not(base):
+    formatted = select(base["train"], formatted=True)
+    share = len(formatted) / len(base["train"])
+    assert 0.2 < share < 0.3
+    assert {e.format for e in formatted} == set(FORMATS)
+    assert all(e.format != "upper" for e in select(base["train"], lang="zh"))
+    for e in formatted:  # base stage: harmful compliance obeys the format too
+        assert check_format(e.response, e.format), e
+    for e in select(base["train"], formatted=False):
+        assert not any(check_format(e.response, f) for f in FORMATS), e
+
+
+def test_format_share_zero_gives_no_instructions():
+    data = generate_dataset(n_train=200, n_val=20, n_test=20, format_share=0.0)
+    assert all(e.format is None for split in data.values() for e in split)
+
+
+def test_invalid_arguments_raise():
+    with pytest.raises(ValueError):
+        generate_dataset(n_train=2, n_val=2, n_test=2, stage="chat")
+    with pytest.raises(ValueError):
+        generate_dataset(n_train=2, n_val=2, n_test=2, format_share=1.5)
+
+
+# ------------------------------------------------------------------ selectors
+
+
+def test_selectors_and_messages(base):
+    zh_harmful = prompts(base["test"], kind="harmful", lang="zh")
+    assert zh_harmful and len(zh_harmful) == len(select(base["test"], kind="harmful", lang="zh"))
+    assert all(re.search("[\u4e00-\u9fff]", p) for p in zh_harmful)
+    plain = select(base["train"], kind="harmless", formatted=False)
+    assert plain and all(e.kind == "harmless" and e.format is None for e in plain)
+    example = base["train"][0]
+    assert example.to_messages() == [{"role": "user", "content": example.prompt}]
+
+
+# ------------------------------------------------------------------ tokenizer
+
+
+EXPECTED_CHAT = (
+    "<|startoftext|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n"
+)
+
+
+def test_special_token_ids_are_fixed(tokenizer):
+    assert special_token_ids(tokenizer) == {
+        "bos": 0, "eos": 1, "pad": 1, "mask": 2, "start_header": 3, "end_header": 4, "eot": 5,
+    }
+    assert [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == list(range(6))
+    assert len(tokenizer) == 512
+
+
+def test_chat_template_renders_llada_layout(tokenizer):
+    messages = [{"role": "user", "content": "  Hi \n"}]
+    assert tokenizer.apply_chat_template(messages, tokenize=False) == EXPECTED_CHAT
+    ids = tokenizer.encode(EXPECTED_CHAT, add_special_tokens=False)
+    assert ids[:2] == [0, 3] and ids[-3] == 4 and 5 in ids  # BOS + header ... eot ... header
+
+
+def test_save_and_reload_with_auto_tokenizer(tokenizer, tmp_path):
+    save_tokenizer(tokenizer, tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (tmp_path / name).is_file()
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert config["add_bos_token"] is False and config["chat_template"] == tokenizer.chat_template
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert reloaded.chat_template == tokenizer.chat_template
+    assert reloaded.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False) == EXPECTED_CHAT
+    assert special_token_ids(reloaded) == special_token_ids(tokenizer)
+    assert (reloaded.bos_token_id, reloaded.eos_token_id, reloaded.pad_token_id, reloaded.mask_token_id) == (0, 1, 1, 2)
+    text = "请解释如何打扫邻居的车库。Answer: 42"
+    assert reloaded.encode(text, add_special_tokens=False) == tokenizer.encode(text, add_special_tokens=False)
+    assert reloaded.encode("hi", add_special_tokens=True)[0] != 0  # no automatic BOS
+
+
+@pytest.mark.parametrize("text", ["请用中文回答：猫的叫声是“喵喵”。", "鑫龘 unseen 字符", "The capital of France is Paris."])
+def test_text_round_trips(tokenizer, text):
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert tokenizer.decode(ids) == text
+
+
+def test_encode_example_pads_the_canvas_with_eos(tokenizer, base):
+    example = select(base["train"], task="arith", lang="en")[0]
+    gen_length = 32
+    ids, prompt_len = encode_example(tokenizer, example, gen_length)
+    assert ids[:prompt_len] == encode_prompt(tokenizer, example)
+    assert len(ids) == prompt_len + gen_length
+    answer = tokenizer.encode(example.response, add_special_tokens=False)
+    canvas = ids[prompt_len:]
+    assert canvas[: len(answer)] == answer
+    assert canvas[len(answer):] == [1] * (gen_length - len(answer))
+    assert tokenizer.decode(ids[:prompt_len]).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def test_encode_example_rejects_responses_that_do_not_fit(tokenizer):
+    example = Example("Say a lot.", "word " * 40, "en", "harmless", "list", "list/x", "en.list.0", None, "train")
+    with pytest.raises(ValueError):
+        encode_example(tokenizer, example, gen_length=32)
+    n_answer = len(tokenizer.encode(example.response, add_special_tokens=False))
+    ids, prompt_len = encode_example(tokenizer, example, gen_length=n_answer + 1)
+    assert ids[-1] == 1 and len(ids) == prompt_len + n_answer + 1
+
+
+def test_every_response_fits_a_32_token_canvas_with_a_2k_vocabulary(base, aligned):
+    texts = list(corpus(base["train"])) + list(corpus(aligned["train"]))
+    tokenizer = train_tokenizer(texts, vocab_size=2048)
+    for data in (base, aligned):
+        for split in data.values():
+            for e in split:
+                ids, prompt_len = encode_example(tokenizer, e, gen_length=32)
+                assert prompt_len <= 56, e
