@@ -1,0 +1,270 @@
+"""Prompt-set loaders for steering and evaluation, built on `datasets`.
+
+Every loader returns a `datasets.Dataset` with the same columns -- `prompt` (str), `category`
+(str, "" if the source has none), `source` (the loader name) and `id` (str) -- plus, for IFEval,
+`instruction_id_list` and `kwargs`. Data come from the Hugging Face hub when online, or from a
+local CSV / JSONL / JSON / Parquet file (`path=`) when offline; a local file may use either the
+normalised column names or the hub's original ones.
+
+=================  =========================================  ===========  =========================  ==========
+loader             hub id (config)                            split        prompt column              licence
+=================  =========================================  ===========  =========================  ==========
+jailbreakbench     JailbreakBench/JBB-Behaviors (behaviors)   harmful      Goal (category: Category)  MIT
+(benign=True)      JailbreakBench/JBB-Behaviors (behaviors)   benign       Goal                       MIT
+advbench           walledai/AdvBench                          train        prompt (orig. CSV: goal)   MIT
+harmbench          walledai/HarmBench (standard)              train        prompt (category)          MIT
+alpaca             tatsu-lab/alpaca                           train        instruction, input == ""   CC BY-NC 4.0
+ifeval             google/IFEval                              train        prompt (+ instruction_id_list, kwargs)  Apache-2.0
+=================  =========================================  ===========  =========================  ==========
+
+Offline (no network, or `HF_HUB_OFFLINE=1` / `HF_DATASETS_OFFLINE=1`, or `offline=True`) without
+`path=` raises an OSError that says which file to pass.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import datasets
+
+COLUMNS = ("prompt", "category", "source", "id")
+
+
+@dataclass(frozen=True)
+class PromptSource:
+    """Where a prompt set lives on the hub and how its columns map to the common schema."""
+
+    name: str
+    hub_id: str
+    config: Optional[str]
+    split: str
+    prompt_columns: tuple[str, ...]  # first present wins (normalised name first)
+    category_columns: tuple[str, ...] = ("category",)
+    licence: str = ""
+    keep: Optional[Callable[[dict], bool]] = None
+    extra_columns: tuple[str, ...] = ()
+
+
+def _alpaca_keep(row: dict) -> bool:
+    return not str(row.get("input") or "").strip()
+
+
+SOURCES: dict[str, PromptSource] = {
+    "jailbreakbench": PromptSource("jailbreakbench", "JailbreakBench/JBB-Behaviors", "behaviors", "harmful",
+                                   ("prompt", "Goal", "goal"), ("category", "Category"), "MIT"),
+    "jailbreakbench_benign": PromptSource("jailbreakbench_benign", "JailbreakBench/JBB-Behaviors", "behaviors",
+                                          "benign", ("prompt", "Goal", "goal"), ("category", "Category"), "MIT"),
+    "advbench": PromptSource("advbench", "walledai/AdvBench", None, "train", ("prompt", "goal", "Goal"), (), "MIT"),
+    "harmbench": PromptSource("harmbench", "walledai/HarmBench", "standard", "train",
+                              ("prompt", "Behavior", "behavior"), ("category", "SemanticCategory"), "MIT"),
+    "alpaca": PromptSource("alpaca", "tatsu-lab/alpaca", None, "train", ("prompt", "instruction"), (),
+                           "CC BY-NC 4.0", keep=_alpaca_keep),
+    "ifeval": PromptSource("ifeval", "google/IFEval", None, "train", ("prompt",), (), "Apache-2.0",
+                           extra_columns=("instruction_id_list", "kwargs")),
+}
+
+
+def _is_offline(offline: Optional[bool]) -> bool:
+    if offline is not None:
+        return bool(offline)
+    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("HF_DATASETS_OFFLINE", ""))
+    return any(f.strip().lower() in ("1", "true", "yes", "on") for f in flags) or bool(
+        getattr(datasets.config, "HF_HUB_OFFLINE", False)
+    )
+
+
+def _read_local(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"No prompt file at {path}.")
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+    if suffix in (".jsonl", ".ndjson"):
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    if suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict):
+            data = next((v for v in data.values() if isinstance(v, list)), None)
+        if not isinstance(data, list):
+            raise ValueError(f"{path} must hold a JSON list of records (or a dict with one list).")
+        return data
+    if suffix == ".parquet":
+        return datasets.Dataset.from_parquet(str(path)).to_list()
+    raise ValueError(f"Unsupported prompt file type {suffix!r} ({path}); use .csv, .jsonl, .json or .parquet.")
+
+
+def _from_hub(source: PromptSource, split: Optional[str]) -> list[dict]:
+    try:
+        ds = datasets.load_dataset(source.hub_id, source.config, split=split or source.split)
+    except Exception as error:  # connection errors, gated repos, renamed ids...
+        raise OSError(
+            f"Could not load {source.hub_id!r} ({source.name}) from the Hugging Face hub "
+            f"({type(error).__name__}: {error}). If you are offline, download it elsewhere and pass "
+            f"path='/path/to/{source.name}.csv' (or .jsonl) with a '{source.prompt_columns[0]}' column."
+        ) from error
+    return ds.to_list()
+
+
+def load_prompts(
+    name: str,
+    *,
+    path: Union[str, Path, None] = None,
+    split: Optional[str] = None,
+    limit: Optional[int] = None,
+    offline: Optional[bool] = None,
+) -> datasets.Dataset:
+    """Load a named prompt set (see the module table) from the hub or from a local file.
+
+    Example:
+        >>> harmful = load_prompts("advbench", path="advbench.csv")          # offline
+        >>> harmless = load_prompts("alpaca", limit=128)                       # online
+        >>> harmful["prompt"][:2]
+    """
+    if name not in SOURCES:
+        raise KeyError(f"Unknown prompt set {name!r}; known: {sorted(SOURCES)}.")
+    source = SOURCES[name]
+    if path is not None:
+        rows = _read_local(Path(path))
+    elif _is_offline(offline):
+        raise OSError(
+            f"Offline: cannot download {source.hub_id!r} ({source.name}, licence {source.licence}). Pass "
+            f"path='/path/to/{source.name}.csv' (or .jsonl) holding a '{source.prompt_columns[0]}' column "
+            f"(the hub's '{source.prompt_columns[-1]}' column also works)."
+        )
+    else:
+        rows = _from_hub(source, split)
+    return _normalise(rows, source, limit, origin=str(path) if path is not None else source.hub_id)
+
+
+def _normalise(rows: list[dict], source: PromptSource, limit: Optional[int], origin: str) -> datasets.Dataset:
+    if not rows:
+        raise ValueError(f"{origin} holds no rows.")
+    prompt_col = next((c for c in source.prompt_columns if c in rows[0]), None)
+    if prompt_col is None:
+        raise ValueError(
+            f"{origin} has columns {sorted(rows[0])}; expected one of {list(source.prompt_columns)} for the prompt."
+        )
+    category_col = next((c for c in source.category_columns if c in rows[0]), None)
+    out: dict[str, list[Any]] = {c: [] for c in COLUMNS + source.extra_columns}
+    for i, row in enumerate(rows):
+        if source.keep is not None and not source.keep(row):
+            continue
+        prompt = row.get(prompt_col)
+        if not isinstance(prompt, str) or not prompt.strip():
+            continue
+        out["prompt"].append(prompt.strip())
+        out["category"].append(str(row.get(category_col) or "") if category_col else "")
+        out["source"].append(source.name)
+        out["id"].append(str(row.get("id", row.get("key", row.get("Index", i)))))
+        for column in source.extra_columns:
+            value = row.get(column)
+            if isinstance(value, str) and column in ("instruction_id_list", "kwargs"):
+                value = json.loads(value)
+            if column == "kwargs" and value is not None:
+                value = [json.dumps({k: v for k, v in (kw or {}).items() if v is not None}) for kw in value]
+            out[column].append(value)
+        if limit is not None and len(out["prompt"]) >= limit:
+            break
+    if not out["prompt"]:
+        raise ValueError(f"{origin} has no usable prompts after filtering.")
+    return datasets.Dataset.from_dict(out)
+
+
+def load_jailbreakbench(*, benign: bool = False, **kwargs) -> datasets.Dataset:
+    """JailbreakBench behaviours (100 harmful, or 100 matched benign ones with `benign=True`).
+
+    Example:
+        >>> test = load_jailbreakbench(path="jbb.csv")
+        >>> test["category"][:3]
+    """
+    return load_prompts("jailbreakbench_benign" if benign else "jailbreakbench", **kwargs)
+
+
+def load_advbench(**kwargs) -> datasets.Dataset:
+    """AdvBench harmful behaviours (520).
+
+    Example:
+        >>> train = load_advbench(path="harmful_behaviors.csv", limit=128)
+        >>> len(train)
+    """
+    return load_prompts("advbench", **kwargs)
+
+
+def load_harmbench(**kwargs) -> datasets.Dataset:
+    """HarmBench standard behaviours.
+
+    Example:
+        >>> val = load_harmbench(path="harmbench.csv")
+        >>> set(val["category"])
+    """
+    return load_prompts("harmbench", **kwargs)
+
+
+def load_alpaca(**kwargs) -> datasets.Dataset:
+    """Alpaca instructions with an empty input field (harmless prompts).
+
+    Example:
+        >>> harmless = load_alpaca(path="alpaca.jsonl")
+        >>> train, val, test = split_prompts(harmless, (0.6, 0.2, 0.2), seed=42)
+    """
+    return load_prompts("alpaca", **kwargs)
+
+
+def load_ifeval(**kwargs) -> datasets.Dataset:
+    """IFEval prompts with `instruction_id_list` and `kwargs` (one JSON string per instruction).
+
+    Example:
+        >>> recs = load_ifeval(path="ifeval.jsonl")
+        >>> instruction_following(responses, ifeval_records(recs))
+    """
+    return load_prompts("ifeval", **kwargs)
+
+
+def ifeval_records(dataset: datasets.Dataset) -> list[dict]:
+    """IFEval rows as records with `kwargs` decoded to dicts, for `evals.instruction_following`.
+
+    Example:
+        >>> recs = ifeval_records(load_ifeval(path="ifeval.jsonl"))
+        >>> recs[0]["instruction_id_list"], recs[0]["kwargs"]
+    """
+    if "instruction_id_list" not in dataset.column_names:
+        raise ValueError("This dataset has no instruction_id_list column; load it with load_ifeval.")
+    return [
+        {"prompt": row["prompt"], "instruction_id_list": row["instruction_id_list"],
+         "kwargs": [json.loads(k) for k in row["kwargs"]]}
+        for row in dataset
+    ]
+
+
+def split_prompts(
+    dataset: datasets.Dataset, fractions: Sequence[float] = (0.6, 0.2, 0.2), *, seed: int = 42
+) -> list[datasets.Dataset]:
+    """Shuffle with `seed` and cut into consecutive parts of the given fractions (Arditi et al.: 60/20/20, seed 42).
+
+    Example:
+        >>> train, val, test = split_prompts(load_alpaca(path="alpaca.jsonl"))
+        >>> len(train), len(val), len(test)
+    """
+    if not fractions or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-9:
+        raise ValueError(f"fractions must be non-negative and sum to 1; got {list(fractions)}.")
+    shuffled = dataset.shuffle(seed=seed)
+    n = len(shuffled)
+    bounds, start = [], 0
+    for i, f in enumerate(fractions):
+        end = n if i == len(fractions) - 1 else start + int(round(f * n))
+        bounds.append((start, min(end, n)))
+        start = min(end, n)
+    return [shuffled.select(range(a, b)) for a, b in bounds]
+
+
+__all__ = [
+    "COLUMNS", "SOURCES", "PromptSource", "ifeval_records", "load_advbench", "load_alpaca", "load_harmbench",
+    "load_ifeval", "load_jailbreakbench", "load_prompts", "split_prompts",
+]

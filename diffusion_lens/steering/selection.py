@@ -1,0 +1,211 @@
+"""Direction selection (Arditi et al., adapted to masked diffusion) and layer / step sensitivity.
+
+For every candidate (layer, position) mean difference r computed on the training prompts:
+
+* bypass score: mean refusal score on harmful validation prompts with r ablated everywhere
+  (`ablate(model, r)`, every layer) -- lower is better;
+* induce score: mean refusal score on harmless validation prompts with the raw mean difference
+  added (coefficient +1) at the candidate's layer block input, every position;
+* KL: mean KL(unsteered || ablated) of the prediction at the first masked response position on
+  the harmless validation prompts.
+
+The refusal score is the log-odds of refusal-opening tokens at the first masked response
+position of the step-0 canvas (`diffusion_lens.evals.refusal_score`). Candidates are discarded if a
+score is NaN, KL > `kl_threshold` (0.1), induce score <= `induce_threshold` (0), or
+layer >= `max_layer_fraction` (0.8) x n_layers; the winner is the lowest bypass score among
+the rest.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from diffusion_lens.evals.scores import kl_divergence, log_odds, resolve_refusal_tokens
+from diffusion_lens.steering._common import LayerSpec
+from diffusion_lens.steering.activations import (
+    PositionSpec,
+    PromptsInput,
+    first_response_logits,
+    prepare_prompts,
+    step0_canvases,
+)
+from diffusion_lens.steering.directions import Directions, mean_difference
+from diffusion_lens.steering.interventions import ablate, add
+
+
+@dataclass
+class Selection:
+    """Result of `select_direction`: score grids [layer pos], the table of rows, and the winner.
+
+    `bypass`, `induce`, `kl` are [len(layers) len(positions)] float64 tensors aligned with
+    `directions.layers` / `directions.positions`; `kept` is the boolean filter result and
+    `reasons[i][j]` says why a candidate was discarded ("" if kept). `winner` is a dict with
+    layer, position, scores, `direction` (unit) and `vector` (raw mean difference), or None.
+
+    Example:
+        >>> sel = select_direction(model, harm_tr, harmless_tr, harm_val, harmless_val)
+        >>> sel.winner["layer"], sel.winner["position"], sel.winner["bypass"]
+        >>> fig = diffusion_lens.plot.selection_heatmap(sel)
+    """
+
+    directions: Directions
+    bypass: Float[Tensor, "layer pos"]
+    induce: Float[Tensor, "layer pos"]
+    kl: Float[Tensor, "layer pos"]
+    kept: Tensor
+    reasons: list[list[str]]
+    winner: Optional[dict]
+    baseline: dict = field(default_factory=dict)
+
+    @property
+    def table(self) -> list[dict]:
+        """One dict per candidate: layer, position, bypass, induce, kl, kept, reason."""
+        rows = []
+        for i, layer in enumerate(self.directions.layers):
+            for j, pos in enumerate(self.directions.positions):
+                rows.append({
+                    "layer": layer, "position": pos, "bypass": float(self.bypass[i, j]),
+                    "induce": float(self.induce[i, j]), "kl": float(self.kl[i, j]),
+                    "kept": bool(self.kept[i, j]), "reason": self.reasons[i][j],
+                })
+        return rows
+
+    def to_pandas(self):
+        """The table as a pandas DataFrame (pandas is installed with `datasets`)."""
+        import pandas as pd
+
+        return pd.DataFrame(self.table)
+
+
+@torch.no_grad()
+def _first_logits(model, prompts, hooks, gen_length, batch_size) -> Tensor:
+    out = []
+    with model.hooks(fwd_hooks=list(hooks)):
+        for batch in step0_canvases(model, prompts, gen_length=gen_length, batch_size=batch_size):
+            logits = model(batch.tokens, batch.attention_mask)
+            out.append(first_response_logits(model, logits, batch.response_start).double().cpu())
+    return torch.cat(out)
+
+
+def _filter_by_score(model, prepared, ids, keep_positive: bool, gen_length, batch_size, name):
+    scores = log_odds(_first_logits(model, prepared, (), gen_length, batch_size), ids)
+    keep = (scores > 0) if keep_positive else (scores < 0)
+    if not bool(keep.any()):
+        raise ValueError(f"Filtering {name} by refusal score left no prompt; pass filter_prompts=False.")
+    chosen = keep.nonzero().flatten().tolist()
+    return type(prepared)([prepared.tokens[i] for i in chosen], prepared.template,
+                          None if prepared.texts is None else [prepared.texts[i] for i in chosen])
+
+
+def select_direction(
+    model,
+    harmful_train: PromptsInput,
+    harmless_train: PromptsInput,
+    harmful_val: PromptsInput,
+    harmless_val: PromptsInput,
+    *,
+    candidates: Optional[Directions] = None,
+    layers: LayerSpec = "all",
+    positions: PositionSpec = "post_instruction",
+    refusal_tokens: Optional[Sequence[int]] = None,
+    kl_threshold: float = 0.1,
+    induce_threshold: float = 0.0,
+    max_layer_fraction: float = 0.8,
+    filter_prompts: bool = False,
+    gen_length: int = 128,
+    batch_size: int = 16,
+    chat: Optional[bool] = None,
+) -> Selection:
+    """Sweep (layer, position) candidate directions and pick the refusal direction (Arditi et al.).
+
+    `candidates` defaults to `mean_difference(model, harmful_train, harmless_train, layers=layers,
+    positions=positions)`. `filter_prompts=True` keeps harmful prompts with base refusal score > 0
+    and harmless ones with score < 0 (train and validation), as Arditi et al. do. See the module
+    docstring for the scores and filters.
+
+    Example:
+        >>> sel = select_direction(model, harm_tr, ok_tr, harm_val, ok_val, positions="post_instruction")
+        >>> r = sel.winner["direction"]
+        >>> out = model.generate(harmful_test, hooks=ablate(model, r))
+    """
+    ids = resolve_refusal_tokens(model, refusal_tokens)
+    for name, value in (("kl_threshold", kl_threshold), ("induce_threshold", induce_threshold),
+                        ("max_layer_fraction", max_layer_fraction)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            raise TypeError(f"{name} must be a number; got {value!r}.")
+    sets = {
+        "harmful_train": prepare_prompts(model, harmful_train, chat=chat, argument="harmful_train"),
+        "harmless_train": prepare_prompts(model, harmless_train, chat=chat, argument="harmless_train"),
+        "harmful_val": prepare_prompts(model, harmful_val, chat=chat, argument="harmful_val"),
+        "harmless_val": prepare_prompts(model, harmless_val, chat=chat, argument="harmless_val"),
+    }
+    if filter_prompts:
+        for name in sets:
+            sets[name] = _filter_by_score(model, sets[name], ids, name.startswith("harmful"), gen_length, batch_size, name)
+    if candidates is None:
+        candidates = mean_difference(model, sets["harmful_train"], sets["harmless_train"], layers=layers,
+                                     positions=positions, gen_length=gen_length, batch_size=batch_size)
+    elif not isinstance(candidates, Directions):
+        raise TypeError(f"candidates must be a Directions object; got {type(candidates).__name__}.")
+    harmful_val_p, harmless_val_p = sets["harmful_val"], sets["harmless_val"]
+
+    base_harmless = _first_logits(model, harmless_val_p, (), gen_length, batch_size)
+    base_harmful = _first_logits(model, harmful_val_p, (), gen_length, batch_size)
+    baseline = {"harmful": float(log_odds(base_harmful, ids).mean()), "harmless": float(log_odds(base_harmless, ids).mean())}
+
+    n_l, n_p = len(candidates.layers), len(candidates.positions)
+    bypass = torch.full((n_l, n_p), float("nan"), dtype=torch.float64)
+    induce, kl = bypass.clone(), bypass.clone()
+    for i, layer in enumerate(candidates.layers):
+        for j, pos in enumerate(candidates.positions):
+            raw = candidates.directions[i, j]
+            if not bool(raw.norm() > 0):
+                continue
+            ablation = ablate(model, raw)
+            bypass[i, j] = log_odds(_first_logits(model, harmful_val_p, ablation, gen_length, batch_size), ids).mean()
+            steered = _first_logits(model, harmless_val_p, ablation, gen_length, batch_size)
+            kl[i, j] = kl_divergence(base_harmless, steered).mean()
+            added = _first_logits(model, harmless_val_p, add(model, raw.float(), 1.0, layers=layer), gen_length, batch_size)
+            induce[i, j] = log_odds(added, ids).mean()
+
+    kept = torch.ones((n_l, n_p), dtype=torch.bool)
+    reasons = [["" for _ in range(n_p)] for _ in range(n_l)]
+    for i, layer in enumerate(candidates.layers):
+        for j in range(n_p):
+            why = []
+            if not bool(candidates.directions[i, j].norm() > 0):
+                why.append("zero direction (the classes do not differ here)")
+            elif any(math.isnan(float(t[i, j])) for t in (bypass, induce, kl)):
+                why.append("nan score")
+            else:
+                if kl[i, j] > kl_threshold:
+                    why.append(f"kl {float(kl[i, j]):.3g} > {kl_threshold}")
+                if induce[i, j] <= induce_threshold:
+                    why.append(f"induce {float(induce[i, j]):.3g} <= {induce_threshold}")
+            if layer >= max_layer_fraction * model.cfg.n_layers:
+                why.append(f"layer {layer} >= {max_layer_fraction} x {model.cfg.n_layers}")
+            reasons[i][j] = "; ".join(why)
+            kept[i, j] = not why
+    winner = None
+    if bool(kept.any()):
+        masked = torch.where(kept, bypass, torch.full_like(bypass, float("inf")))
+        flat = int(masked.argmin())
+        i, j = divmod(flat, n_p)
+        layer, pos = candidates.layers[i], candidates.positions[j]
+        winner = {
+            "layer": layer, "position": pos, "bypass": float(bypass[i, j]), "induce": float(induce[i, j]),
+            "kl": float(kl[i, j]), "direction": candidates.unit(layer, pos), "vector": candidates.vector(layer, pos),
+        }
+    else:
+        warnings.warn("select_direction: every candidate was filtered out; see Selection.reasons.", stacklevel=2)
+    return Selection(candidates, bypass, induce, kl, kept, reasons, winner, baseline)
+
+
+__all__ = ["Selection", "select_direction"]

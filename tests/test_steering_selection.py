@@ -1,0 +1,92 @@
+"""Issue 5, direction selection: `select_direction` finds a refusal direction planted into a fixture
+model's weights, and its filters / table behave as documented."""
+
+import pytest
+import torch
+
+from diffusion_lens.evals import refusal_score
+from diffusion_lens.steering import ablate
+from diffusion_lens.steering.selection import Selection, select_direction
+from tests.test_steering_core import load, one_thread  # noqa: F401  (autouse fixture)
+
+REFUSAL_TOKEN = 7
+HARM_TOKENS = torch.arange(200, 240)
+
+
+def planted_model(seed=0):
+    """llada-tiny-mha with a planted 'refusal' direction r.
+
+    Embeddings lose their r component, then 'harmful' tokens 200..239 get +4 r; every layer-0
+    head copies the r component (value dim 0 reads x.r, the output projection writes r back), so
+    the masked response positions inherit it; the unembedding row of token 7 reads r. Harmful
+    prompts then predict token 7 at the first masked position; harmless ones do not.
+    """
+    model = load("llada-tiny-mha")
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn(model.cfg.d_model, generator=g)
+    r /= r.norm()
+    with torch.no_grad():
+        emb = model.embed.weight
+        emb -= torch.outer(emb @ r, r)
+        emb[HARM_TOKENS] += 4 * r
+        attn, d_head = model.blocks[0].attn, model.cfg.d_head
+        for head in range(model.cfg.n_heads):
+            attn.v_proj.weight[head * d_head] = 3 * r / model.blocks[0].ln1.weight
+            attn.o_proj.weight[:, head * d_head] = 3 * r
+        model.unembed.weight[REFUSAL_TOKEN] = 4 * r / model.ln_final.weight
+    return model, r, g
+
+
+def prompts(g, n, harmful):
+    base = torch.randint(0, 200, (n, 8), generator=g)
+    if harmful:
+        base[:, 2:6] = HARM_TOKENS[torch.randint(0, len(HARM_TOKENS), (n, 4), generator=g)]
+    return base
+
+
+def test_select_direction_finds_the_planted_direction():
+    model, r, g = planted_model()
+    harm_tr, harm_val = prompts(g, 16, True), prompts(g, 8, True)
+    ok_tr, ok_val = prompts(g, 16, False), prompts(g, 8, False)
+    assert (refusal_score(model, harm_val, refusal_tokens=[REFUSAL_TOKEN], gen_length=8) > 0).all()
+    assert (refusal_score(model, ok_val, refusal_tokens=[REFUSAL_TOKEN], gen_length=8) < 0).all()
+    sel = select_direction(model, harm_tr, ok_tr, harm_val, ok_val, positions=[-3, -1, 0],
+                           refusal_tokens=[REFUSAL_TOKEN], gen_length=8, batch_size=8)
+    assert isinstance(sel, Selection) and sel.winner is not None
+    assert float(sel.winner["direction"].float() @ r) > 0.95
+    assert sel.bypass.shape == sel.induce.shape == sel.kl.shape == (3, 3)
+    # the winner is the lowest bypass among kept candidates, and kept ones pass every filter
+    kept = sel.kept
+    assert sel.winner["bypass"] == float(sel.bypass[kept].min())
+    assert (sel.kl[kept] <= 0.1).all() and (sel.induce[kept] > 0).all()
+    # layer 0, offset 0 (the mask token embedding) has no class difference: filtered with a reason
+    assert "zero direction" in sel.reasons[0][2] and not kept[0, 2]
+    # ablating the winner removes refusal on harmful prompts
+    ablated = refusal_score(model, harm_val, refusal_tokens=[REFUSAL_TOKEN], gen_length=8, hooks=ablate(model, sel.winner["direction"]))
+    assert (ablated < 0).all()
+    rows = sel.table
+    assert len(rows) == 9 and {"layer", "position", "bypass", "induce", "kl", "kept", "reason"} <= set(rows[0])
+
+
+def test_layer_cut_and_prompt_filtering():
+    model, r, g = planted_model(1)
+    harm, ok = prompts(g, 8, True), prompts(g, 8, False)
+    with pytest.warns(UserWarning, match="filtered out"):
+        sel = select_direction(model, harm, ok, harm, ok, layers=[1, 2], positions=[-1], refusal_tokens=[REFUSAL_TOKEN],
+                               gen_length=4, max_layer_fraction=0.3, filter_prompts=True)
+    assert not sel.kept.any() and sel.winner is None
+    assert all("layer" in reason and ">= 0.3 x 3" in reason for row in sel.reasons for reason in row)
+    sel = select_direction(model, harm, ok, harm, ok, layers=[1, 2], positions=[-1], refusal_tokens=[REFUSAL_TOKEN],
+                           gen_length=4, max_layer_fraction=0.5, filter_prompts=True)
+    assert sel.winner["layer"] == 1 and "layer 2" in sel.reasons[1][0]
+
+
+def test_selection_argument_errors():
+    model, _, g = planted_model()
+    p = prompts(g, 4, True)
+    with pytest.raises(ValueError, match="no tokenizer"):
+        select_direction(model, p, p, p, p, positions=[-1])
+    with pytest.raises(ValueError, match="outside 0..319"):
+        select_direction(model, p, p, p, p, positions=[-1], refusal_tokens=[999])
+    with pytest.raises(TypeError, match="Directions"):
+        select_direction(model, p, p, p, p, refusal_tokens=[7], candidates=torch.zeros(3))
