@@ -51,6 +51,8 @@ class HookedDiffusionTransformer(HookedRootModule):
         if cfg.tie_word_embeddings:
             self.unembed.weight = self.embed.weight
         self.setup()
+        for point in self.hook_dict.values():  # `hook.state`: the DenoisingState during generate, else None
+            point.state = None
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -178,14 +180,28 @@ class HookedDiffusionTransformer(HookedRootModule):
         names_filter: NamesFilter = None,
         device: Optional[Union[str, torch.device]] = None,
         remove_batch_dim: bool = False,
+        step: Optional[Union[int, Sequence[int]]] = None,
         **model_kwargs,
     ) -> tuple[Optional[Tensor], ActivationCache]:
         """Run a forward and return (output, `ActivationCache`) of the hook points in `names_filter`.
 
+        With `step=k` the input is a prompt: the sampler runs up to denoising step k and the
+        forward *at* step k is returned as (logits, ActivationCache); `step=[k, ...]` returns
+        ({step: logits}, StepCache). Extra keywords then go to `generate` (steps, gen_length, ...);
+        see `diffusion_lens.denoising.run_with_step_cache`.
+
         Example:
             >>> logits, cache = model.run_with_cache(tokens, names_filter=lambda n: "resid" in n)
             >>> cache.accumulated_resid(apply_ln=True).shape  # [layer+1 batch pos d_model]
+            >>> logits, cache = model.run_with_cache(prompt, step=3, steps=8, gen_length=16, block_length=8)
         """
+        if step is not None:
+            from diffusion_lens.denoising.generate import run_with_step_cache
+
+            return run_with_step_cache(
+                self, *model_args, step=step, names_filter=names_filter, device=device,
+                remove_batch_dim=remove_batch_dim, **model_kwargs,
+            )
         names = self.hook_names(names_filter)
         if remove_batch_dim and model_args and isinstance(model_args[0], Tensor) and model_args[0].ndim > 1:
             if model_args[0].shape[0] != 1:
@@ -205,6 +221,34 @@ class HookedDiffusionTransformer(HookedRootModule):
         Costs memory proportional to n_heads x d_model per position; off by default."""
         for block in self.blocks:
             block.attn.use_attn_result = use
+
+    # ------------------------------------------------------------------ denoising (diffusion_lens.denoising)
+    def generate(self, input, **kwargs):
+        """Denoise responses with the family's sampler; hooks see `hook.state` (a DenoisingState).
+
+        Returns a `GenerationOutput(sequences, texts, trajectory, cache)`. Keywords: hooks, cache,
+        reducers, return_trajectory, progress, chat, seed, generator, sampler, max_cache_bytes,
+        attention_mask, and sampler options (steps, gen_length, block_length, temperature, ...);
+        see `diffusion_lens.denoising.generate`.
+
+        Example:
+            >>> out = model.generate("Tell me a joke", steps=64, gen_length=64, block_length=32)
+            >>> out.texts[0], out.trajectory.shape  # [steps batch pos]
+        """
+        from diffusion_lens.denoising.generate import generate
+
+        return generate(self, input, **kwargs)
+
+    def estimate_cache_bytes(self, input, **kwargs) -> int:
+        """Exact bytes `generate(input, cache=..., **options)` would store, without running anything.
+
+        Example:
+            >>> model.estimate_cache_bytes(tokens, cache=dict(names="blocks.*.hook_resid_post", steps=[0, 5]),
+            ...                            steps=8, gen_length=16, block_length=8)
+        """
+        from diffusion_lens.denoising.generate import estimate_cache_bytes
+
+        return estimate_cache_bytes(self, input, **kwargs)
 
     # ------------------------------------------------------------------ weight views (TransformerLens shapes)
     @property

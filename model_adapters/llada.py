@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from diffusion_lens.adapters import KeyRule, ModelAdapter, register_adapter, unsupported
 from diffusion_lens.config import DiffusionConfig
+from diffusion_lens.denoising.samplers import LLaDASampler
 
 # `LLaDAConfig` / `ModelConfig` defaults applied to keys absent from config.json.
 CONFIG_CLASS_DEFAULTS = {
@@ -42,6 +43,7 @@ REQUIRED_VALUES = {
 }
 
 BLOCK = "model.transformer.blocks.{l}"
+EOT_TOKEN = "<|eot_id|>"  # end of turn; the chat template closes every message with it
 
 
 @register_adapter
@@ -106,6 +108,18 @@ class LLaDAAdapter(ModelAdapter):
             family=self.name,
             extra={"checkpoint_config": dict(config)},
         )
+
+    def sampler(self, model) -> LLaDASampler:
+        """Upstream `generate.py` defaults: 128 steps, gen_length 128, one block, temperature 0,
+        low-confidence remasking (override per call: `model.generate(..., steps=64)`)."""
+        return LLaDASampler()
+
+    def on_loaded(self, model) -> None:
+        """`cfg.eot_token_id` <- the tokenizer's `<|eot_id|>` (126348 in LLaDA-8B-Instruct), the
+        "EoT" of the sampler's `confidence_eos_eot_inf`; config.json does not record it."""
+        tokenizer = model.tokenizer
+        if tokenizer is not None and model.cfg.eot_token_id is None:
+            model.cfg.eot_token_id = tokenizer.get_vocab().get(EOT_TOKEN)
 
     def to_checkpoint_config(self, cfg: DiffusionConfig) -> dict:
         original = dict(cfg.extra.get("checkpoint_config", {}))

@@ -1,0 +1,22 @@
+"""Denoising: samplers, the per-step `DenoisingState`, `generate`, and step-aware caches/reducers.
+
+`model.generate(...)`, `model.run_with_cache(..., step=k)` and `model.estimate_cache_bytes(...)`
+are thin entry points into this package; scheduled hooks live in `diffusion_lens.hooks`.
+"""
+
+from diffusion_lens.denoising.cache import (
+    DEFAULT_MAX_CACHE_BYTES,
+    CacheRequest,
+    CacheTooLargeError,
+    StepCache,
+    StreamingMean,
+)
+from diffusion_lens.denoising.generate import GenerationOutput, estimate_cache_bytes, generate, run_with_step_cache
+from diffusion_lens.denoising.samplers import LLaDASampler, Sampler
+from diffusion_lens.denoising.state import DenoisingState
+
+__all__ = [
+    "DEFAULT_MAX_CACHE_BYTES", "CacheRequest", "CacheTooLargeError", "DenoisingState", "GenerationOutput",
+    "LLaDASampler", "Sampler", "StepCache", "StreamingMean", "estimate_cache_bytes", "generate",
+    "run_with_step_cache",
+]

@@ -1,0 +1,474 @@
+"""Step-aware caching: `StepCache` (activations per denoising step), its exact size estimate and the
+memory guard, and `StreamingMean` (running float64 means whose memory does not grow with prompts).
+
+Storage of a position subset in a padded batch: prompts are left-padded, so the response starts
+at the same column (`response_start`) in every row and "response" is stored as the aligned
+columns [response_start, pos). "prompt" stores columns [0, response_start), pads included for
+shorter prompts (`out.attention_mask` tells which are real). Index lists store the same columns in
+every row. Ragged scopes ("masked", per-row masks) cannot be a tensor: use a reducer. Attention
+maps [batch head q_pos k_pos] keep the selected query positions and every key position.
+Under classifier-free guidance only the conditional rows are stored, unless
+`include_unconditional=True` (then rows are [conditional; unconditional]).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Sequence, Union
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformer_lens import ActivationCache
+
+from diffusion_lens.denoising.positions import (
+    PositionScope,
+    check_scope,
+    index_tensor,
+    n_stored,
+    position_axis,
+    scope_mask,
+    stored_positions,
+)
+
+NamesSpec = Union[None, str, Sequence[str], Callable[[str], bool]]
+StepsSpec = Union[None, int, Iterable[int]]
+DEFAULT_MAX_CACHE_BYTES = 2 * 2**30  # 2 GiB
+
+
+class CacheTooLargeError(ValueError):
+    """A cache request whose predicted size exceeds `max_cache_bytes` (raised before any forward)."""
+
+    def __init__(self, message: str, estimated_bytes: int, limit: int):
+        super().__init__(message)
+        self.estimated_bytes = estimated_bytes
+        self.limit = limit
+
+
+# ---------------------------------------------------------------------------------- requests
+def resolve_names(model, names: NamesSpec) -> list[str]:
+    """Hook point names from a name, a glob ("blocks.*.hook_resid_post"), a list of those, or a
+    filter callable (None = every hook point). Unknown names raise with suggestions."""
+    if names is None or callable(names):
+        return model.hook_names(names)
+    items = [names] if isinstance(names, str) else list(names)
+    out: list[str] = []
+    for item in items:
+        if any(c in item for c in "*?["):
+            matched = [n for n in model.hook_dict if fnmatch.fnmatchcase(n, item)]
+            if not matched:
+                raise KeyError(f"No hook point matches {item!r}. See `model.hook_dict` for all names.")
+            out.extend(matched)
+        else:
+            model.check_hook_names([item])
+            out.append(item)
+    return list(dict.fromkeys(out))
+
+
+def resolve_steps(steps: StepsSpec, n_steps: int) -> list[int]:
+    """Sorted unique steps (None = all); each must be in 0..n_steps-1 (negative counts from the end)."""
+    if steps is None:
+        return list(range(n_steps))
+    values = [steps] if isinstance(steps, int) else list(steps)
+    bad = [s for s in values if not -n_steps <= int(s) < n_steps]
+    if bad:
+        raise ValueError(f"Steps {bad} are outside this run's steps 0..{n_steps - 1}.")
+    return sorted({int(s) % n_steps for s in values})
+
+
+@dataclass
+class CacheRequest:
+    """What to store: `generate(cache=dict(names=, steps=, positions=, device=, dtype=, include_unconditional=))`."""
+
+    names: list[str]
+    steps: list[int]
+    positions: PositionScope = "all"
+    device: Optional[Union[str, torch.device]] = None
+    dtype: Optional[torch.dtype] = None
+    include_unconditional: bool = False
+
+    @classmethod
+    def build(cls, model, spec: Union[dict, "CacheRequest"], n_steps: int) -> "CacheRequest":
+        if isinstance(spec, CacheRequest):
+            return spec
+        spec = dict(spec)
+        unknown = sorted(set(spec) - {"names", "steps", "positions", "device", "dtype", "include_unconditional"})
+        if unknown:
+            raise TypeError(
+                f"Unknown cache option(s) {unknown}; use names, steps, positions, device, dtype, include_unconditional."
+            )
+        positions = spec.get("positions", "all")
+        check_scope(positions)
+        return cls(
+            names=resolve_names(model, spec.get("names")),
+            steps=resolve_steps(spec.get("steps"), n_steps),
+            positions=positions,
+            device=spec.get("device"),
+            dtype=spec.get("dtype"),
+            include_unconditional=bool(spec.get("include_unconditional", False)),
+        )
+
+
+# ------------------------------------------------------------------------------- size estimate
+def activation_shape(model, name: str, rows: int, n_pos: int) -> Optional[tuple[tuple[int, ...], int, torch.dtype]]:
+    """(shape, position axis, dtype) of the activation at hook point `name` for a [rows n_pos]
+    forward, from the config and modules alone; None when the hook does not fire (e.g.
+    `attn.hook_result` while `use_attn_result` is off). Raises for data-dependent shapes."""
+    cfg = model.cfg
+    dtype = model.embed.weight.dtype
+    parent, _, leaf = name.rpartition(".")
+    module = model.mod_dict.get(parent) if parent else model
+    d_model = (rows, n_pos, cfg.d_model)
+    if leaf == "hook_scale":
+        return (rows, n_pos, 1), 1, torch.float32
+    if leaf in ("hook_embed", "hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out",
+                "hook_mlp_out", "hook_normalized", "hook_shared_out"):
+        return d_model, 1, dtype
+    if leaf in ("hook_q", "hook_rot_q", "hook_z"):
+        return (rows, n_pos, cfg.n_heads, cfg.d_head), 1, dtype
+    if leaf in ("hook_k", "hook_v", "hook_rot_k"):
+        return (rows, n_pos, cfg.n_key_value_heads, cfg.d_head), 1, dtype
+    if leaf == "hook_result":
+        return ((rows, n_pos, cfg.n_heads, cfg.d_model), 1, dtype) if getattr(module, "use_attn_result", False) else None
+    if leaf in ("hook_attn_scores", "hook_pattern"):
+        return (rows, cfg.n_heads, n_pos, n_pos), 2, dtype
+    if leaf in ("hook_pre", "hook_pre_linear", "hook_post") and hasattr(module, "up_proj"):
+        return (rows, n_pos, module.up_proj.out_features), 1, dtype
+    if leaf == "hook_router_logits" and cfg.n_experts:
+        return (rows, n_pos, cfg.n_experts), 1, dtype
+    raise ValueError(
+        f"Cannot predict the size of {name!r} from shapes alone (its token count depends on the data, "
+        "e.g. a mixture-of-experts expert). Leave it out of the cache, or pass max_cache_bytes=None."
+    )
+
+
+@dataclass
+class CacheEstimate:
+    """Predicted bytes of a cache request, per name for one step; `total` for all steps."""
+
+    per_name: dict[str, int]
+    n_steps: int
+    rows: int
+    n_kept: int
+    dtype: torch.dtype = torch.float32  # the model's activation dtype
+    n_response: int = 0  # generated positions (what positions="response" would keep)
+
+    @property
+    def per_step(self) -> int:
+        return sum(self.per_name.values())
+
+    @property
+    def total(self) -> int:
+        return self.per_step * self.n_steps
+
+
+def estimate(model, request: CacheRequest, batch: int, n_pos: int, response_start: int, n_copies: int) -> CacheEstimate:
+    """Exact bytes the request will store for a batch of `batch` prompts on an `n_pos` canvas."""
+    rows = batch * (n_copies if request.include_unconditional else 1)
+    n_kept = n_stored(stored_positions(request.positions, response_start, n_pos), n_pos)
+    per_name = {}
+    for name in request.names:
+        found = activation_shape(model, name, rows, n_pos)
+        if found is None:
+            per_name[name] = 0
+            continue
+        shape, axis, dtype = found
+        shape = list(shape)
+        shape[axis] = n_kept
+        out_dtype = request.dtype if (request.dtype is not None and dtype.is_floating_point) else dtype
+        per_name[name] = math.prod(shape) * _itemsize(out_dtype)
+    return CacheEstimate(per_name, len(request.steps), rows, n_kept, model.embed.weight.dtype, n_pos - response_start)
+
+
+def check_budget(found: CacheEstimate, request: CacheRequest, limit: Optional[int]) -> None:
+    """Raise `CacheTooLargeError` with the predicted size and filters that would fit."""
+    if limit is None or found.total <= limit:
+        return
+    hints = []
+    per_step = found.per_step
+    if per_step and limit // per_step >= 1:
+        k = int(limit // per_step)
+        hints.append(f"steps={_short(request.steps[:k])} ({k} of {len(request.steps)} steps, {_fmt(k * per_step)})")
+    fitting, used = [], 0
+    for name in request.names:
+        cost = found.per_name[name] * found.n_steps
+        if used + cost <= limit:
+            fitting.append(name)
+            used += cost
+    if fitting:
+        hints.append(f"names={_short(fitting)} ({len(fitting)} of {len(request.names)} names, {_fmt(used)})")
+    if request.positions in (None, "all") and found.n_kept:
+        response = found.total * found.n_response // found.n_kept
+        if response <= limit:
+            hints.append(f"positions='response' ({_fmt(response)})")
+    current = request.dtype or found.dtype
+    if _itemsize(current) > 2 and found.total * 2 // _itemsize(current) <= limit:
+        hints.append(f"dtype=torch.float16 ({_fmt(found.total * 2 // _itemsize(current))})")
+    fits = "; ".join(hints) if hints else "none of one name at one step (a single activation is larger than the limit)"
+    message = (
+        f"This cache request needs {_fmt(found.total)} ({len(request.names)} names x {found.n_steps} steps x "
+        f"{found.rows} rows x {found.n_kept} positions), over max_cache_bytes={_fmt(limit)}. Nothing was run. "
+        f"Filters that fit: {fits}. Or stream a mean with a reducer (StreamingMean), or raise/disable the "
+        "guard with max_cache_bytes=<bytes> or max_cache_bytes=None."
+    )
+    raise CacheTooLargeError(message, found.total, limit)
+
+
+# ---------------------------------------------------------------------------------- StepCache
+class StepCache:
+    """Activations of chosen hook points at chosen denoising steps.
+
+    Why: compare how the residual stream evolves across steps without storing every step.
+    `cache[step]` is a TransformerLens `ActivationCache`; `cache.stack(name)` is
+    [n_cached_steps batch pos ...]; `cache.positions` are the canvas columns kept.
+
+    Example:
+        >>> out = model.generate(tokens, cache=dict(names="blocks.*.hook_resid_post", steps=[0, 5]))
+        >>> out.cache.steps, out.cache[5]["blocks.0.hook_resid_post"].shape
+        >>> out.cache.stack("blocks.0.hook_resid_post").shape   # [2 batch pos d_model]
+    """
+
+    def __init__(self, model, steps: Sequence[int], names: Sequence[str], positions: Int[Tensor, " n_kept"],
+                 store: Optional[dict[int, dict[str, Tensor]]] = None):
+        self.model = model
+        self.steps = list(steps)
+        self.names = list(names)
+        self.positions = positions
+        self.store: dict[int, dict[str, Tensor]] = store if store is not None else {s: {} for s in self.steps}
+
+    def __getitem__(self, step: int) -> ActivationCache:
+        if step not in self.store:
+            raise KeyError(f"Step {step} was not cached; cached steps: {self.steps}.")
+        return ActivationCache(self.store[step], self.model, has_batch_dim=True)
+
+    def __contains__(self, step: int) -> bool:
+        return step in self.store
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __iter__(self):
+        return iter(self.steps)
+
+    def items(self):
+        return ((step, self[step]) for step in self.steps)
+
+    def stack(self, name: str) -> Float[Tensor, "n_steps batch pos ..."]:
+        """One hook point's activation at every cached step, stacked on a new leading axis."""
+        missing = [s for s in self.steps if name not in self.store[s]]
+        if missing:
+            raise KeyError(f"{name!r} is not in the cache at steps {missing}; cached names: {self.names}.")
+        return torch.stack([self.store[s][name] for s in self.steps])
+
+    def to(self, device: Union[str, torch.device], dtype: Optional[torch.dtype] = None) -> "StepCache":
+        """A copy on `device` (floating tensors also cast to `dtype` if given)."""
+        moved = {
+            s: {n: t.to(device=device, dtype=dtype if (dtype and t.is_floating_point()) else t.dtype) for n, t in d.items()}
+            for s, d in self.store.items()
+        }
+        return StepCache(self.model, self.steps, self.names, self.positions, moved)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for d in self.store.values() for t in d.values())
+
+    def __repr__(self) -> str:
+        return f"StepCache(steps={_short(self.steps)}, {len(self.names)} names, {len(self.positions)} positions, {_fmt(self.nbytes)})"
+
+
+class StepRecorder:
+    """Fills a `StepCache` during a run: hooks that copy the requested rows and columns (internal)."""
+
+    def __init__(self, model, request: CacheRequest, response_start: int, n_pos: int, batch: int):
+        self.request = request
+        self.index = stored_positions(request.positions, response_start, n_pos)
+        self.batch = batch
+        self.wanted = set(request.steps)
+        self.cache = StepCache(model, request.steps, request.names, index_tensor(self.index, n_pos))
+        self.hook_pairs = [(name, self.save) for name in request.names]
+
+    def wants(self, step: int) -> bool:
+        return step in self.wanted
+
+    def save(self, act: Tensor, hook) -> None:
+        state = hook.state
+        if state.cfg and not self.request.include_unconditional:
+            act = act[: self.batch]
+        axis = position_axis(hook, act.ndim)
+        if isinstance(self.index, slice):
+            if self.index != slice(0, act.shape[axis]):
+                act = act.narrow(axis, self.index.start, self.index.stop - self.index.start)
+        else:
+            act = act.index_select(axis, self.index.to(act.device))
+        dtype = self.request.dtype if (self.request.dtype is not None and act.is_floating_point()) else act.dtype
+        self.cache.store[state.step][hook.name] = act.detach().to(
+            device=self.request.device or act.device, dtype=dtype, copy=True
+        )
+
+
+# ---------------------------------------------------------------------------------- reducers
+class StreamingMean:
+    """Running float64 means of activations over prompts, positions and (chosen) steps.
+
+    Why: difference-of-means directions over thousands of prompts need memory independent of
+    the number of prompts: only a sum and a count per (name, step) are kept.
+    `positions`: any scope (see `diffusion_lens.denoising.positions`), pads always excluded.
+    `per_position=False` pools every selected (row, position) into one mean [*features];
+    `per_position=True` keeps the stored columns (aligned scopes only) -> [n_kept *features].
+    `steps`: None (every step), an int or a list; `by_step=True` keeps one mean per step.
+    Use it as `model.generate(..., reducers=[r])`, or in a plain forward via
+    `model.run_with_hooks(tokens, fwd_hooks=r.hooks(mask=valid))`.
+
+    Example:
+        >>> r = StreamingMean("blocks.*.hook_resid_post", positions="response", steps=0)
+        >>> for batch in prompts: model.generate(batch, reducers=[r], steps=..., progress=False)
+        >>> r.mean("blocks.3.hook_resid_post").shape, r.count("blocks.3.hook_resid_post")  # [d_model] float64
+    """
+
+    def __init__(self, names: Union[str, Sequence[str]], *, positions: PositionScope = "response",
+                 steps: StepsSpec = None, per_position: bool = False, by_step: bool = False,
+                 include_unconditional: bool = False):
+        check_scope(positions)
+        self.names = [names] if isinstance(names, str) else list(names)
+        self.positions = positions
+        self.steps = None if steps is None else frozenset([steps] if isinstance(steps, int) else steps)
+        self.per_position = per_position
+        self.by_step = by_step
+        self.include_unconditional = include_unconditional
+        self._sums: dict[tuple[str, Optional[int]], Tensor] = {}
+        self._counts: dict[tuple[str, Optional[int]], Union[int, Tensor]] = {}
+        self._mask: Optional[Tensor] = None
+        self._device = None
+        self.hook_pairs = [(_name_filter(n), self._update) for n in self.names]
+
+    # -- hooks
+    def wants(self, step: int) -> bool:
+        return self.steps is None or step in self.steps
+
+    def hooks(self, mask: Optional[Tensor] = None) -> list[tuple]:
+        """(name, fn) pairs for `run_with_hooks` / `model.hooks`; `mask` [batch pos] marks the real
+        tokens of a plain forward (pads 0), which no state describes there."""
+        self._mask = mask
+        return list(self.hook_pairs)
+
+    def _update(self, act: Tensor, hook) -> None:
+        state = getattr(hook, "state", None)
+        if state is not None and not self.wants(state.step):
+            return
+        if state is not None and state.cfg and not self.include_unconditional:
+            act = act[: state.batch]
+        axis = position_axis(hook, act.ndim)
+        n_rows, n_pos = act.shape[0], act.shape[axis]
+        valid = self._valid(state, n_rows, n_pos, act.device)
+        acts = act.movedim(axis, 1)  # [rows pos *features]
+        key = (hook.name, state.step if (self.by_step and state is not None) else None)
+        if self.per_position:
+            index = self._columns(state, n_pos)
+            acts, valid = acts[:, index], valid[:, index]
+            total = (acts.double() * valid.view(*valid.shape, *[1] * (acts.ndim - 2))).sum(0)
+            count: Union[int, Tensor] = valid.sum(0).cpu()
+        else:
+            selected = acts[valid]
+            total = selected.double().sum(0)
+            count = int(selected.shape[0])
+        if key in self._sums:
+            self._sums[key] += total
+            self._counts[key] = self._counts[key] + count
+        else:
+            self._sums[key], self._counts[key] = total, count
+
+    def _columns(self, state, n_pos: int):
+        if state is None and self.positions in ("prompt", "response"):
+            raise ValueError(
+                f"positions={self.positions!r} needs a DenoisingState; in a plain forward pass an index list."
+            )
+        index = stored_positions(self.positions, state.response_start if state is not None else 0, n_pos)
+        return index if isinstance(index, slice) else index.to(self._device)
+
+    def _valid(self, state, n_rows: int, n_pos: int, device) -> Tensor:
+        """[rows pos] bool: in the scope (pooled mode) and not a pad."""
+        self._device = device
+        valid = torch.ones(n_rows, n_pos, dtype=torch.bool, device=device)
+        if not self.per_position:  # per_position selects its columns afterwards
+            scope = scope_mask(self.positions, state, n_pos, device)
+            if scope is not None:
+                valid &= scope if scope.ndim == 1 else _tile(scope, n_rows)
+        real = self._mask if state is None else state.attention_mask
+        if real is not None:
+            valid &= _tile(real.to(device).bool(), n_rows)
+        return valid
+
+    # -- results
+    def _key(self, name: str, step: Optional[int]) -> tuple[str, Optional[int]]:
+        key = (name, step if self.by_step else None)
+        if key not in self._sums:
+            seen = sorted({n for n, _ in self._sums})
+            raise KeyError(f"Nothing accumulated for {key}; names seen: {seen}, steps: {self.steps_seen}.")
+        return key
+
+    def sum(self, name: str, step: Optional[int] = None) -> Float[Tensor, "*features"]:
+        """The float64 running sum (by_step=True: pass the step)."""
+        return self._sums[self._key(name, step)]
+
+    def count(self, name: str, step: Optional[int] = None) -> Union[int, Int[Tensor, " n_kept"]]:
+        """Vectors summed: an int (pooled) or per stored column (per_position=True)."""
+        return self._counts[self._key(name, step)]
+
+    def mean(self, name: str, step: Optional[int] = None) -> Float[Tensor, "*features"]:
+        """Sum / count in float64: [*features], or [n_kept *features] with per_position=True."""
+        key = self._key(name, step)
+        count = self._counts[key]
+        if isinstance(count, Tensor):
+            count = count.to(self._sums[key].device).double().view(-1, *[1] * (self._sums[key].ndim - 1))
+        return self._sums[key] / count
+
+    @property
+    def steps_seen(self) -> list[Optional[int]]:
+        return sorted({s for _, s in self._sums}, key=lambda s: -1 if s is None else s)
+
+    @property
+    def accumulated_names(self) -> list[str]:
+        return list(dict.fromkeys(n for n, _ in self._sums))
+
+    def reset(self) -> None:
+        self._sums.clear()
+        self._counts.clear()
+
+
+# ---------------------------------------------------------------------------------- helpers
+def _tile(mask: Tensor, n_rows: int) -> Tensor:
+    """Repeat a [batch pos] mask over CFG copies to `n_rows` rows."""
+    return mask if mask.shape[0] == n_rows else mask.repeat(n_rows // mask.shape[0], 1)
+
+
+def _name_filter(name: str):
+    if any(c in name for c in "*?["):
+        return lambda hook_name: fnmatch.fnmatchcase(hook_name, name)
+    return name
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _fmt(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n} B"
+
+
+def _short(values: Sequence) -> str:
+    values = list(values)
+    if len(values) <= 6:
+        return repr(values)
+    return f"[{', '.join(map(repr, values[:3]))}, ..., {', '.join(map(repr, values[-2:]))}]"
+
+
+__all__ = [
+    "StepCache", "StreamingMean", "CacheRequest", "CacheEstimate", "CacheTooLargeError",
+    "DEFAULT_MAX_CACHE_BYTES", "activation_shape", "estimate", "check_budget", "resolve_names", "resolve_steps",
+]

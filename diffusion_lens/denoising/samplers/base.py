@@ -1,0 +1,89 @@
+"""The sampler contract: one denoising algorithm, written as one loop, that calls back for forwards.
+
+A sampler owns the algorithm (canvas, schedule, token choice). The generate driver owns
+everything around it (input handling, hooks, state publishing, caches, progress, trajectory).
+They meet at `run(...)`: the sampler builds a `DenoisingState` for each step, hands it to the
+driver's `forward(state)` (which publishes the state to the hook points and runs the model on
+`state.model_input`), and yields `(state, canvas_after_step)`.
+
+A family's adapter returns its sampler, with upstream defaults, from `ModelAdapter.sampler(model)`.
+To add a family with a new algorithm: subclass `Sampler` as a frozen dataclass of its options,
+implement `n_steps`, `response_length`, `n_copies` and `run`, and return it from the adapter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from diffusion_lens.denoising.state import DenoisingState
+
+if TYPE_CHECKING:
+    from diffusion_lens.model import HookedDiffusionTransformer
+
+# forward(state) runs the model on state.model_input / state.model_attention_mask and returns
+# per-token logits [rows pos vocab] (the family's logit shift already applied by the driver).
+Forward = Callable[[DenoisingState], Float[Tensor, "rows pos vocab"]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """Base class of samplers: a frozen dataclass of the algorithm's options.
+
+    Why: options are plain fields, so `generate(..., steps=64)` overrides them through
+    `with_options`, and the same object describes the run to the cache-size estimator.
+
+    Example:
+        >>> sampler = model.adapter.sampler(model).with_options(steps=64, gen_length=64)
+        >>> sampler.n_steps(), sampler.response_length()
+        (64, 64)
+    """
+
+    def with_options(self, **options) -> "Sampler":
+        """A copy with some options replaced; unknown option names raise a TypeError listing the valid ones."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__} has no option {', '.join(map(repr, unknown))}; "
+                f"its options are {sorted(known)}."
+            )
+        return dataclasses.replace(self, **options)
+
+    def options(self) -> dict:
+        """The options as a dict (what `with_options` accepts)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def n_steps(self) -> int:
+        """Total number of denoising steps (= forwards, each of `n_copies` x batch rows)."""
+        raise NotImplementedError
+
+    def response_length(self) -> int:
+        """Number of positions generated after the prompt."""
+        raise NotImplementedError
+
+    def n_copies(self) -> int:
+        """Rows of the forward batch per prompt: 2 under classifier-free guidance, else 1."""
+        return 1
+
+    def run(
+        self,
+        model: "HookedDiffusionTransformer",
+        prompt: Int[Tensor, "batch prompt_pos"],
+        attention_mask: Optional[Int[Tensor, "batch prompt_pos"]],
+        forward: Forward,
+        generator: Optional[torch.Generator] = None,
+    ) -> Iterator[tuple[DenoisingState, Int[Tensor, "batch pos"]]]:
+        """Denoise `prompt` + `response_length()` masks; yield (state of the step, canvas after it).
+
+        The canvas yielded must be a new tensor each step (never modified in place afterwards),
+        so that `state.canvas` and recorded trajectories stay valid.
+        """
+        raise NotImplementedError
+
+
+__all__ = ["Sampler", "Forward"]

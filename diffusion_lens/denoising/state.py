@@ -1,0 +1,139 @@
+"""`DenoisingState`: what a hook needs to know about the denoising step it is running in.
+
+During `model.generate(...)` every HookPoint carries `hook.state`, the state of the step whose
+forward is running (None in a plain forward). The sampler builds one state per step; the
+generate driver publishes it to all hook points just before that step's forward.
+
+Rows under classifier-free guidance: the forward batch is `[conditional; unconditional]`
+(`n_copies == 2`), so an activation has `n_copies * batch` rows while `canvas` and every
+[batch pos] mask below describe the `batch` conditional rows. `state.rows(mask)` repeats a
+[batch pos] mask over the copies so that it lines up with the activation's rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Optional
+
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+
+@dataclass(eq=False)
+class DenoisingState:
+    """The denoising step a forward belongs to (published as `hook.state` during generation).
+
+    Why: a hook that steers or records "the response positions still masked at steps 0-7" needs
+    the step, the block and the canvas; this object carries them, computed lazily.
+
+    Example:
+        >>> def fn(act, hook):
+        ...     s = hook.state  # None outside generate
+        ...     print(s.step, s.block, s.is_masked.sum().item())
+    """
+
+    step: int  # global step, 0-based
+    n_steps: int  # total steps of the run
+    block: int  # semi-autoregressive block, 0-based
+    n_blocks: int
+    step_in_block: int
+    steps_in_block: int
+    canvas: Int[Tensor, "batch pos"]  # conditional canvas entering this step
+    response_start: int  # width of the (left-padded) prompt: the response starts here in every row
+    mask_id: int
+    attention_mask: Optional[Int[Tensor, "batch pos"]] = None  # 1 = real token; None = no padding
+    previous_canvas: Optional[Int[Tensor, "batch pos"]] = None  # canvas entering the previous step
+    model_input: Optional[Int[Tensor, "rows pos"]] = None  # what the forward gets: canvas, or [canvas; uncond]
+    model_attention_mask: Optional[Int[Tensor, "rows pos"]] = None
+    n_copies: int = 1  # 2 under classifier-free guidance (conditional rows first)
+    _is_masked: Optional[Bool[Tensor, "batch pos"]] = field(default=None, repr=False)
+
+    # ------------------------------------------------------------------ shapes
+    @property
+    def batch(self) -> int:
+        return self.canvas.shape[0]
+
+    @property
+    def n_pos(self) -> int:
+        return self.canvas.shape[1]
+
+    @property
+    def cfg(self) -> bool:
+        """True when this step's forward runs the conditional and unconditional batches together."""
+        return self.n_copies > 1
+
+    @property
+    def prompt_width(self) -> int:
+        """Alias of `response_start`: the padded prompt width P (canvas = [prompt P | response])."""
+        return self.response_start
+
+    # ------------------------------------------------------------------ position masks [batch pos]
+    @cached_property
+    def is_masked(self) -> Bool[Tensor, "batch pos"]:
+        """Positions holding the mask token in the canvas entering this step (prompt included)."""
+        return self._is_masked if self._is_masked is not None else self.canvas == self.mask_id
+
+    @cached_property
+    def is_pad(self) -> Bool[Tensor, "batch pos"]:
+        """Left-padding positions (attention mask 0)."""
+        if self.attention_mask is None:
+            return torch.zeros_like(self.canvas, dtype=torch.bool)
+        return self.attention_mask == 0
+
+    @cached_property
+    def is_response(self) -> Bool[Tensor, "batch pos"]:
+        """Generated positions: `response_start` onwards, the same columns in every row."""
+        out = torch.zeros_like(self.canvas, dtype=torch.bool)
+        out[:, self.response_start :] = True
+        return out
+
+    @cached_property
+    def is_prompt(self) -> Bool[Tensor, "batch pos"]:
+        """Real prompt tokens (before `response_start`, pads excluded)."""
+        return ~self.is_response & ~self.is_pad
+
+    @cached_property
+    def is_unmasked(self) -> Bool[Tensor, "batch pos"]:
+        """Real positions (prompt or response) that do not hold the mask token."""
+        return ~self.is_masked & ~self.is_pad
+
+    @cached_property
+    def newly_unmasked(self) -> Bool[Tensor, "batch pos"]:
+        """Positions the previous step unmasked (all False at step 0)."""
+        if self.previous_canvas is None:
+            return torch.zeros_like(self.canvas, dtype=torch.bool)
+        return (self.previous_canvas == self.mask_id) & ~self.is_masked
+
+    @cached_property
+    def prompt_len(self) -> Int[Tensor, " batch"]:
+        """Number of real prompt tokens per row."""
+        return self.is_prompt.sum(dim=1)
+
+    @cached_property
+    def mask_ratio(self) -> float:
+        """Fraction of response positions still masked, over the whole batch (1.0 at step 0)."""
+        response = self.is_masked[:, self.response_start :]
+        return float(response.float().mean()) if response.numel() else 0.0
+
+    # ------------------------------------------------------------------ rows of the forward batch
+    def rows(self, mask: Bool[Tensor, "batch pos"]) -> Bool[Tensor, "rows pos"]:
+        """A [batch pos] mask repeated over the CFG copies, to line up with the forward's rows.
+
+        Example:
+            >>> m = hook.state.rows(hook.state.is_masked)   # [2*batch pos] under CFG
+            >>> act[m]                                       # the masked positions' activations
+        """
+        return mask if self.n_copies == 1 else mask.repeat(self.n_copies, 1)
+
+    def __repr__(self) -> str:
+        cfg = ", cfg" if self.cfg else ""
+        return (
+            f"DenoisingState(step {self.step}/{self.n_steps}, block {self.block}/{self.n_blocks}, "
+            f"step_in_block {self.step_in_block}/{self.steps_in_block}, canvas {tuple(self.canvas.shape)}, "
+            f"response_start {self.response_start}{cfg})"
+        )
+
+
+__all__ = ["DenoisingState"]
