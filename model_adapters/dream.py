@@ -22,6 +22,7 @@ from pathlib import Path
 
 from diffusion_lens.adapters import ModelAdapter, register_adapter, unsupported
 from diffusion_lens.config import DiffusionConfig
+from diffusion_lens.denoising.samplers.dream import DreamSampler
 from model_adapters.hf_layout import hf_decoder_rules, hf_dense_mlp_rules
 
 # `DreamConfig.__init__` defaults, used only for keys missing from config.json.
@@ -120,6 +121,12 @@ class DreamAdapter(ModelAdapter):
             family=self.name,
             extra={"checkpoint_config": dict(config), "max_position_embeddings": c["max_position_embeddings"]},
         )
+
+    def sampler(self, model) -> DreamSampler:
+        """`diffusion_generate` with the documented upstream defaults (512 steps, temperature 0,
+        alg "origin"; `DreamSampler` lists them and the transformers-4.46 effective defaults);
+        override per call: `model.generate(..., max_new_tokens=64, steps=64, alg="entropy")`."""
+        return DreamSampler()
 
     def to_checkpoint_config(self, cfg: DiffusionConfig) -> dict:
         written = {**CONFIG_CLASS_DEFAULTS, **_ARCHITECTURE, **cfg.extra.get("checkpoint_config", {})}

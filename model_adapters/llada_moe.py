@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from diffusion_lens.adapters import KeyRule, ModelAdapter, register_adapter, unsupported
 from diffusion_lens.config import DiffusionConfig
+from diffusion_lens.denoising.samplers import LLaDASampler
 from model_adapters.hf_layout import LAYER, hf_decoder_rules, hf_dense_mlp_rules
 
 # MoE `LLaDAConfig.__init__` defaults, used only for keys missing from config.json. The -1 sizes
@@ -150,6 +151,12 @@ class LLaDAMoEAdapter(ModelAdapter):
             family=self.name,
             extra={"checkpoint_config": dict(config), "max_position_embeddings": c["max_position_embeddings"]},
         )
+
+    def sampler(self, model) -> LLaDASampler:
+        """LLaDA's `generate` (the model card ships it): upstream defaults 128 steps, gen_length 128,
+        one block, temperature 0; the card's demo uses block_length 32. Without a mask id in
+        config.json, pass `mask_id=...` or set `model.cfg.mask_token_id` for non-published vocabularies."""
+        return LLaDASampler()
 
     def to_checkpoint_config(self, cfg: DiffusionConfig) -> dict:
         written = {**CONFIG_CLASS_DEFAULTS, **_ARCHITECTURE, **cfg.extra.get("checkpoint_config", {})}

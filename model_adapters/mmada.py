@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from diffusion_lens.adapters import register_adapter
 from diffusion_lens.config import DiffusionConfig
+from diffusion_lens.denoising.samplers import MMaDASampler
 from model_adapters.llada import LLaDAAdapter
 
 
@@ -33,6 +34,11 @@ class MMaDAAdapter(LLaDAAdapter):
 
     def matches(self, config: dict) -> bool:
         return config.get("model_type") in self.model_types or "MMadaModelLM" in (config.get("architectures") or [])
+
+    def sampler(self, model) -> MMaDASampler:
+        """`mmu_generate` with upstream defaults (128 steps, 128 new tokens = `gen_length`, one block,
+        temperature 0, float64 confidence); override per call: `model.generate(..., temperature=1.0)`."""
+        return MMaDASampler()
 
     def to_checkpoint_config(self, cfg: DiffusionConfig) -> dict:
         written = super().to_checkpoint_config(cfg)

@@ -207,3 +207,101 @@ def test_remote_code_dream_tokenizer_is_replaced_by_qwen2_without_running_code(t
     assert tokens[0, 0].item() == 291 and 259 in tokens[0].tolist()  # special token, merged "hello"
     batch, mask = model.to_tokens(["hello", "hello hello"], return_attention_mask=True)
     assert batch[0, 0].item() == 290 and mask[0, 0].item() == 0  # left-padded with the pad id
+
+
+# ---------------------------------------------------------------- sampler (`diffusion_generate`)
+SEEDED = 20250405  # torch.manual_seed before the RNG-coupled runs, as recorded in the fixture
+RUNS = [
+    *[("single", alg, dict(alg=alg)) for alg in ("origin", "maskgit_plus", "topk_margin", "entropy")],
+    *[("batch", alg, dict(alg=alg)) for alg in ("origin", "maskgit_plus", "topk_margin", "entropy")],
+    ("single", "entropy_topk50", dict(alg="entropy", top_k=50)),
+    ("single", "topk_margin_topp0.5", dict(alg="topk_margin", top_p=0.5)),
+    ("single", "entropy_sampled", dict(alg="entropy", temperature=0.5, top_p=0.95)),
+    ("single", "maskgit_plus_algtemp", dict(alg="maskgit_plus", alg_temp=0.5)),
+    ("infill", "maskgit_plus", dict(alg="maskgit_plus")),
+]
+RNG_COUPLED = {"origin", "entropy_sampled", "maskgit_plus_algtemp"}
+
+
+@pytest.fixture(scope="module")
+def dream_models():
+    return {name: (HookedDiffusionTransformer.from_pretrained(FIXTURES / name),
+                   load_file(FIXTURES / name / "golden.safetensors")) for name in DREAM}
+
+
+@pytest.mark.parametrize("name", DREAM)
+@pytest.mark.parametrize("group, run, options", RUNS, ids=[f"{g}.{r}" for g, r, _ in RUNS])
+def test_sampler_matches_every_golden_run_step_by_step(dream_models, name, group, run, options):
+    model, golden = dream_models[name]
+    if run in RNG_COUPLED:
+        torch.manual_seed(SEEDED)
+    out = model.generate(golden[f"gen.{group}.prompt_ids"], attention_mask=golden.get(f"gen.{group}.attention_mask"),
+                         max_new_tokens=16, steps=8, progress=False, **options)
+    assert torch.equal(out.trajectory, golden[f"gen.{group}.{run}.history"])
+    assert torch.equal(out.sequences, golden[f"gen.{group}.{run}.sequences"])
+    if f"gen.{group}.{run}.transfer_counts" in golden:
+        prompt = golden[f"gen.{group}.prompt_ids"]
+        initial = torch.cat([prompt, prompt.new_full((prompt.shape[0], 16), model.cfg.mask_token_id)], dim=1)
+        changed = torch.cat([initial[None], out.trajectory]).diff(dim=0) != 0
+        assert changed.sum(dim=(1, 2)).tolist() == golden[f"gen.{group}.{run}.transfer_counts"].tolist()
+
+
+@pytest.mark.parametrize("name, pinned", [("dream-tiny", (150, 290)), ("dream-tiny-b", (100, 202))])
+def test_upstream_callbacks_as_sampler_options(dream_models, name, pinned):
+    """`generation_tokens_hook_func` / `generation_logits_hook_func` -> `tokens_hook` / `logits_hook`,
+    same signatures and call order; the fixture's hooked run reproduces exactly."""
+    model, golden = dream_models[name]
+    calls = []
+
+    def tokens_hook(step, x, logits):
+        calls.append(("tokens", step))
+        x[:, -2], x[:, -1] = pinned
+        return x
+
+    def logits_hook(step, x, logits):
+        calls.append(("logits", step))
+        logits[..., 0] = -1e4
+        return logits
+
+    out = model.generate(golden["gen.batch.prompt_ids"], attention_mask=golden["gen.batch.attention_mask"],
+                         max_new_tokens=16, steps=8, alg="maskgit_plus", tokens_hook=tokens_hook,
+                         logits_hook=logits_hook, progress=False)
+    assert torch.equal(out.trajectory, golden["gen.batch.maskgit_plus_hooks.history"])
+    assert torch.equal(out.sequences, golden["gen.batch.maskgit_plus_hooks.sequences"])
+    assert calls[:5] == [("tokens", None), ("logits", 0), ("tokens", 0), ("logits", 1), ("tokens", 1)]
+    assert len(calls) == 1 + 2 * 8
+
+
+def test_commit_schedule_helper_matches_the_fixture_and_the_spec():
+    from diffusion_lens.denoising.samplers.dream import transfer_schedule
+
+    golden = load_file(FIXTURES / "dream-tiny" / "golden.safetensors")
+    assert transfer_schedule(16, 8) == golden["gen.single.maskgit_plus.transfer_counts"].tolist() == [1, 2, 2, 2, 2, 2, 2, 3]
+    assert transfer_schedule(256, 256)[:2] == [0, 1] and transfer_schedule(256, 256)[-1] == 2
+    assert transfer_schedule(128, 32) == [3] + [4] * 30 + [5]
+
+
+def test_step_scheduled_activation_hooks_see_dream_states(dream_models):
+    model, golden = dream_models["dream-tiny"]
+    seen = []
+
+    def record(act, hook):
+        state = hook.state
+        seen.append((state.step, int(state.is_masked[:, state.response_start:].sum()), state.attention_mask is not None))
+
+    out = model.generate(golden["gen.batch.prompt_ids"], attention_mask=golden["gen.batch.attention_mask"],
+                         max_new_tokens=16, steps=8, alg="maskgit_plus", progress=False,
+                         hooks=[("blocks.1.hook_resid_post", record)])
+    assert [s for s, _, _ in seen] == list(range(8)) and all(padded for _, _, padded in seen)
+    masked = [m for _, m, _ in seen]
+    assert masked[0] == 32 and masked == sorted(masked, reverse=True)
+    assert torch.equal(out.sequences, golden["gen.batch.maskgit_plus.sequences"])  # a read-only hook changes nothing
+
+
+def test_sampler_defaults_are_the_documented_upstream_ones(dream_models):
+    model, _ = dream_models["dream-tiny"]
+    options = model.adapter.sampler(model).options()
+    assert {k: options[k] for k in ("steps", "eps", "temperature", "top_p", "top_k", "alg", "alg_temp")} == dict(
+        steps=512, eps=1e-3, temperature=0.0, top_p=None, top_k=None, alg="origin", alg_temp=None)
+    with pytest.raises(ValueError, match="alg="):
+        model.generate(torch.tensor([[1, 2, 3]]), alg="greedy", progress=False)

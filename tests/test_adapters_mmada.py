@@ -98,3 +98,35 @@ def test_save_pretrained_round_trip_in_mmada_format(mmada, tmp_path):
     reloaded = HookedDiffusionTransformer.from_pretrained(tmp_path)
     assert reloaded.adapter.name == "mmada"
     assert torch.equal(reloaded(golden["input_ids"]), model(golden["input_ids"]))
+
+
+# ---------------------------------------------------------------- sampler (`mmu_generate`)
+@pytest.mark.parametrize("run", ["mmu_generate", "mmu_generate_cfg"])
+def test_mmu_generate_goldens_token_exact(mmada, run):
+    from tests.adapter_parity import run_metadata
+
+    model, _ = mmada
+    golden = load_file(MMADA / "golden_generate.safetensors")
+    meta = run_metadata(MMADA / "golden_generate.safetensors")
+    options = dict(meta[f"{run}.kwargs"])
+    options["gen_length"] = options.pop("max_new_tokens")  # LLaDA-family name of the same option
+    out = model.generate(golden[f"{run}.prompt"], mask_id=int(meta["mask_id"]), progress=False, **options)
+    assert torch.equal(out.sequences, golden[f"{run}.output"])
+    assert out.trajectory.shape[0] == options["steps"]
+
+
+def test_mmada_sampler_is_llada_with_float64_confidence_and_refuses_padding(mmada):
+    from diffusion_lens.denoising.samplers import LLaDASampler, MMaDASampler
+
+    model, _ = mmada
+    sampler = model.adapter.sampler(model)
+    assert isinstance(sampler, MMaDASampler) and sampler.confidence_dtype == torch.float64
+    assert (sampler.steps, sampler.gen_length, sampler.block_length, sampler.temperature) == (128, 128, 128, 0.0)
+    golden = load_file(MMADA / "golden_generate.safetensors")
+    llada = model.generate(golden["mmu_generate.prompt"], sampler=LLaDASampler(steps=8, gen_length=16, block_length=8),
+                           progress=False)
+    assert torch.equal(llada.sequences, golden["llada_generate.output"])  # same algorithm, as upstream records
+    prompt = golden["mmu_generate.prompt"]
+    with pytest.raises(ValueError, match="left-padded"):
+        model.generate(prompt, attention_mask=torch.ones_like(prompt).index_fill_(1, torch.tensor([0]), 0),
+                       steps=8, gen_length=16, block_length=8, progress=False)

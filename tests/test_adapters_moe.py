@@ -195,3 +195,19 @@ def test_unsupported_config_values_are_rejected(tmp_path, key, value):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=key):
         HookedDiffusionTransformer.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("name", MOE)
+@pytest.mark.parametrize("run", ["gen_semi_ar", "gen_cfg"])
+def test_llada_sampler_goldens_token_exact(name, run):
+    from tests.adapter_parity import run_metadata
+
+    folder = FIXTURES / name
+    model = HookedDiffusionTransformer.from_pretrained(folder)
+    golden = load_file(folder / "golden_generate.safetensors")
+    meta = run_metadata(folder / "golden_generate.safetensors")
+    assert type(model.adapter.sampler(model)).__name__ == "LLaDASampler"
+    out = model.generate(golden[f"{run}.prompt"], attention_mask=golden.get(f"{run}.attention_mask"),
+                         mask_id=int(meta["mask_id"]), progress=False, **meta[f"{run}.kwargs"])
+    assert torch.equal(out.trajectory, golden[f"{run}.trajectory"])
+    assert torch.equal(out.sequences, golden[f"{run}.output"])

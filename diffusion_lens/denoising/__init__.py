@@ -12,11 +12,11 @@ from diffusion_lens.denoising.cache import (
     StreamingMean,
 )
 from diffusion_lens.denoising.generate import GenerationOutput, estimate_cache_bytes, generate, run_with_step_cache
-from diffusion_lens.denoising.samplers import LLaDASampler, Sampler
+from diffusion_lens.denoising.samplers import DreamSampler, LLaDASampler, MMaDASampler, Sampler
 from diffusion_lens.denoising.state import DenoisingState
 
 __all__ = [
-    "DEFAULT_MAX_CACHE_BYTES", "CacheRequest", "CacheTooLargeError", "DenoisingState", "GenerationOutput",
-    "LLaDASampler", "Sampler", "StepCache", "StreamingMean", "estimate_cache_bytes", "generate",
-    "run_with_step_cache",
+    "DEFAULT_MAX_CACHE_BYTES", "CacheRequest", "CacheTooLargeError", "DenoisingState", "DreamSampler",
+    "GenerationOutput", "LLaDASampler", "MMaDASampler", "Sampler", "StepCache", "StreamingMean",
+    "estimate_cache_bytes", "generate", "run_with_step_cache",
 ]

@@ -68,6 +68,9 @@ class LLaDASampler(Sampler):
     eos_id: Optional[int] = None
     eot_id: Optional[int] = None
     mask_id: Optional[int] = None
+    # dtype of the low-confidence softmax: None = the logits dtype (current upstream); MMaDA's
+    # `mmu_generate` and LLaDA's generate.py before 2025-06-02 use torch.float64.
+    confidence_dtype: Optional[torch.dtype] = None
 
     def __post_init__(self):
         problems = []
@@ -149,7 +152,8 @@ class LLaDASampler(Sampler):
                 if self.confidence_eos_eot_inf:  # after x0: changes only the unmasking order
                     logits[:, :, suppressed["confidence"]] = NEG_INF
                 if self.remasking == "low_confidence":
-                    confidence = F.softmax(logits, dim=-1).gather(-1, x0[..., None]).squeeze(-1)
+                    probs = F.softmax(logits, dim=-1, dtype=self.confidence_dtype)
+                    confidence = probs.gather(-1, x0[..., None]).squeeze(-1)
                 else:
                     confidence = torch.rand((batch, x.shape[1]), device=device, generator=generator)
                 confidence[:, end:] = NEG_INF  # nothing after the current block

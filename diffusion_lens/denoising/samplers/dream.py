@@ -1,0 +1,250 @@
+"""Dream's `diffusion_generate`: one fixed canvas, a linear time grid, four unmasking orders.
+
+Spec: shared/reference/dream.md section 6 (upstream `generation_utils.py` of
+Dream-org/Dream-v0-Instruct-7B). Each step is one forward over the whole canvas; the logits the
+algorithm sees are already aligned to tokens (the driver applies `model.token_logits`, i.e. Dream's
+one-position shift), then `logits_hook` may edit them, then masked positions are filled:
+
+  * `alg="origin"`: every masked position is committed with probability 1 - s/t (1 at the last step),
+    drawn with `torch.rand(n_masked)` at every step;
+  * `alg in {"maskgit_plus", "topk_margin", "entropy"}`: the k most confident positions per row,
+    k = int(n * (1 - s/t)) with n the *batch-average* mask count (int(n) at the last step), the
+    confidence being the top-1 probability, top1 - top2, or the negative entropy. `alg_temp > 0`
+    samples the positions from softmax(confidence / alg_temp) instead of taking the top k.
+
+Tokens are drawn after `temperature` / `top_p` / `top_k` filtering (greedy at temperature 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterator, Literal, Optional
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from diffusion_lens.denoising.samplers.base import Forward, Sampler
+from diffusion_lens.denoising.state import DenoisingState
+
+TokensHook = Callable[[Optional[int], Int[Tensor, "batch pos"], Optional[Tensor]], Int[Tensor, "batch pos"]]
+LogitsHook = Callable[[int, Int[Tensor, "batch pos"], Float[Tensor, "batch pos vocab"]], Float[Tensor, "batch pos vocab"]]
+ALGORITHMS = ("origin", "maskgit_plus", "topk_margin", "entropy")
+
+
+@dataclasses.dataclass(frozen=True)
+class DreamSampler(Sampler):
+    """Dream / DiffuCoder sampling (`diffusion_generate`), step for step as upstream.
+
+    Why: the algorithm Dream was released with; the fixtures pin every `alg` token for token,
+    including the seeded runs (same draws from the same RNG in the same order).
+
+    Defaults are the *documented* upstream ones (README / `DreamGenerationConfig`): temperature 0,
+    no top-p / top-k, `alg="origin"`, `alg_temp=None`, `eps=1e-3`, 512 steps; `max_new_tokens=512`
+    as in the official demo (upstream falls back to 20 new tokens without it). Under transformers
+    4.46 upstream's *effective* defaults differ (temperature 1.0, top_k 50, top_p 1.0 are copied in
+    from the model config); pass those explicitly to reproduce such runs. The official demos use
+    `alg="entropy", temperature=0.2, top_p=0.95, alg_temp=0.0`; DiffuCoder recommends
+    `alg="entropy", temperature=0.3, top_p=0.95`.
+
+    Upstream's two callbacks are options here, with upstream's signatures and call order
+    (`tokens_hook(None, x, None)` once before the first step, then per step `logits_hook(i, x,
+    logits)` after the shift and `tokens_hook(i, x, logits)` after the update):
+      * `logits_hook` = `generation_logits_hook_func(step, x, logits) -> logits`;
+      * `tokens_hook` = `generation_tokens_hook_func(step, x, logits) -> x` (e.g. pin tokens).
+    They receive copies, so editing in place and returning is fine. Activation hooks
+    (`generate(hooks=...)`) work as for every family and see `hook.state`.
+
+    Upstream behaviours kept on purpose: the transfer count is a batch average (rows with more masks
+    can end with masks left; rows with fewer can get non-masked positions re-masked); the first
+    step commits one token fewer when max_new_tokens / steps is an integer (float32 schedule); the
+    mask token is never suppressed; confidences are computed in the logits dtype. Not supported:
+    `num_return_sequences` (repeat the prompt instead) and `max_length` (use `max_new_tokens`).
+    Random numbers come from `generator` if given, else the global torch RNG, as upstream.
+
+    Example:
+        >>> out = model.generate("Write a haiku", max_new_tokens=64, steps=64, alg="entropy",
+        ...                      temperature=0.2, top_p=0.95, alg_temp=0.0)
+        >>> pin = lambda step, x, logits: x.index_fill_(1, torch.tensor([-1]), eos_id)  # tokens hook
+        >>> out = model.generate(tokens, sampler=DreamSampler(max_new_tokens=16, steps=8, tokens_hook=pin))
+    """
+
+    steps: int = 512
+    max_new_tokens: int = 512
+    eps: float = 1e-3
+    temperature: float = 0.0
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    alg: Literal["origin", "maskgit_plus", "topk_margin", "entropy"] = "origin"
+    alg_temp: Optional[float] = None
+    mask_id: Optional[int] = None
+    tokens_hook: Optional[TokensHook] = None
+    logits_hook: Optional[LogitsHook] = None
+
+    def __post_init__(self):
+        problems = []
+        if self.steps <= 0 or self.max_new_tokens <= 0:
+            problems.append("steps and max_new_tokens must be positive")
+        if self.alg not in ALGORITHMS:
+            problems.append(f"alg={self.alg!r} must be one of {ALGORITHMS}")
+        if self.temperature < 0:
+            problems.append("temperature must be >= 0")
+        if self.top_k is not None and self.top_k <= 0:
+            problems.append("top_k must be positive or None")
+        if not 0 < self.eps < 1:
+            problems.append("eps must be in (0, 1)")
+        if problems:
+            raise ValueError("Invalid DreamSampler options: " + "; ".join(problems))
+
+    def n_steps(self) -> int:
+        return self.steps
+
+    def response_length(self) -> int:
+        return self.max_new_tokens
+
+    def run(
+        self,
+        model,
+        prompt: Int[Tensor, "batch prompt_pos"],
+        attention_mask: Optional[Int[Tensor, "batch prompt_pos"]],
+        forward: Forward,
+        generator: Optional[torch.Generator] = None,
+    ) -> Iterator[tuple[DenoisingState, Int[Tensor, "batch pos"]]]:
+        mask_id = self.mask_id if self.mask_id is not None else model.cfg.mask_token_id
+        if mask_id is None:
+            raise ValueError("DreamSampler needs `mask_id`, and model.cfg.mask_token_id is None; pass mask_id=...")
+        batch, prompt_width = prompt.shape
+        device = prompt.device
+        x = torch.cat([prompt, prompt.new_full((batch, self.max_new_tokens), mask_id)], dim=1)
+        if attention_mask is not None and bool((attention_mask == 0).any()):
+            # Generated slots are attendable; the forward turns this into upstream's 4D mask
+            # (pad queries and keys hidden) and renumbered positions (cfg of the Dream adapter).
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, self.max_new_tokens)], dim=1)
+        else:
+            attention_mask = None
+        if self.tokens_hook is not None:
+            x = self.tokens_hook(None, x.clone(), None)
+        timesteps = torch.linspace(1, self.eps, self.steps + 1, device=device)
+        previous = None
+        for i in range(self.steps):
+            masked = x == mask_id
+            state = DenoisingState(
+                step=i, n_steps=self.steps, block=0, n_blocks=1, step_in_block=i, steps_in_block=self.steps,
+                canvas=x, response_start=prompt_width, mask_id=mask_id, attention_mask=attention_mask,
+                previous_canvas=previous, model_input=x, model_attention_mask=attention_mask, _is_masked=masked,
+            )
+            logits = forward(state)  # token-aligned (shifted) logits [batch pos vocab]
+            if self.logits_hook is not None:
+                logits = self.logits_hook(i, x.clone(), logits)
+            t, s = timesteps[i], timesteps[i + 1]
+            last = i == self.steps - 1
+            if self.alg == "origin":
+                new_x = self._origin_update(x, masked, logits, t, s, last, mask_id, generator)
+            else:
+                new_x = self._confidence_update(x, masked, logits, t, s, last, mask_id, generator)
+            if self.tokens_hook is not None:
+                new_x = self.tokens_hook(i, new_x, logits)
+            previous, x = x, new_x
+            yield state, x
+
+    # ------------------------------------------------------------------ the two update rules
+    def _origin_update(self, x, masked, logits, t, s, last, mask_id, generator) -> Int[Tensor, "batch pos"]:
+        """Commit each masked position with probability 1 - s/t (all of them at the last step)."""
+        p_transfer = 1.0 if last else 1 - s / t
+        proposal = torch.full((int(masked.sum()),), mask_id, dtype=x.dtype, device=x.device)
+        chosen = torch.rand(proposal.shape, device=x.device, generator=generator) < p_transfer
+        if bool(chosen.any()):
+            _, tokens = self._sample_tokens(logits[masked][chosen], generator)
+            proposal[chosen] = tokens
+        new_x = x.clone()
+        new_x[masked] = proposal
+        return new_x
+
+    def _confidence_update(self, x, masked, logits, t, s, last, mask_id, generator) -> Int[Tensor, "batch pos"]:
+        """Commit the k most confident masked positions per row, k from the batch-average mask count."""
+        confidence, tokens = self._sample_tokens(logits[masked], generator)
+        n_masked = masked.sum() / masked.shape[0]  # float32 batch average, as upstream
+        k = int(n_masked) if last else int(n_masked * (1 - s / t))
+        new_x = x.clone()
+        if k <= 0:
+            return new_x
+        full_confidence = torch.full(x.shape, float("-inf"), dtype=logits.dtype, device=x.device)
+        full_confidence[masked] = confidence
+        if not self.alg_temp:
+            picked = full_confidence.topk(k, dim=-1).indices
+        else:
+            weights = torch.softmax(full_confidence / self.alg_temp, dim=-1)
+            picked = torch.multinomial(weights, num_samples=k, generator=generator)
+        proposal = torch.full_like(x, mask_id)
+        proposal[masked] = tokens
+        # Positions picked among -inf entries (rows with fewer than k masks) receive mask_id, as upstream.
+        new_x.scatter_(1, picked, proposal.gather(1, picked))
+        return new_x
+
+    def _sample_tokens(
+        self, logits: Float[Tensor, "n vocab"], generator: Optional[torch.Generator]
+    ) -> tuple[Float[Tensor, " n"], Int[Tensor, " n"]]:
+        """(confidence, token) per row after temperature / top-p / top-k, per `alg`."""
+        if self.temperature > 0:
+            logits = logits / self.temperature
+        if self.top_p is not None and self.top_p < 1:
+            logits = _top_p_filter(logits, self.top_p)
+        if self.top_k is not None:
+            logits = _top_k_filter(logits, self.top_k)
+        probs = torch.softmax(logits, dim=-1)
+        if self.temperature > 0:
+            try:
+                # torch.distributions.Categorical(probs).sample(), with an optional generator.
+                tokens = torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, True, generator=generator)[:, 0]
+                confidence = probs.gather(-1, tokens[:, None])[:, 0]
+            except (RuntimeError, ValueError):  # upstream falls back to argmax when sampling fails
+                confidence, tokens = probs.max(dim=-1)
+        else:
+            confidence, tokens = probs.max(dim=-1)
+        if self.alg == "topk_margin":
+            top2 = probs.topk(2, dim=-1).values
+            confidence = top2[:, 0] - top2[:, 1]
+        elif self.alg == "entropy":
+            confidence = (probs * torch.log(probs + 1e-10)).sum(dim=-1)
+        return confidence, tokens
+
+
+def _top_p_filter(logits: Float[Tensor, "n vocab"], top_p: float) -> Float[Tensor, "n vocab"]:
+    """Nucleus filter: drop tokens past cumulative probability `top_p` (the top token always stays)."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+    drop_sorted = cumulative > top_p
+    drop_sorted[..., 1:] = drop_sorted[..., :-1].clone()
+    drop_sorted[..., 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+    return logits.masked_fill(drop, torch.finfo(logits.dtype).min)
+
+
+def _top_k_filter(logits: Float[Tensor, "n vocab"], top_k: int) -> Float[Tensor, "n vocab"]:
+    """Keep logits >= the k-th largest per row (ties kept); the rest become finfo.min."""
+    kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, torch.finfo(logits.dtype).min)
+
+
+def transfer_schedule(n_masked: int, steps: int, eps: float = 1e-3, batch: int = 1) -> list[int]:
+    """Tokens the confidence algorithms commit per step for `n_masked` masks per row (float32, as upstream).
+
+    Why: the count is not N/steps: e.g. 256 masks in 256 steps commit 0 at the first step and 2 at
+    the last, so a step-scheduled hook at step 0 may see nothing unmasked.
+
+    Example:
+        >>> transfer_schedule(16, 8)
+        [1, 2, 2, 2, 2, 2, 2, 3]
+    """
+    timesteps = torch.linspace(1, eps, steps + 1)
+    remaining, counts = n_masked, []
+    for i in range(steps):
+        n = torch.tensor(remaining * batch) / batch
+        k = int(n) if i == steps - 1 else int(n * (1 - timesteps[i + 1] / timesteps[i]))
+        k = min(k, remaining)
+        counts.append(k)
+        remaining -= k
+    return counts
+
+
+__all__ = ["DreamSampler", "transfer_schedule"]
