@@ -9,8 +9,8 @@
    hook on every per-expert hook point (`mlp.experts.{e}.hook_pre/hook_pre_linear/hook_post/
    hook_out`) plus the router hooks: the cost of observing every expert.
 
-Timings are interleaved (A, B, A, B, ...) after warm-up, and the median per variant is reported,
-so slow drifts of the machine hit both sides equally.
+Timing: warm-up rounds, then rounds in which each variant runs once (order rotated per round); the
+ratio is the median over rounds of the within-round ratio, so slow drifts of background load cancel.
 
 Run: `python bench/forward_families.py [--device cuda] [--dtype bfloat16] [--quick]`; results are
 printed and written to `bench_out/forward_families.json`.
@@ -52,20 +52,30 @@ def random_weights(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, t
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], *, repeats: int, warmup: int, sync: Callable) -> dict:
-    """Median seconds per call of each function, timed round-robin after `warmup` rounds."""
+    """Seconds per call of each function: `warmup` untimed rounds, then `repeats` rounds in which
+    every function runs once, in an order rotated from round to round. Returns the per-round times
+    (`rounds[name]`) and their medians (`median[name]`)."""
+    names = list(fns)
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     sync()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    rounds = {name: [] for name in names}
+    for r in range(repeats):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
             sync()
             start = time.perf_counter()
-            fn()
+            fns[name]()
             sync()
-            times[name].append(time.perf_counter() - start)
-    return {name: median(values) for name, values in times.items()}
+            rounds[name].append(time.perf_counter() - start)
+    return {"median": {name: median(v) for name, v in rounds.items()}, "rounds": rounds}
+
+
+def paired_ratio(timings: dict, num: str, den: str) -> float:
+    """Median over rounds of num/den within a round: runs of one round are adjacent in time, so
+    slow drifts of background load cancel."""
+    return median(a / b for a, b in zip(timings["rounds"][num], timings["rounds"][den]))
 
 
 # ------------------------------------------------------------------------------ Dream vs Qwen2
@@ -134,8 +144,8 @@ def bench_dream(args, device: str, dtype: torch.dtype, sync) -> dict:
             {"ours": lambda: ours(tokens), "qwen2": lambda: ref(input_ids=tokens, attention_mask=full).logits},
             repeats=args.repeats, warmup=args.warmup, sync=sync,
         )
-    return {"shape": size, "batch": batch, "n_pos": n_pos, "max_abs_logit_diff": diff, "seconds": timings,
-            "ratio_ours_over_qwen2": timings["ours"] / timings["qwen2"]}
+    return {"shape": size, "batch": batch, "n_pos": n_pos, "max_abs_logit_diff": diff, "seconds": timings["median"],
+            "ratio_ours_over_qwen2": paired_ratio(timings, "ours", "qwen2")}
 
 
 # ---------------------------------------------------------------------- LLaDA-MoE hooks off / on
@@ -191,8 +201,8 @@ def bench_moe(args, device: str, dtype: torch.dtype, sync) -> dict:
     with torch.inference_mode():
         timings = time_interleaved({"hooks_off": lambda: model(tokens), "per_expert_hooks_on": hooks_on},
                                    repeats=args.repeats, warmup=args.warmup, sync=sync)
-    return {"shape": size, "batch": batch, "n_pos": n_pos, "n_hooked_points": len(on), "seconds": timings,
-            "ratio_on_over_off": timings["per_expert_hooks_on"] / timings["hooks_off"]}
+    return {"shape": size, "batch": batch, "n_pos": n_pos, "n_hooked_points": len(on), "seconds": timings["median"],
+            "ratio_on_over_off": paired_ratio(timings, "per_expert_hooks_on", "hooks_off")}
 
 
 def main() -> None:
