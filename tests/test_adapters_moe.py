@@ -211,3 +211,18 @@ def test_llada_sampler_goldens_token_exact(name, run):
                          mask_id=int(meta["mask_id"]), progress=False, **meta[f"{run}.kwargs"])
     assert torch.equal(out.trajectory, golden[f"{run}.trajectory"])
     assert torch.equal(out.sequences, golden[f"{run}.output"])
+
+
+def test_step_cache_of_moe_hooks_is_sized_exactly_and_per_expert_hooks_are_refused():
+    """Router / routed / shared-expert hooks have [batch pos ...] shapes the estimator knows; per-expert
+    hooks are [n_routed ...] (data-dependent), so a size-guarded cache refuses them by name."""
+    folder = FIXTURES / "llada-moe-tiny-variant"
+    model = HookedDiffusionTransformer.from_pretrained(folder)
+    prompt = load_file(folder / "golden_generate.safetensors")["gen_semi_ar.prompt"]
+    run = dict(steps=8, gen_length=16, block_length=8, mask_id=310)
+    request = dict(names=lambda n: ".mlp.hook_" in n or "shared_expert.hook_" in n, steps=[0, 3])
+    out = model.generate(prompt, cache=request, progress=False, **run)
+    assert "blocks.1.mlp.hook_router_probs" in out.cache[0].keys()
+    assert model.estimate_cache_bytes(prompt, cache=request, **run) == out.cache.nbytes
+    with pytest.raises(ValueError, match="experts.0.hook_pre"):
+        model.estimate_cache_bytes(prompt, cache=dict(names="blocks.1.mlp.experts.0.hook_pre", steps=[0]), **run)

@@ -124,7 +124,7 @@ def activation_shape(model, name: str, rows: int, n_pos: int) -> Optional[tuple[
     if leaf == "hook_scale":
         return (rows, n_pos, 1), 1, torch.float32
     if leaf in ("hook_embed", "hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out",
-                "hook_mlp_out", "hook_normalized", "hook_shared_out"):
+                "hook_mlp_out", "hook_normalized", "hook_shared_out", "hook_routed_out"):
         return d_model, 1, dtype
     if leaf in ("hook_q", "hook_rot_q", "hook_z"):
         return (rows, n_pos, cfg.n_heads, cfg.d_head), 1, dtype
@@ -134,14 +134,23 @@ def activation_shape(model, name: str, rows: int, n_pos: int) -> Optional[tuple[
         return ((rows, n_pos, cfg.n_heads, cfg.d_model), 1, dtype) if getattr(module, "use_attn_result", False) else None
     if leaf in ("hook_attn_scores", "hook_pattern"):
         return (rows, cfg.n_heads, n_pos, n_pos), 2, dtype
-    if leaf in ("hook_pre", "hook_pre_linear", "hook_post") and hasattr(module, "up_proj"):
+    if leaf in ("hook_pre", "hook_pre_linear", "hook_post") and hasattr(module, "up_proj") and not _is_expert(module):
         return (rows, n_pos, module.up_proj.out_features), 1, dtype
-    if leaf == "hook_router_logits" and cfg.n_experts:
+    if leaf in ("hook_router_logits", "hook_expert_weights") and cfg.n_experts:
         return (rows, n_pos, cfg.n_experts), 1, dtype
+    if leaf == "hook_router_probs" and cfg.n_experts:
+        return (rows, n_pos, cfg.n_experts), 1, torch.float32
     raise ValueError(
         f"Cannot predict the size of {name!r} from shapes alone (its token count depends on the data, "
         "e.g. a mixture-of-experts expert). Leave it out of the cache, or pass max_cache_bytes=None."
     )
+
+
+def _is_expert(module) -> bool:
+    """A routed expert: its hooks see only the tokens routed to it ([n_routed ...], data-dependent)."""
+    from diffusion_lens.components.moe import Expert
+
+    return isinstance(module, Expert)
 
 
 @dataclass
