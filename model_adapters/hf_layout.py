@@ -42,7 +42,15 @@ def hf_decoder_rules(*, qkv_bias: bool, o_bias: bool = False, qk_norm: bool = Fa
 
 
 def hf_dense_mlp_rules(checkpoint_prefix: str = f"{LAYER}.mlp") -> tuple[KeyRule, ...]:
-    """SwiGLU MLP `gate_proj` / `up_proj` / `down_proj` under `checkpoint_prefix` -> `blocks.{l}.mlp`."""
+    """SwiGLU MLP `gate_proj` / `up_proj` / `down_proj` under `checkpoint_prefix` -> `blocks.{l}.mlp`.
+
+    Why: dense layers share these names across Qwen2 / Llama / OLMoE checkpoints, while MoE
+    layers add their own rules next to them.
+
+    Example:
+        >>> hf_dense_mlp_rules()[2].convert("blocks.3.mlp.down_proj.weight", to_internal=False)
+        'model.layers.3.mlp.down_proj.weight'
+    """
     return tuple(
         KeyRule(f"{checkpoint_prefix}.{proj}.weight", f"blocks.{{l}}.mlp.{proj}.weight")
         for proj in ("gate_proj", "up_proj", "down_proj")

@@ -12,6 +12,10 @@ Spec: shared/reference/llada_family.md section 3. MMaDA subclasses LLaDA's model
   The multimodal keys (`llm_vocab_size`, `codebook_size`, `num_vq_tokens`, ...) are kept for
   `save_pretrained`.
 
+Chat: `model.to_tokens(..., chat=True)` uses the checkpoint tokenizer's template. MMaDA's MixCoT demo
+builds its prompt in code with a single newline after `<|end_header_id|>`; set
+`model.tokenizer.chat_template` accordingly to reproduce it exactly.
+
 Sampler: MMaDA's `mmu_generate` (LLaDA's older semi-autoregressive sampler with a float64
 confidence softmax, no EOS flags, CFG without an attention mask).
 """

@@ -89,7 +89,15 @@ class MixtureOfExperts(nn.Module):
             self.hook_shared_out = HookPoint()  # [batch pos d_model]
 
     def routing_weights(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos n_experts"]:
-        """Dense top-k routing weights (0 for experts a token does not use), after the router hooks."""
+        """Dense top-k routing weights (0 for experts a token does not use), after the router hooks.
+
+        Why: one [batch pos n_experts] tensor says which experts each token uses and with what
+        weight, so it can be cached, analysed (e.g. expert usage per position) or edited in a hook.
+
+        Example:
+            >>> w = model.blocks[0].mlp.routing_weights(model.blocks[0].ln2(resid))  # [batch pos n_experts]
+            >>> (w != 0).sum(-1)  # n_experts_per_token everywhere
+        """
         logits = self.hook_router_logits(self.router(x))
         probs = torch.softmax(logits.float(), dim=-1)
         if self.expert_bias is not None:
