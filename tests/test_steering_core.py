@@ -337,22 +337,29 @@ def _live_tensor_bytes():
 
 
 def test_mean_difference_peak_memory_does_not_grow_with_prompt_count():
+    """Peak bytes of live CPU tensors during the forwards, for 6 and 24 prompts per class (both prompt
+    sets stay alive throughout, so only what mean_difference keeps can differ)."""
     model = load("llada-tiny-mha")
+    prompt_sets = {n: torch.randint(0, 300, (n, 6), generator=torch.Generator().manual_seed(n)) for n in (6, 24)}
+    flipped = {n: p.flip(0) for n, p in prompt_sets.items()}
     peaks = []
-    for n in (6, 30):
-        prompts = torch.randint(0, 300, (n, 6), generator=torch.Generator().manual_seed(n))
+    for n in (6, 24):
+        gc.collect()
         peak = [0]
-
-        def probe(act, hook):
-            peak[0] = max(peak[0], _live_tensor_bytes())
-
-        handle = model.blocks[2].hook_resid_pre.register_forward_hook(lambda m, i, o: probe(o, m))
+        handle = model.blocks[2].hook_resid_pre.register_forward_hook(
+            lambda module, inputs, output: peak.__setitem__(0, max(peak[0], _live_tensor_bytes()))
+        )
         try:
-            mean_difference(model, prompts, prompts.flip(0), layers="all", positions="mean_all", gen_length=4, batch_size=3)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # gc.get_objects touches deprecated torch attributes
+                mean_difference(model, prompt_sets[n], flipped[n], layers="all", positions="mean_all", gen_length=4,
+                                batch_size=6)
         finally:
             handle.remove()
         peaks.append(peak[0])
-    assert peaks[1] <= peaks[0] * 1.05 + 4096, peaks
+    # slack: objects in reference cycles (a finished class's reducers) wait for the cyclic GC; storing
+    # every prompt's pooled activations instead would add 24 x 3 layers x 64 x 8 bytes = 36 KiB here
+    assert peaks[1] <= peaks[0] + 4096, peaks
 
 
 def test_pooled_positions_and_template_positions_with_a_chat_tokenizer():

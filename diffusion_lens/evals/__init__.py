@@ -13,7 +13,9 @@ from diffusion_lens.evals.refusal import (
     refusal_rate,
 )
 from diffusion_lens.evals.scores import (
+    MaskedKL,
     count_left_masked,
+    masked_kl,
     first_position_kl,
     kl_divergence,
     log_odds,
@@ -22,7 +24,7 @@ from diffusion_lens.evals.scores import (
 )
 
 __all__ = [
-    "ARDITI_MARKERS", "CHINESE_MARKERS", "DEFAULT_MARKERS", "EXTENDED_MARKERS", "INSTRUCTION_CHECKS",
+    "MaskedKL", "masked_kl", "ARDITI_MARKERS", "CHINESE_MARKERS", "DEFAULT_MARKERS", "EXTENDED_MARKERS", "INSTRUCTION_CHECKS",
     "check_instruction", "count_left_masked", "cross_lingual_transfer", "first_position_kl", "instruction_following",
     "is_refusal", "kl_divergence", "log_odds", "normalize_text", "refusal_rate", "refusal_score", "refusal_token_ids",
 ]

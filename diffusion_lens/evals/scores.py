@@ -9,6 +9,7 @@ p = sum of the probabilities of a few refusal-opening tokens, score = log(p) - l
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
@@ -160,6 +161,78 @@ def first_position_kl(
     return torch.cat(out)
 
 
+@dataclass
+class MaskedKL:
+    """KL(unsteered || steered) over masked positions, per denoising step.
+
+    `per_step` [n_steps] is the mean over the masked positions of each step's canvas (all prompts),
+    `n_positions` [n_steps] how many positions that is, `mean` the mean over every (step, masked
+    position) pair, `steps` the step indices.
+    """
+
+    steps: list[int]
+    per_step: Float[Tensor, " n_steps"]
+    n_positions: Int[Tensor, " n_steps"]
+    mean: float
+
+
+@torch.no_grad()
+def masked_kl(
+    model,
+    prompts: PromptsInput,
+    hooks: Sequence,
+    *,
+    steps: Optional[Sequence[int]] = None,
+    batch_size: int = 16,
+    chat: Optional[bool] = None,
+    response_only: bool = True,
+    generate_kwargs: Optional[dict] = None,
+) -> MaskedKL:
+    """KL between unsteered and steered predictions over every masked position, at chosen steps.
+
+    The unsteered run is generated once (`generate_kwargs`: sampler options such as steps /
+    gen_length / block_length, and driver arguments such as seed); the steered
+    forwards are teacher-forced on its canvases (`diffusion_lens.steering.replay`), so both sides see
+    the same input at every step and only the hooks differ. Step-scheduled hooks
+    (`diffusion_lens.hooks.at`) see the usual `hook.state`. Masked positions are those holding the
+    mask token in the canvas entering the step (response columns only unless `response_only=False`);
+    predictions are per token (logit shift applied; conditional rows under CFG).
+
+    Example:
+        >>> opts = dict(steps=64, gen_length=64, block_length=32)
+        >>> res = masked_kl(model, harmless, ablate(model, r), steps=range(0, 64, 8), generate_kwargs=opts)
+        >>> res.per_step, res.mean
+    """
+    from diffusion_lens.steering.activations import check_batch_size, left_pad
+    from diffusion_lens.steering.replay import record_run, replay, split_generate_kwargs
+
+    check_batch_size(batch_size)
+    sampler, driver = split_generate_kwargs(model, generate_kwargs)
+    n_steps = sampler.n_steps()
+    chosen = list(range(n_steps)) if steps is None else sorted({int(s) for s in steps})
+    bad = [s for s in chosen if not 0 <= s < n_steps]
+    if bad or not chosen:
+        raise ValueError(f"steps {bad or '[]'} are outside the run's 0..{n_steps - 1}.")
+    prepared = prepare_prompts(model, prompts, chat=chat)
+    totals: dict[int, Tensor] = {}
+    counts: dict[int, int] = {}
+    for start in range(0, len(prepared), batch_size):
+        tokens, mask, _ = left_pad(model, prepared.tokens[start : start + batch_size])
+        run = record_run(model, tokens, mask, stop_after=max(chosen), capture_logits=chosen, sampler=sampler, **driver)
+        steered = replay(model, run, hooks=hooks, steps=chosen)
+        for s in chosen:
+            state = run.states[s]
+            where = state.is_masked & (state.is_response if response_only else ~state.is_pad)
+            kl = kl_divergence(run.logits[s][where], steered[s][where])
+            totals[s] = totals.get(s, torch.zeros((), dtype=torch.float64)) + kl.sum().cpu()
+            counts[s] = counts.get(s, 0) + int(where.sum())
+    n = torch.tensor([counts[s] for s in chosen])
+    total = torch.stack([totals[s] for s in chosen])
+    per_step = torch.where(n > 0, total / n.clamp_min(1), torch.full_like(total, float("nan")))
+    mean = float(total.sum() / n.sum()) if int(n.sum()) else float("nan")
+    return MaskedKL(chosen, per_step, n, mean)
+
+
 def count_left_masked(
     sequences: Int[Tensor, "batch pos"], mask_token_id: int, *, response_start: Optional[int] = None
 ) -> Int[Tensor, " batch"]:
@@ -182,6 +255,6 @@ def count_left_masked(
 
 
 __all__ = [
-    "REFUSAL_WORDS", "count_left_masked", "first_position_kl", "kl_divergence", "log_odds",
+    "MaskedKL", "REFUSAL_WORDS", "count_left_masked", "masked_kl", "first_position_kl", "kl_divergence", "log_odds",
     "refusal_score", "refusal_token_ids", "resolve_refusal_tokens",
 ]

@@ -1,18 +1,25 @@
 """Steering primitives for masked diffusion LMs: directions, runtime interventions (hook lists),
-affine transport maps, permanent weight edits, direction selection and patching across steps.
+affine transport maps, permanent weight edits, direction selection, sensitivity and patching
+across denoising steps.
 
 Runtime interventions return TransformerLens hook lists for `model.run_with_hooks(fwd_hooks=...)`,
-`model.hooks(...)` and `model.generate(hooks=...)`; permanent edits change weights in place.
+`model.hooks(...)` and `model.generate(hooks=...)`; `steps=` / `blocks=` / `positions=` schedule them
+through `diffusion_lens.hooks.at`. Permanent edits change weights in place.
 """
 
 from diffusion_lens.steering.activations import collect_activations, instruction_template, prepare_prompts
 from diffusion_lens.steering.directions import Directions, PCAResult, class_pca, mean_difference
 from diffusion_lens.steering.interventions import ABLATION_SITES, ablate, add, project_coefficient
+from diffusion_lens.steering.patching import PatchingResult, patch_across_steps
+from diffusion_lens.steering.replay import CanvasProbe, record_run, replay
+from diffusion_lens.steering.selection import Selection, select_direction
+from diffusion_lens.steering.sensitivity import Sensitivity, sensitivity
 from diffusion_lens.steering.transport import AffineMap, fit_transport, fold
 from diffusion_lens.steering.weights import orthogonalize_weights, residual_writers
 
 __all__ = [
-    "ABLATION_SITES", "AffineMap", "Directions", "PCAResult", "ablate", "add", "class_pca",
-    "collect_activations", "fit_transport", "fold", "instruction_template", "mean_difference",
-    "orthogonalize_weights", "prepare_prompts", "project_coefficient", "residual_writers",
+    "ABLATION_SITES", "AffineMap", "CanvasProbe", "Directions", "PCAResult", "PatchingResult", "Selection",
+    "Sensitivity", "ablate", "add", "class_pca", "collect_activations", "fit_transport", "fold",
+    "instruction_template", "mean_difference", "orthogonalize_weights", "patch_across_steps", "prepare_prompts",
+    "project_coefficient", "record_run", "replay", "residual_writers", "select_direction", "sensitivity",
 ]

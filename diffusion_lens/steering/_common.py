@@ -111,21 +111,18 @@ def check_hook_names(model, names: Sequence[str]) -> None:
     model.check_hook_names(list(names))
 
 
-def schedule(hooks: list[Hook], steps: Any = None, positions: Any = None) -> list[Hook]:
-    """Restrict hook functions to denoising `steps` and `positions`.
+def schedule(hooks: list[Hook], steps: Any = None, positions: Any = None, blocks: Any = None) -> list[Hook]:
+    """Restrict hook functions to denoising `steps`, semi-autoregressive `blocks` and `positions`.
 
-    The scheduling rules live in `diffusion_lens.hooks` (one place for them); this only forwards.
-    With both None the hooks are returned unchanged and fire at every step and position.
+    The scheduling rules live in `diffusion_lens.hooks.at` (one place for them); this only
+    forwards. With all three None the hooks are returned unchanged and fire at every step and
+    position. In a plain forward (no denoising state) step / block filters do not apply.
     """
-    if steps is None and positions is None:
+    if steps is None and positions is None and blocks is None:
         return hooks
-    try:
-        from diffusion_lens import hooks as H
-    except ImportError as error:  # pragma: no cover - only before the denoising module exists
-        raise NotImplementedError(
-            "steps= / positions= need diffusion_lens.hooks (the denoising-step scheduling helpers)."
-        ) from error
-    return [H.at(name, fn, steps=steps, positions=positions) for name, fn in hooks]
+    from diffusion_lens import hooks as H
+
+    return [H.at(name, fn, steps=steps, blocks=blocks, positions=positions) for name, fn in hooks]
 
 
 def model_dtype_device(model) -> tuple[torch.dtype, torch.device]:

@@ -191,6 +191,35 @@ class CanvasBatch:
     indices: list[int]  # indices of these prompts in the full prompt list
 
 
+def left_pad(model, chunk: Sequence[Tensor]) -> tuple[Int[Tensor, "batch pos"], Optional[Int[Tensor, "batch pos"]], Tensor]:
+    """Left-pad 1-D token tensors with the pad token (as the samplers expect).
+
+    Returns (tokens [batch width], attention mask or None when no row is padded, pads per row).
+
+    Example:
+        >>> tokens, mask, n_pad = left_pad(model, [torch.tensor([5, 6]), torch.tensor([7])])
+        >>> tokens.tolist(), n_pad.tolist()     # [[5, 6], [pad, 7]], [0, 1]
+    """
+    cfg = model.cfg
+    pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id
+    width = max(t.numel() for t in chunk)
+    if width > min(t.numel() for t in chunk) and pad_id is None:
+        raise ValueError("Prompts of different lengths need a pad token, and the config has none.")
+    tokens = torch.full((len(chunk), width), pad_id if pad_id is not None else 0, dtype=torch.long)
+    mask = torch.ones_like(tokens)
+    n_pad = torch.tensor([width - t.numel() for t in chunk])
+    for row, t in enumerate(chunk):
+        mask[row, : width - t.numel()] = 0
+        tokens[row, width - t.numel() :] = t
+    device = model.W_E.device
+    return tokens.to(device), (mask.to(device) if bool((n_pad > 0).any()) else None), n_pad.to(device)
+
+
+def check_batch_size(batch_size) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int; got {batch_size!r}.")
+
+
 def step0_canvases(
     model, prompts: PreparedPrompts, *, gen_length: int, batch_size: int
 ) -> Iterator[CanvasBatch]:
@@ -205,28 +234,16 @@ def step0_canvases(
         raise ValueError("The model config has no mask_token_id; cannot build a diffusion canvas.")
     if isinstance(gen_length, bool) or not isinstance(gen_length, int) or gen_length < 0:
         raise ValueError(f"gen_length must be an int >= 0; got {gen_length!r}.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int; got {batch_size!r}.")
-    pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else cfg.eos_token_id
-    device = model.W_E.device
+    check_batch_size(batch_size)
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts.tokens[start : start + batch_size]
-        width = max(t.numel() for t in chunk)
-        if width > min(t.numel() for t in chunk) and pad_id is None:
-            raise ValueError("Prompts of different lengths need a pad token, and the config has none.")
-        tokens = torch.full((len(chunk), width + gen_length), cfg.mask_token_id, dtype=torch.long)
-        mask = torch.ones_like(tokens)
-        n_pad = torch.tensor([width - t.numel() for t in chunk])
-        for row, t in enumerate(chunk):
-            tokens[row, : width - t.numel()] = pad_id if pad_id is not None else 0
-            mask[row, : width - t.numel()] = 0
-            tokens[row, width - t.numel() : width] = t
+        tokens, mask, n_pad = left_pad(model, prompts.tokens[start : start + batch_size])
+        masks = tokens.new_full((tokens.shape[0], gen_length), cfg.mask_token_id)
         yield CanvasBatch(
-            tokens=tokens.to(device),
-            attention_mask=mask.to(device) if bool((n_pad > 0).any()) else None,
-            response_start=width,
-            n_pad=n_pad.to(device),
-            indices=list(range(start, start + len(chunk))),
+            tokens=torch.cat([tokens, masks], dim=1),
+            attention_mask=None if mask is None else torch.cat([mask, torch.ones_like(masks)], dim=1),
+            response_start=tokens.shape[1],
+            n_pad=n_pad,
+            indices=list(range(start, start + tokens.shape[0])),
         )
 
 
@@ -452,7 +469,7 @@ def collect_activations(
 
 
 __all__ = [
-    "CanvasBatch", "InstructionTemplate", "PreparedPrompts", "Selector", "collect_activations",
-    "check_position_spec", "first_response_logits", "instruction_template", "make_selector",
+    "CanvasBatch", "InstructionTemplate", "PreparedPrompts", "Selector", "check_batch_size", "collect_activations",
+    "check_position_spec", "first_response_logits", "instruction_template", "left_pad", "make_selector",
     "position_labels", "prepare_prompts", "run_and_read", "step0_canvases",
 ]

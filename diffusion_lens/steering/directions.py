@@ -1,8 +1,9 @@
 """Directions from class means: difference of means, PCA of class activations, k-dim subspaces.
 
 `mean_difference` runs one forward per prompt on the canvas the sampler starts from (prompt +
-`gen_length` masks, denoising step 0), reads the chosen positions at every requested layer and
-accumulates float64 running sums, so memory does not depend on the number of prompts.
+`gen_length` masks, denoising step 0) or at a later denoising step, and reads the chosen
+positions at every requested layer with the streaming float64 reducers of
+`diffusion_lens.denoising` (`StreamingMean`), so memory does not depend on the number of prompts.
 """
 
 from __future__ import annotations
@@ -16,15 +17,18 @@ from torch import Tensor
 
 from diffusion_lens.steering._common import LayerSpec, resolve_layers, unit
 from diffusion_lens.steering.activations import (
+    POOLED,
+    TEMPLATE,
     PositionSpec,
     PromptsInput,
+    _offsets,
+    _StopForward,
+    check_batch_size,
     check_position_spec,
     collect_activations,
-    make_selector,
+    left_pad,
     position_labels,
     prepare_prompts,
-    run_and_read,
-    step0_canvases,
 )
 
 
@@ -152,38 +156,156 @@ def difference_subspace(second_moment, mean_pos, mean_neg, k: int) -> Float[Tens
     return top * signs[:, None]
 
 
-class _RunningSum:
-    """float64 running sum of [n, *shape] batches: memory of one sum, whatever the number of prompts."""
+class _Plan:
+    """Streaming reducers (`diffusion_lens.denoising.StreamingMean`) for one position spec.
 
-    def __init__(self):
-        self.total: Optional[Tensor] = None
-        self.count = 0
+    Offsets and post-instruction tokens are the same columns in every row and batch when counted
+    from the end of the canvas (the response length is fixed), so one per-position reducer reads
+    them all; pre-instruction tokens sit after each row's left padding, so each of them gets a
+    pooled reducer over a per-row scope; pooled specs use the state scopes "prompt" / "response"
+    / "all" (token-weighted means; pads never count).
+    """
 
-    def update(self, x: Tensor) -> None:
-        s = x.double().sum(0)
-        self.total = s if self.total is None else self.total + s
-        self.count += x.shape[0]
+    def __init__(self, sites, spec, template, response_length: int, step: int, second_moment: bool):
+        from diffusion_lens.denoising import StreamingMean
 
-    def mean(self) -> Tensor:
-        return self.total / self.count
+        self.sites, self.spec, self.step = list(sites), spec, step
+        if isinstance(spec, str) and spec in POOLED:
+            self.reducers = [StreamingMean(self.sites, positions=_POOLED_SCOPES[spec], steps=step)]
+            self.mode = "pooled"
+        elif isinstance(spec, str) and spec == "pre_instruction":
+            n_pre = len(template.prefix)
+            self.reducers = [StreamingMean(self.sites, positions=_pre_scope(i), steps=step) for i in range(n_pre)]
+            self.mode = "pre"
+        else:
+            offsets = list(range(-len(template.suffix), 0)) if spec == "post_instruction" else _offsets(spec)
+            self.columns = [o - response_length for o in offsets]  # negative: counted from the canvas end
+            self.reducers = [StreamingMean(self.sites, positions=self.columns, per_position=True, steps=step)]
+            self.mode = "columns"
+        self.moments = _SecondMoments(self) if second_moment else None
+
+    def hooks(self) -> list:
+        return [] if self.moments is None else self.moments.hooks()
+
+    def means(self) -> Float[Tensor, "site pos d"]:
+        if self.mode == "pooled":
+            return torch.stack([self.reducers[0].mean(site)[None] for site in self.sites])
+        if self.mode == "pre":
+            return torch.stack([torch.stack([r.mean(site) for r in self.reducers]) for site in self.sites])
+        return torch.stack([self.reducers[0].mean(site) for site in self.sites])
+
+    def selected(self, act: Tensor, state) -> Tensor:
+        """[batch n_sel d] (or [k 1 d] pooled tokens) of one activation, for the second moments."""
+        act = act[: state.batch]
+        if self.mode == "columns":
+            return act[:, self.columns]
+        if self.mode == "pre":
+            index = _n_pad(state)[:, None] + torch.arange(len(self.reducers), device=act.device)[None, :]
+            return act.gather(1, index[..., None].expand(-1, -1, act.shape[-1]))
+        from diffusion_lens import hooks as H
+
+        valid = H.position_mask(state, _POOLED_SCOPES[self.spec]) & ~state.is_pad
+        return act[valid][:, None]
 
 
-def _class_means(model, prepared, sites, spec, gen_length, batch_size, second_moment: bool):
-    sums = {s: _RunningSum() for s in sites}
-    squares = {s: _RunningSum() for s in sites} if second_moment else None
-    for batch in step0_canvases(model, prepared, gen_length=gen_length, batch_size=batch_size):
-        selector = make_selector(spec, batch, prepared.template)
-        acts, _ = run_and_read(model, batch, sites, selector)
-        for site in sites:
-            x = acts[site]  # [b n_sel d] or [b d] pooled
-            if x.ndim == 2:
-                x = x[:, None]
-            sums[site].update(x)
-            if squares is not None:
-                squares[site].update(torch.einsum("bpd,bpe->bpde", x, x))
-    means = torch.stack([sums[s].mean() for s in sites])
-    moments = None if squares is None else torch.stack([squares[s].mean() for s in sites])
-    return means, moments
+_POOLED_SCOPES = {"mean_prompt": "prompt", "mean_response": "response", "mean_all": "all"}
+
+
+class _SecondMoments:
+    """Streaming float64 E[x x^T] per site and selected position (for `Directions.subspace`)."""
+
+    def __init__(self, plan: _Plan):
+        self.plan = plan
+        self.sums: dict[str, Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def hooks(self) -> list:
+        from diffusion_lens import hooks as H
+
+        def update(act, hook):
+            x = self.plan.selected(act, hook.state).double()
+            outer = torch.einsum("bpd,bpe->pde", x, x)
+            self.sums[hook.name] = outer if hook.name not in self.sums else self.sums[hook.name] + outer
+            self.counts[hook.name] = self.counts.get(hook.name, 0) + x.shape[0]
+
+        return [H.at(site, update, steps=self.plan.step) for site in self.plan.sites]
+
+    def means(self) -> Tensor:
+        return torch.stack([self.sums[s] / self.counts[s] for s in self.plan.sites])
+
+
+def _n_pad(state) -> Tensor:
+    if state.attention_mask is None:
+        return torch.zeros(state.batch, dtype=torch.long, device=state.canvas.device)
+    return (state.attention_mask[:, : state.response_start] == 0).sum(1)
+
+
+def _pre_scope(i: int):
+    def scope(state):
+        mask = torch.zeros_like(state.canvas, dtype=torch.bool)
+        mask[torch.arange(state.batch, device=mask.device), _n_pad(state) + i] = True
+        return mask
+
+    scope.__name__ = f"pre_instruction[{i}]"
+    return scope
+
+
+def _check_prompts_against_spec(prepared, spec, response_length: int, argument: str) -> None:
+    """Template tokens present in every prompt; offsets inside every canvas."""
+    if isinstance(spec, str) and spec in TEMPLATE:
+        part = prepared.template.prefix if spec == "pre_instruction" else prepared.template.suffix
+        ref = torch.tensor(part)
+        bad = []
+        for i, t in enumerate(prepared.tokens):
+            piece = t[: len(part)] if spec == "pre_instruction" else t[t.numel() - len(part):]
+            if t.numel() < len(part) or not torch.equal(piece.cpu(), ref):
+                bad.append(i)
+        if bad:
+            raise ValueError(
+                f"{argument} prompts {bad[:10]} do not {'start' if spec == 'pre_instruction' else 'end'} with the chat "
+                f"template's {spec} tokens {part}; use explicit offsets for them."
+            )
+    elif not (isinstance(spec, str) and spec in POOLED):
+        offsets = _offsets(spec)
+        shortest = min(t.numel() for t in prepared.tokens)
+        bad = [o for o in offsets if not -shortest <= o < response_length]
+        if bad:
+            raise ValueError(
+                f"positions {bad} reach outside a canvas: offsets must be in -{shortest}..{response_length - 1} (the "
+                f"shortest {argument} prompt has {shortest} tokens, the response {response_length} positions)."
+            )
+
+
+def _class_means(model, prepared, sites, spec, *, step, sampler, batch_size, second_moment, generate_kwargs, argument):
+    from diffusion_lens.denoising.generate import denoise
+
+    response_length = sampler.response_length()
+    _check_prompts_against_spec(prepared, spec, response_length, argument)
+    plan = _Plan(sites, spec, prepared.template, response_length, step, second_moment)
+    stop = _stop_hook(model, sites, step)
+    for start in range(0, len(prepared), batch_size):
+        tokens, mask, _ = left_pad(model, prepared.tokens[start : start + batch_size])
+        try:
+            denoise(model, tokens, attention_mask=mask, sampler=sampler, reducers=plan.reducers,
+                    hooks=plan.hooks() + stop, stop_after=step, return_trajectory=False, progress=False,
+                    **generate_kwargs)
+        except _StopForward:
+            pass
+    return plan.means(), (None if plan.moments is None else plan.moments.means())
+
+
+def _stop_hook(model, sites, step) -> list:
+    """A hook that ends the forward of `step` once every site has been read (saves the later layers)."""
+    from diffusion_lens import hooks as H
+
+    layers = [int(s.split(".")[1]) for s in sites if s.startswith("blocks.")]
+    if len(layers) != len(sites) or max(layers) + 1 >= model.cfg.n_layers:
+        return []
+
+    def stop(act, hook):
+        raise _StopForward
+
+    return [H.at(f"blocks.{max(layers) + 1}.hook_resid_pre", stop, steps=step)]
 
 
 def mean_difference(
@@ -199,45 +321,59 @@ def mean_difference(
     batch_size: int = 16,
     chat: Optional[bool] = None,
     subspace: bool = False,
+    generate_kwargs: Optional[dict] = None,
 ) -> Directions:
     """Difference of class means of `site` activations per layer and position (float64, streaming).
 
-    One forward per prompt on the step-0 canvas (prompt + `gen_length` masks), in batches of
-    `batch_size`; running float64 sums keep memory independent of the number of prompts.
+    One forward per prompt (batches of `batch_size`) through the generate driver, accumulated by
+    `diffusion_lens.denoising.StreamingMean` (float64 running sums: memory independent of the
+    number of prompts). `step=0` reads the canvas every sampler starts from (prompt +
+    `gen_length` masks; no sampler options needed); `step=s > 0` runs the model's sampler with
+    `generate_kwargs` (its options, e.g. steps / gen_length / block_length, and seed) up to step s
+    and reads that step's forward (the response length is then the sampler's).
+
     `positions`: offsets from the prompt / response boundary (-1 = last prompt token, 0 = first
-    masked position), "pre_instruction" / "post_instruction" (chat-template tokens, string
-    prompts only), or pooled "mean_prompt" / "mean_response" / "mean_all". `subspace=True` also
-    accumulates the positive class's second moment (d_model^2 floats per layer and position) for
-    `Directions.subspace`. `step` other than 0 reads a later denoising step (needs `model.generate`).
+    response position), "pre_instruction" / "post_instruction" (chat-template tokens around the
+    user text; string prompts only), or pooled "mean_prompt" / "mean_response" / "mean_all"
+    (token-weighted means over those positions of all prompts of a class; pads excluded).
+    `subspace=True` also streams the positive class's second moment (d_model^2 floats per layer
+    and position) for `Directions.subspace`.
 
     Example:
         >>> dirs = mean_difference(model, harmful, harmless, layers="all", positions="post_instruction")
         >>> dirs.cosine[:, -1]                           # cosine of class means per layer
         >>> r = dirs.unit(layer=14, pos="post_instruction[-1]")
     """
+    from diffusion_lens.steering.replay import CanvasProbe, split_generate_kwargs
+
     if not isinstance(site, str) or not site.startswith("hook_"):
         raise ValueError(f"site must be a block hook name such as 'hook_resid_pre'; got {site!r}.")
     layer_list = resolve_layers(model, layers)
     sites = [f"blocks.{layer}.{site}" for layer in layer_list]
     model.check_hook_names(sites)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be an int >= 0; got {step!r}.")
+    check_batch_size(batch_size)
     pos_prompts = prepare_prompts(model, positive, chat=chat, argument="positive")
     neg_prompts = prepare_prompts(model, negative, chat=chat, argument="negative")
     for prepared in (pos_prompts, neg_prompts):
         check_position_spec(positions, prepared)
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be an int >= 0; got {step!r}.")
-    if step != 0:
-        from diffusion_lens.steering._stepwise import class_means_at_step
-
-        mp, sp = class_means_at_step(model, pos_prompts, sites, positions, step, gen_length, batch_size, subspace)
-        mn, _ = class_means_at_step(model, neg_prompts, sites, positions, step, gen_length, batch_size, False)
+    options = dict(generate_kwargs or {})
+    for reserved in ("reducers", "stop_after", "return_trajectory", "attention_mask"):
+        if reserved in options:
+            raise ValueError(f"generate_kwargs may not set {reserved!r}; mean_difference controls it.")
+    if step == 0 and not options:
+        if isinstance(gen_length, bool) or not isinstance(gen_length, int) or gen_length < 0:
+            raise ValueError(f"gen_length must be an int >= 0; got {gen_length!r}.")
+        sampler = CanvasProbe(gen_length=gen_length)
     else:
-        mp, sp = _class_means(model, pos_prompts, sites, positions, gen_length, batch_size, subspace)
-        mn, _ = _class_means(model, neg_prompts, sites, positions, gen_length, batch_size, False)
-    if pos_prompts.template is not None and neg_prompts.template is not None:
-        labels = position_labels(positions, pos_prompts.template)
-    else:
-        labels = position_labels(positions, pos_prompts.template or neg_prompts.template)
+        sampler, options = split_generate_kwargs(model, options)
+        if step >= sampler.n_steps():
+            raise ValueError(f"step={step} but the sampler runs {sampler.n_steps()} steps (0..{sampler.n_steps() - 1}).")
+    common = dict(step=step, sampler=sampler, batch_size=batch_size, generate_kwargs=options)
+    mp, sp = _class_means(model, pos_prompts, sites, positions, second_moment=subspace, argument="positive", **common)
+    mn, _ = _class_means(model, neg_prompts, sites, positions, second_moment=False, argument="negative", **common)
+    labels = position_labels(positions, pos_prompts.template or neg_prompts.template)
     return Directions(
         mean_positive=mp, mean_negative=mn, layers=layer_list, positions=labels, site=site, step=step,
         n_positive=len(pos_prompts), n_negative=len(neg_prompts), second_moment_positive=sp,

@@ -100,20 +100,23 @@ def ablate(
     *,
     steps: Any = None,
     positions: Any = None,
+    blocks: Any = None,
     sites: tuple[str, ...] = ABLATION_SITES,
 ) -> list[Hook]:
     """Directional ablation hooks: x <- x - (x.r) r with r = direction / |direction|.
 
     Applied (Arditi et al.) at every selected block's input (`hook_resid_pre`) and to every
     attention and MLP output (`hook_attn_out`, `hook_mlp_out`), at every position and denoising
-    step unless `steps` / `positions` restrict it (see `diffusion_lens.hooks.at`). A [k d_model]
+    step unless `steps` / `blocks` / `positions` restrict it (`diffusion_lens.hooks.at` semantics:
+    steps and blocks as int / range / list / callable of the state; positions as a scope such as
+    "response", "masked", "prompt" or an index list). A [k d_model]
     `direction` ablates the k-dimensional subspace its rows span (orthonormalised by QR).
     With layers="all" this equals `orthogonalize_weights(model, direction)` (tested).
 
     Example:
         >>> hooks = ablate(model, refusal_dir)                       # every layer, step, position
         >>> logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
-        >>> out = model.generate(prompt, hooks=ablate(model, refusal_dir, steps=range(8)))
+        >>> out = model.generate(prompt, hooks=ablate(model, refusal_dir, steps=range(8), positions="response"))
     """
     vector = check_vector(model, direction, name="direction", allow_subspace=True)
     basis = unit(vector)[None] if vector.ndim == 1 else orthonormal_rows(vector, name="direction")
@@ -125,7 +128,7 @@ def ablate(
             f"{ABLATION_SITES + ('hook_resid_mid', 'hook_resid_post')}."
         )
     hooks = [(f"blocks.{layer}.{site}", fn) for layer in resolve_layers(model, layers) for site in sites]
-    return schedule(hooks, steps, positions)
+    return schedule(hooks, steps, positions, blocks)
 
 
 def add(
@@ -136,6 +139,7 @@ def add(
     *,
     steps: Any = None,
     positions: Any = None,
+    blocks: Any = None,
     site: str = "hook_resid_pre",
 ) -> list[Hook]:
     """Activation addition hooks: x <- x + alpha * vector at `blocks.{l}.{site}` for each layer.
@@ -154,7 +158,7 @@ def add(
     names = [f"blocks.{layer}.{site}" for layer in resolve_layers(model, layers)]
     model.check_hook_names(names)
     fn = AddVector(vector.detach().double(), alpha)
-    return schedule([(name, fn) for name in names], steps, positions)
+    return schedule([(name, fn) for name in names], steps, positions, blocks)
 
 
 def project_coefficient(

@@ -27,7 +27,6 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from diffusion_lens.evals.scores import kl_divergence, log_odds, resolve_refusal_tokens
 from diffusion_lens.steering._common import LayerSpec
 from diffusion_lens.steering.activations import (
     PositionSpec,
@@ -95,6 +94,8 @@ def _first_logits(model, prompts, hooks, gen_length, batch_size) -> Tensor:
 
 
 def _filter_by_score(model, prepared, ids, keep_positive: bool, gen_length, batch_size, name):
+    from diffusion_lens.evals.scores import log_odds
+
     scores = log_odds(_first_logits(model, prepared, (), gen_length, batch_size), ids)
     keep = (scores > 0) if keep_positive else (scores < 0)
     if not bool(keep.any()):
@@ -135,6 +136,8 @@ def select_direction(
         >>> r = sel.winner["direction"]
         >>> out = model.generate(harmful_test, hooks=ablate(model, r))
     """
+    from diffusion_lens.evals.scores import kl_divergence, log_odds, resolve_refusal_tokens  # evals imports steering
+
     ids = resolve_refusal_tokens(model, refusal_tokens)
     for name, value in (("kl_threshold", kl_threshold), ("induce_threshold", induce_threshold),
                         ("max_layer_fraction", max_layer_fraction)):

@@ -213,8 +213,11 @@ class AffineMap:
         """
         return _MapHook(self, site, strength)(act)
 
-    def as_hooks(self, strength: Optional[float] = None, *, steps: Any = None, positions: Any = None) -> list[Hook]:
-        """Hook list applying the map at every site (restricted to `steps` / `positions` if given).
+    def as_hooks(
+        self, strength: Optional[float] = None, *, steps: Any = None, positions: Any = None, blocks: Any = None
+    ) -> list[Hook]:
+        """Hook list applying the map at every site (restricted to `steps` / `blocks` / `positions`
+        if given, with `diffusion_lens.hooks.at` semantics).
 
         Example:
             >>> hooks = amap.as_hooks(strength=0.4)
@@ -222,7 +225,7 @@ class AffineMap:
             >>> out = model.generate(prompt, hooks=amap.as_hooks(0.4, steps=range(4)))
         """
         hooks = [(site, _MapHook(self, site, strength)) for site in self.sites]
-        return schedule(hooks, steps, positions)
+        return schedule(hooks, steps, positions, blocks)
 
     def to(self, device: Union[str, torch.device]) -> "AffineMap":
         support = None if self.support is None else {s: (lo.to(device), hi.to(device)) for s, (lo, hi) in self.support.items()}
