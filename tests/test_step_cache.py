@@ -191,3 +191,25 @@ def test_hooks_and_cache_together_cache_sees_steered_activations():
     steer = H.at(RESID, lambda a, hook: a * 0.0, steps=4, positions="response")
     out = model.generate(golden["prompt"], hooks=[steer], cache=spec, **kwargs)
     assert (out.cache[4][RESID][:, 6:] == 0).all() and (out.cache[4][RESID][:, :6] != 0).any()
+
+
+def test_moe_expert_hooks_cached_whole_without_the_guard():
+    """Expert hooks are [n_routed ...]: no size estimate (guard refuses them), stored whole with
+    max_cache_bytes=None, refused up front for a position subset."""
+    from diffusion_lens import HookedDiffusionTransformer
+    from tests.conftest import FIXTURES
+
+    model = HookedDiffusionTransformer.from_pretrained(FIXTURES / "llada-moe-tiny-variant")
+    golden = golden_run("llada-moe-tiny-variant", "gen_semi_ar")
+    run = dict(mask_id=golden["mask_id"], progress=False, **golden["kwargs"])
+    name, weights = "blocks.1.mlp.experts.0.hook_post", "blocks.1.mlp.hook_expert_weights"
+    with pytest.raises(ValueError, match="experts.0.hook_post"):
+        model.generate(golden["prompt"], cache=dict(names=[name], steps=[0]), **run)
+    out = model.generate(golden["prompt"], cache=dict(names=[name, weights], steps=[0, 3]), max_cache_bytes=None, **run)
+    assert torch.equal(out.sequences, golden["output"])
+    for step in (0, 3):
+        routed = int((out.cache[step][weights][..., 0] != 0).sum())
+        assert out.cache[step][name].shape == (routed, model.cfg.d_expert_mlp)
+    with pytest.raises(ValueError, match="cached only whole"):
+        model.generate(golden["prompt"], cache=dict(names=[name], steps=[0], positions="response"),
+                       max_cache_bytes=None, **run)

@@ -290,10 +290,18 @@ class StepCache:
 class StepRecorder:
     """Fills a `StepCache` during a run: hooks that copy the requested rows and columns (internal)."""
 
-    def __init__(self, model, request: CacheRequest, response_start: int, n_pos: int, batch: int):
+    def __init__(self, model, request: CacheRequest, response_start: int, n_pos: int, batch: int, n_copies: int = 1):
         self.request = request
         self.index = stored_positions(request.positions, response_start, n_pos)
         self.batch = batch
+        # MoE expert hooks hold [n_routed ...] rows (no batch or position axis): stored whole, so
+        # only when every position and every forward row is requested.
+        self.routed = {n for n in request.names if _is_expert(model.mod_dict.get(n.rpartition(".")[0]))}
+        if self.routed and (n_stored(self.index, n_pos) != n_pos or (n_copies > 1 and not request.include_unconditional)):
+            raise ValueError(
+                f"{sorted(self.routed)[0]!r} holds only the tokens routed to that expert ([n_routed ...]), so it "
+                "can be cached only whole: positions='all' (and include_unconditional=True under CFG)."
+            )
         self.wanted = set(request.steps)
         self.cache = StepCache(model, request.steps, request.names, index_tensor(self.index, n_pos))
         self.hook_pairs = [(name, self.save) for name in request.names]
@@ -303,10 +311,14 @@ class StepRecorder:
 
     def save(self, act: Tensor, hook) -> None:
         state = hook.state
-        if state.cfg and not self.request.include_unconditional:
+        if hook.name in self.routed:
+            pass  # [n_routed ...]: whole (see __init__)
+        elif state.cfg and not self.request.include_unconditional:
             act = act[: self.batch]
         axis = position_axis(hook, act.ndim)
-        if isinstance(self.index, slice):
+        if hook.name in self.routed:
+            pass
+        elif isinstance(self.index, slice):
             if self.index != slice(0, act.shape[axis]):
                 act = act.narrow(axis, self.index.start, self.index.stop - self.index.start)
         else:

@@ -156,8 +156,9 @@ def denoise(
     recorder = None
     if cache is not None:
         request = CacheRequest.build(model, cache, n_steps)
-        check_budget(estimate(model, request, batch, n_pos, response_start, sampler.n_copies()), request, max_cache_bytes)
-        recorder = StepRecorder(model, request, response_start, n_pos, batch)
+        if max_cache_bytes is not None:  # (estimating refuses data-dependent MoE expert hooks)
+            check_budget(estimate(model, request, batch, n_pos, response_start, sampler.n_copies()), request, max_cache_bytes)
+        recorder = StepRecorder(model, request, response_start, n_pos, batch, sampler.n_copies())
         observers.append(recorder)
     if generator is None and seed is not None:
         generator = torch.Generator(device=tokens.device).manual_seed(seed)
