@@ -37,7 +37,12 @@ COLUMNS = ("prompt", "category", "source", "id")
 
 @dataclass(frozen=True)
 class PromptSource:
-    """Where a prompt set lives on the hub and how its columns map to the common schema."""
+    """Where a prompt set lives on the hub and how its columns map to the common schema.
+
+    Example:
+        >>> SOURCES["advbench"].hub_id, SOURCES["advbench"].licence
+        ('walledai/AdvBench', 'MIT')
+    """
 
     name: str
     hub_id: str

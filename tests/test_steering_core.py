@@ -465,3 +465,15 @@ def test_wrong_shapes_dtypes_and_layers_raise_clear_errors():
         mean_difference(model, ["hello"], ["bye"], positions=-1)
     with pytest.raises(ValueError, match="Unknown layer 7"):
         mean_difference(model, torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long), layers=[7], positions=-1)
+
+
+def test_fit_transport_per_position_samples_and_head_shaped_sites():
+    model = load("llada-tiny-gqa")
+    neg, pos = canvas(model, n=3, seed=1)[:, :6], canvas(model, n=3, seed=2)[:, :6]
+    amap = fit_transport("gaussian", neg, pos, model=model, sites=["blocks.1.attn.hook_z"], pooling=[-2, -1, 0], gen_length=3)
+    assert amap.omega["blocks.1.attn.hook_z"].shape == (4, 16)  # [head d_head], per-dimension
+    acts = collect_activations(model, pos, sites=["blocks.1.attn.hook_z"], pooling=[-2, -1, 0], gen_length=3)
+    assert acts["blocks.1.attn.hook_z"].shape == (3, 3, 4, 16)
+    mapped = amap.apply("blocks.1.attn.hook_z", collect_activations(model, neg, sites=["blocks.1.attn.hook_z"],
+                                                                     pooling=[-2, -1, 0], gen_length=3)["blocks.1.attn.hook_z"].flatten(0, 1))
+    torch.testing.assert_close(mapped.mean(0), acts["blocks.1.attn.hook_z"].flatten(0, 1).mean(0), atol=1e-5, rtol=0)

@@ -90,3 +90,38 @@ def test_selection_argument_errors():
         select_direction(model, p, p, p, p, positions=[-1], refusal_tokens=[999])
     with pytest.raises(TypeError, match="Directions"):
         select_direction(model, p, p, p, p, refusal_tokens=[7], candidates=torch.zeros(3))
+
+
+def test_cross_lingual_transfer_with_two_token_languages():
+    """'Language A' harmful tokens 200..219 and 'language B' 220..239 share the planted direction:
+    the direction from A removes refusal on B, and B's own direction is nearly parallel."""
+    from diffusion_lens.evals import cross_lingual_transfer
+    from diffusion_lens.steering import mean_difference
+
+    model, r, g = planted_model(2)
+
+    def lang(n, lo, harmful=True):
+        base = torch.randint(0, 200, (n, 8), generator=g)
+        if harmful:
+            base[:, 2:6] = torch.randint(lo, lo + 20, (n, 4), generator=g)
+        return base
+
+    a_harm, a_ok, b_harm, b_ok = lang(12, 200), lang(12, 0, False), lang(8, 220), lang(8, 0, False)
+    r_a = mean_difference(model, a_harm, a_ok, layers=[1], positions=-1, gen_length=4).unit(1, -1)
+    res = cross_lingual_transfer(model, r_a, b_harm, target_harmless=b_ok, layer=1, position=-1,
+                                 refusal_tokens=[REFUSAL_TOKEN], gen_length=4)
+    assert res["refusing_base"] == 1.0 and res["refusing_ablated"] == 0.0
+    assert res["score_ablated"] < res["score_base"] and res["cosine"] > 0.9
+
+
+def test_refusal_score_uses_the_logit_shift_on_dream():
+    """Dream predicts token j from residual position j-1: the first masked position's prediction is
+    the last prompt position's logits."""
+    from diffusion_lens.evals.scores import log_odds
+
+    model = load("dream-tiny")
+    tokens = torch.randint(0, 250, (2, 5), generator=torch.Generator().manual_seed(0))
+    score = refusal_score(model, tokens, refusal_tokens=[3, 4], gen_length=3)
+    canvas = torch.cat([tokens, torch.full((2, 3), model.cfg.mask_token_id)], 1)
+    logits = model(canvas)
+    torch.testing.assert_close(score, log_odds(logits[:, 4], torch.tensor([3, 4])))

@@ -106,7 +106,12 @@ def highlighted_sections(response: str, *, num_highlights: int) -> bool:
 
 
 def count_sentences(text: str) -> int:
-    """Sentences ended by . ! ? (or 。！？), ignoring a few common abbreviations and decimals."""
+    """Sentences ended by . ! ? (or 。！？), ignoring a few common abbreviations and decimals.
+
+    Example:
+        >>> count_sentences("Dr. Who is 3.5 feet tall. Really? Yes!")
+        3
+    """
     cleaned = re.sub(r"\b(?:Mr|Mrs|Ms|Dr|Prof|Sr|Jr|St|vs|etc|e\.g|i\.e)\.", "ABBR", text)
     cleaned = re.sub(r"(\d)\.(\d)", r"\1\2", cleaned)
     parts = [p for p in re.split(r"(?<=[.!?。！？])\s*", cleaned) if p.strip()]

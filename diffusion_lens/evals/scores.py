@@ -56,6 +56,12 @@ def _check_token_ids(model, ids: Union[Sequence[int], Tensor], name: str) -> Ten
 
 
 def resolve_refusal_tokens(model, refusal_tokens: Optional[Sequence[int]]) -> Tensor:
+    """Checked refusal token ids: the given ones, or `refusal_token_ids(model)` when None.
+
+    Example:
+        >>> resolve_refusal_tokens(model, [7, 9])
+        tensor([7, 9])
+    """
     if refusal_tokens is None:
         if model.tokenizer is None:
             raise ValueError(
@@ -168,6 +174,10 @@ class MaskedKL:
     `per_step` [n_steps] is the mean over the masked positions of each step's canvas (all prompts),
     `n_positions` [n_steps] how many positions that is, `mean` the mean over every (step, masked
     position) pair, `steps` the step indices.
+
+    Example:
+        >>> res = masked_kl(model, prompts, hooks, steps=[0, 7], generate_kwargs=dict(steps=8, gen_length=8))
+        >>> dict(zip(res.steps, res.per_step.tolist()))
     """
 
     steps: list[int]

@@ -45,7 +45,12 @@ class _StopForward(Exception):
 @dataclass
 class InstructionTemplate:
     """The chat-template tokens around the user text: `prefix` (pre-instruction) and `suffix`
-    (post-instruction) token ids, found by `instruction_template`."""
+    (post-instruction) token ids, found by `instruction_template`.
+
+    Example:
+        >>> t = instruction_template(model)
+        >>> len(t.prefix), len(t.suffix)
+    """
 
     prefix: list[int]
     suffix: list[int]
@@ -115,7 +120,12 @@ def _common_affixes(model, tokenizer) -> InstructionTemplate:
 
 @dataclass
 class PreparedPrompts:
-    """Prompts as 1-D token tensors, plus the chat template if they were rendered with one."""
+    """Prompts as 1-D token tensors, plus the chat template if they were rendered with one.
+
+    Example:
+        >>> p = prepare_prompts(model, ["Hi", "How are you?"])
+        >>> [t.shape for t in p.tokens], p.template is not None
+    """
 
     tokens: list[Tensor]
     template: Optional[InstructionTemplate]
@@ -182,7 +192,12 @@ def _check_tokens(model, token_list: list[Tensor], argument: str) -> list[Tensor
 # ----------------------------------------------------------------------------- canvases
 @dataclass
 class CanvasBatch:
-    """A batch of step-0 canvases: [left pads | prompt | gen_length masks]."""
+    """A batch of step-0 canvases: [left pads | prompt | gen_length masks].
+
+    Example:
+        >>> batch = next(step0_canvases(model, prepare_prompts(model, prompts), gen_length=8, batch_size=4))
+        >>> batch.tokens[:, batch.response_start:]      # all mask tokens
+    """
 
     tokens: Int[Tensor, "batch pos"]
     attention_mask: Optional[Int[Tensor, "batch pos"]]  # None when no row is padded
@@ -428,7 +443,12 @@ def _stop_site(model, sites: Sequence[str]) -> Optional[str]:
 
 
 def first_response_logits(model, logits: Float[Tensor, "batch pos vocab"], response_start: int) -> Float[Tensor, "batch vocab"]:
-    """Prediction for the first response (masked) position of a canvas, logit shift applied."""
+    """Prediction for the first response (masked) position of a canvas, logit shift applied.
+
+    Example:
+        >>> logits = model(batch.tokens, batch.attention_mask)
+        >>> first_response_logits(model, logits, batch.response_start).shape   # [batch vocab]
+    """
     return model.token_logits(logits)[:, response_start]
 
 
@@ -469,7 +489,6 @@ def collect_activations(
 
 
 __all__ = [
-    "CanvasBatch", "InstructionTemplate", "PreparedPrompts", "Selector", "check_batch_size", "collect_activations",
-    "check_position_spec", "first_response_logits", "instruction_template", "left_pad", "make_selector",
-    "position_labels", "prepare_prompts", "run_and_read", "step0_canvases",
+    "CanvasBatch", "InstructionTemplate", "PreparedPrompts", "collect_activations", "first_response_logits",
+    "instruction_template", "left_pad", "prepare_prompts", "step0_canvases",
 ]

@@ -125,7 +125,12 @@ class Directions:
         return difference_subspace(self.second_moment_positive[i, j], self.mean_positive[i, j], self.mean_negative[i, j], k)
 
     def direction_tensor(self) -> Float[Tensor, " d_model"]:
-        """The only direction, when a single (layer, position) was computed (lets `ablate` take a Directions)."""
+        """The only direction, when a single (layer, position) was computed (lets `ablate` take a Directions).
+
+        Example:
+            >>> dirs = mean_difference(model, pos, neg, layers=[6], positions=-1)
+            >>> hooks = ablate(model, dirs)            # same as ablate(model, dirs.vector(6, -1))
+        """
         if self.directions.shape[:2] != (1, 1):
             raise ValueError(
                 f"These directions cover {len(self.layers)} layers x {len(self.positions)} positions; pick one with "
@@ -383,7 +388,12 @@ def mean_difference(
 @dataclass
 class PCAResult:
     """PCA of two classes' activations at one site: `components` [k d] (rows), their explained
-    variance ratio [k], and each class's coordinates [n k] (centred on the pooled mean)."""
+    variance ratio [k], and each class's coordinates [n k] (centred on the pooled mean).
+
+    Example:
+        >>> res = class_pca(model, harmful, harmless, layer=10, position=-1)
+        >>> res.positive[:, 0].mean() - res.negative[:, 0].mean()   # separation along PC1
+    """
 
     components: Float[Tensor, "k d_model"]
     explained_variance_ratio: Float[Tensor, " k"]

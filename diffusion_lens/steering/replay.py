@@ -25,7 +25,12 @@ from diffusion_lens.denoising.state import DenoisingState
 @dataclass
 class RecordedRun:
     """A generation with the `DenoisingState` of every step (`states[s]` is the state entering step s)
-    and the canvas after every step (`output.trajectory[s]`)."""
+    and the canvas after every step (`output.trajectory[s]`).
+
+    Example:
+        >>> run = record_run(model, tokens, steps=8, gen_length=16, block_length=8)
+        >>> run.states[3].is_masked.sum(), run.output.trajectory[3]
+    """
 
     output: GenerationOutput
     states: list[DenoisingState]
@@ -94,7 +99,12 @@ class ReplaySampler(Sampler):
     """A sampler that replays recorded states and canvases instead of choosing tokens.
 
     `logits` collects the per-token logits (conditional rows, logit shift applied) of the steps in
-    `capture` (all steps when None).
+    `capture` (all steps when None). Usually built by `replay`.
+
+    Example:
+        >>> sampler = ReplaySampler(states=tuple(run.states), afters=tuple(run.output.trajectory))
+        >>> model.generate(run.prompt, sampler=sampler, hooks=hooks, progress=False)
+        >>> sampler.logits[0].shape
     """
 
     states: tuple = ()

@@ -65,7 +65,11 @@ class Selection:
 
     @property
     def table(self) -> list[dict]:
-        """One dict per candidate: layer, position, bypass, induce, kl, kept, reason."""
+        """One dict per candidate: layer, position, bypass, induce, kl, kept, reason.
+
+        Example:
+            >>> [row for row in sel.table if row["kept"]][:3]
+        """
         rows = []
         for i, layer in enumerate(self.directions.layers):
             for j, pos in enumerate(self.directions.positions):
@@ -77,7 +81,12 @@ class Selection:
         return rows
 
     def to_pandas(self):
-        """The table as a pandas DataFrame (pandas is installed with `datasets`)."""
+        """The table as a pandas DataFrame (pandas is installed with `datasets`).
+
+        Example:
+            >>> df = sel.to_pandas()
+            >>> df[df.kept].sort_values("bypass").head()
+        """
         import pandas as pd
 
         return pd.DataFrame(self.table)

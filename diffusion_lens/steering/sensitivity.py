@@ -46,7 +46,12 @@ class Sensitivity:
     extra: dict = field(default_factory=dict)
 
     def as_grid(self) -> dict:
-        """The dict `diffusion_lens.plot.sensitivity_heatmap` reads."""
+        """The dict `diffusion_lens.plot.sensitivity_heatmap` reads.
+
+        Example:
+            >>> grid = sens.as_grid()
+            >>> grid["values"].shape, grid["row_labels"], grid["col_labels"]
+        """
         return {"values": self.values, "row_labels": self.row_labels, "col_labels": self.col_labels,
                 "row_name": self.row_name, "col_name": self.col_name, "metric_name": self.metric_name}
 

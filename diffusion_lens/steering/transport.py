@@ -228,6 +228,12 @@ class AffineMap:
         return schedule(hooks, steps, positions, blocks)
 
     def to(self, device: Union[str, torch.device]) -> "AffineMap":
+        """A copy with every tensor on `device` (hooks cast lazily anyway; this moves the storage).
+
+        Example:
+            >>> amap = amap.to("cuda")
+            >>> amap.omega[amap.sites[0]].device
+        """
         support = None if self.support is None else {s: (lo.to(device), hi.to(device)) for s, (lo, hi) in self.support.items()}
         return replace(
             self, omega={s: t.to(device) for s, t in self.omega.items()},
@@ -408,7 +414,9 @@ def _as_site_samples(value, sites, argument, model, pooling, collect_kwargs) -> 
         from diffusion_lens.steering.activations import collect_activations
 
         out = collect_activations(model, value, sites=list(sites), pooling=pooling, **collect_kwargs)
-        out = {site: acts.flatten(0, 1) if acts.ndim > 2 and pooling is None else acts for site, acts in out.items()}
+        per_position = pooling is not None and not (isinstance(pooling, str) and pooling.startswith("mean_"))
+        if per_position:  # [n n_sel *feat]: every selected position of every prompt is a sample
+            out = {site: acts.flatten(0, 1) for site, acts in out.items()}
     for site, t in out.items():
         if not isinstance(t, Tensor) or not t.is_floating_point():
             raise TypeError(f"{argument}[{site!r}] must be a floating-point tensor of samples [n *feature]; got "
