@@ -14,6 +14,7 @@ from typing import Iterator, Optional, Union
 
 import torch
 from safetensors.torch import save_file
+from torch.overrides import TorchFunctionMode
 
 from diffusion_lens.adapters import ModelAdapter, detect_adapter, get_adapter
 
@@ -101,6 +102,20 @@ def _checkpoint_dtype(files: list[Path]) -> torch.dtype:
     return floats[0] if floats else torch.float32
 
 
+class _SkipInit(TorchFunctionMode):
+    """Skip `torch.nn.init` calls while building on the meta device (the checkpoint replaces every
+    value). Besides saving work, this avoids the meta kernel of `normal_` (nn.Embedding's init),
+    a Python reference whose first call imports torch._dynamo: ~2.5 s and ~70 MB RSS."""
+
+    _INIT = {getattr(torch.nn.init, name) for name in dir(torch.nn.init)
+             if name.endswith("_") and not name.startswith("_") and callable(getattr(torch.nn.init, name))}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self._INIT:
+            return args[0] if args else kwargs.get("tensor")
+        return func(*args, **(kwargs or {}))
+
+
 def load_pretrained(model_cls, name_or_path, *, dtype=None, device="cpu", adapter=None, revision=None):
     folder = resolve_checkpoint(name_or_path, revision)
     config_json = read_config(folder)
@@ -110,7 +125,7 @@ def load_pretrained(model_cls, name_or_path, *, dtype=None, device="cpu", adapte
     cfg.dtype = dtype or _checkpoint_dtype(files)
     cfg.model_name = str(name_or_path)
 
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipInit():
         model = model_cls(cfg)
     expected = {name: param for name, param in model.state_dict(keep_vars=True).items()}
     if cfg.tie_word_embeddings:

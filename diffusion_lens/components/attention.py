@@ -110,14 +110,19 @@ class Attention(nn.Module):
 
     def _explicit_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
         groups = self.cfg.n_heads // self.cfg.n_key_value_heads
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        scores = (q @ k.transpose(-1, -2)) / self.cfg.d_head**0.5
+        if groups > 1:  # (repeat_interleave copies even for groups == 1)
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        # Scale in place: one [batch head q k] temporary fewer (mm's backward does not need its output).
+        scores = (q @ k.transpose(-1, -2)).mul_(self.cfg.d_head**-0.5)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         scores = self.hook_attn_scores(scores)
-        # A fully masked query row (a pad query under query_key_padding) attends to nothing and
-        # outputs zero, as SDPA does.
-        pattern = torch.softmax(scores.float(), dim=-1).nan_to_num(0.0).to(q.dtype)
+        pattern = torch.softmax(scores.float(), dim=-1)
+        if mask is not None:
+            # A fully masked query row (a pad query under query_key_padding) attends to nothing
+            # and outputs zero, as SDPA does. Without a mask no row is fully masked.
+            pattern = pattern.nan_to_num(0.0)
+        pattern = pattern.to(q.dtype)
         pattern = self.hook_pattern(pattern)
         return pattern @ v
 
