@@ -50,7 +50,12 @@ class CacheTooLargeError(ValueError):
 # ---------------------------------------------------------------------------------- requests
 def resolve_names(model, names: NamesSpec) -> list[str]:
     """Hook point names from a name, a glob ("blocks.*.hook_resid_post"), a list of those, or a
-    filter callable (None = every hook point). Unknown names raise with suggestions."""
+    filter callable (None = every hook point). Unknown names raise with suggestions.
+
+    Example:
+        >>> resolve_names(model, ["hook_embed", "blocks.*.hook_resid_post"])
+        ['hook_embed', 'blocks.0.hook_resid_post', 'blocks.1.hook_resid_post', ...]
+    """
     if names is None or callable(names):
         return model.hook_names(names)
     items = [names] if isinstance(names, str) else list(names)
@@ -68,7 +73,12 @@ def resolve_names(model, names: NamesSpec) -> list[str]:
 
 
 def resolve_steps(steps: StepsSpec, n_steps: int) -> list[int]:
-    """Sorted unique steps (None = all); each must be in 0..n_steps-1 (negative counts from the end)."""
+    """Sorted unique steps (None = all); each must be in 0..n_steps-1 (negative counts from the end).
+
+    Example:
+        >>> resolve_steps([5, -1, 0], 8)
+        [0, 5, 7]
+    """
     if steps is None:
         return list(range(n_steps))
     values = [steps] if isinstance(steps, int) else list(steps)
@@ -80,7 +90,12 @@ def resolve_steps(steps: StepsSpec, n_steps: int) -> list[int]:
 
 @dataclass
 class CacheRequest:
-    """What to store: `generate(cache=dict(names=, steps=, positions=, device=, dtype=, include_unconditional=))`."""
+    """What to store: `generate(cache=dict(names=, steps=, positions=, device=, dtype=, include_unconditional=))`.
+
+    Example:
+        >>> request = CacheRequest.build(model, dict(names="blocks.*.hook_resid_post", steps=[0, 5]), n_steps=8)
+        >>> model.generate(tokens, cache=request, steps=8, gen_length=16, block_length=8).cache.steps  # [0, 5]
+    """
 
     names: list[str]
     steps: list[int]

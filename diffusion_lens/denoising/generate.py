@@ -49,6 +49,11 @@ class GenerationOutput:
     `texts`: the decoded responses (None without a tokenizer); `trajectory` [steps batch pos]:
     the canvas after every step (None with `return_trajectory=False`); `cache`: the `StepCache`
     when one was requested; `response_start`: the column where every response starts.
+
+    Example:
+        >>> out = model.generate(tokens, steps=8, gen_length=16, block_length=8)
+        >>> out.responses.shape, out.trajectory.shape   # [batch 16], [8 batch pos]
+        >>> (out.trajectory == model.cfg.mask_token_id).sum((1, 2))   # masks left after each step
     """
 
     sequences: Int[Tensor, "batch pos"]
@@ -65,7 +70,12 @@ class GenerationOutput:
 
 
 def resolve_sampler(model: "HookedDiffusionTransformer", sampler: Optional[Sampler], options: dict) -> Sampler:
-    """The sampler to run: `sampler`, else the adapter's (upstream defaults), with `options` applied."""
+    """The sampler to run: `sampler`, else the adapter's (upstream defaults), with `options` applied.
+
+    Example:
+        >>> resolve_sampler(model, None, dict(steps=8, gen_length=16, block_length=8))
+        LLaDASampler(steps=8, gen_length=16, block_length=8, ...)
+    """
     if sampler is None:
         if model.adapter is None:
             raise ValueError(
@@ -79,7 +89,12 @@ def resolve_sampler(model: "HookedDiffusionTransformer", sampler: Optional[Sampl
 def prepare_input(
     model: "HookedDiffusionTransformer", input: GenerateInput, attention_mask: Optional[Tensor], chat: bool
 ) -> tuple[Int[Tensor, "batch pos"], Optional[Int[Tensor, "batch pos"]]]:
-    """Token ids and attention mask (None when no row is padded) for a generate input."""
+    """Token ids and attention mask (None when no row is padded) for a generate input.
+
+    Example:
+        >>> tokens, mask = prepare_input(model, ["Hi", "Tell me a joke"], None, chat=True)  # left-padded
+        >>> tokens, mask = prepare_input(model, token_ids, None, chat=True)                 # mask None
+    """
     if isinstance(input, Tensor):
         tokens = model._as_tokens(input)
         if attention_mask is not None:

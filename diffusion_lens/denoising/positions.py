@@ -79,7 +79,12 @@ def scope_mask(
 
 
 def position_axis(hook, ndim: int) -> int:
-    """The dim of an activation that indexes canvas positions (the query axis for attention maps)."""
+    """The dim of an activation that indexes canvas positions (the query axis for attention maps).
+
+    Example:
+        >>> position_axis(model.blocks[0].attn.hook_pattern, 4), position_axis(model.blocks[0].hook_resid_post, 3)
+        (2, 1)
+    """
     pos_dim = getattr(hook, "pos_dim", None)
     if pos_dim is not None:
         return pos_dim % ndim
@@ -91,7 +96,12 @@ def rows_mask(
     mask: Optional[Tensor], state: Optional[DenoisingState], n_rows: int, n_pos: int, cfg_rows: CfgRows = "both",
     device: Optional[torch.device] = None,
 ) -> Optional[Bool[Tensor, "rows pos"]]:
-    """A scope mask expanded to the rows of the forward batch (and restricted to CFG rows); None = all."""
+    """A scope mask expanded to the rows of the forward batch (and restricted to CFG rows); None = all.
+
+    Example:
+        >>> rows_mask(state.is_response, state, n_rows=2 * state.batch, n_pos=state.n_pos, cfg_rows="conditional")
+        >>> # under CFG: response columns of the conditional rows only
+    """
     if mask is not None:
         if mask.ndim == 1:
             mask = mask[None].expand(n_rows, n_pos)
@@ -114,7 +124,11 @@ def rows_mask(
 
 
 def broadcast_mask(mask: Bool[Tensor, "rows pos"], act: Tensor, axis: int) -> Tensor:
-    """View a [rows pos] mask so it broadcasts against `act` (rows on dim 0, positions on `axis`)."""
+    """View a [rows pos] mask so it broadcasts against `act` (rows on dim 0, positions on `axis`).
+
+    Example:
+        >>> broadcast_mask(mask, pattern, axis=2).shape   # [rows 1 q_pos 1] for [rows head q_pos k_pos]
+    """
     if act.ndim < 2 or act.shape[0] != mask.shape[0] or act.shape[axis] != mask.shape[1]:
         raise ValueError(
             f"Cannot scope positions of an activation of shape {tuple(act.shape)} (position axis {axis}) "
@@ -135,6 +149,10 @@ def stored_positions(
     "response" are slices; index lists / tensors and [pos] bool masks become index tensors.
     Ragged scopes ("masked", a [batch pos] mask, a callable) have no common columns: use a
     streaming reducer, or cache "response" and select with the trajectory.
+
+    Example:
+        >>> stored_positions("response", 6, 22), stored_positions([0, -1], 6, 22)
+        (slice(6, 22, None), tensor([ 0, 21]))
     """
     if positions is None or positions == "all":
         return slice(0, n_pos)
