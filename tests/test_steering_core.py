@@ -477,3 +477,30 @@ def test_fit_transport_per_position_samples_and_head_shaped_sites():
     mapped = amap.apply("blocks.1.attn.hook_z", collect_activations(model, neg, sites=["blocks.1.attn.hook_z"],
                                                                      pooling=[-2, -1, 0], gen_length=3)["blocks.1.attn.hook_z"].flatten(0, 1))
     torch.testing.assert_close(mapped.mean(0), acts["blocks.1.attn.hook_z"].flatten(0, 1).mean(0), atol=1e-5, rtol=0)
+
+
+def test_fold_inside_mixture_of_experts_sites():
+    model = load("llada-moe-tiny-variant")
+    layer = model.cfg.moe_layers[0]
+    tokens = canvas(model) % 250
+    g = torch.Generator().manual_seed(8)
+    d_expert = model.cfg.d_expert_mlp
+
+    def rand(shape):
+        return 0.5 + torch.rand(shape, generator=g, dtype=torch.float64)
+
+    sites = {
+        f"blocks.{layer}.mlp.hook_routed_out": (rand(64), torch.zeros(64, dtype=torch.float64)),
+        f"blocks.{layer}.mlp.hook_shared_out": (rand(64), torch.randn(64, generator=g, dtype=torch.float64)),
+        f"blocks.{layer}.mlp.experts.3.hook_post": (rand(d_expert), torch.randn(d_expert, generator=g, dtype=torch.float64)),
+        f"blocks.{layer}.mlp.experts.5.hook_out": (rand(64), torch.randn(64, generator=g, dtype=torch.float64)),
+    }
+    amap = AffineMap({s: w for s, (w, _) in sites.items()}, {s: b for s, (_, b) in sites.items()})
+    expected = model.run_with_hooks(tokens, fwd_hooks=amap.as_hooks(0.7))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fold(model, amap, 0.7)
+    torch.testing.assert_close(model(tokens), expected, atol=1e-4, rtol=0)
+    site = f"blocks.{layer}.mlp.hook_routed_out"
+    with pytest.raises(ValueError, match="routed weights"):
+        fold(model, AffineMap({site: torch.ones(64)}, {site: torch.ones(64)}))

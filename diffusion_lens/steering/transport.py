@@ -43,6 +43,8 @@ site                            linear layer               rule
 ``blocks.l.attn.hook_v``        ``attn.v_proj``            producer (not with clip_qkv)
 ``blocks.l.attn.hook_q`` / k    ``attn.q_proj`` / k_proj   producer (not with qk_norm or clip_qkv)
 ``...experts.e.hook_out`` etc.  the expert's projections   same rules inside each expert
+``blocks.l.mlp.hook_routed_out`` every expert's down_proj  omega only (beta would be scaled by routing)
+``blocks.l.mlp.hook_shared_out`` ``shared_expert.down_proj`` producer
 ==============================  =========================  ==========================================
 
 Residual-stream sites (`hook_resid_*`) and norm outputs are sums or nonlinear functions of many
@@ -542,6 +544,10 @@ def _fold_plan(model, site: str):
         if isinstance(getattr(mlp, "down_proj", None), nn.Linear):
             return lambda w, b: _fold_producer(mlp.down_proj, w, b, f"{path}mlp.down_proj")
         return lambda w, b: _fold_mixture(mlp, w, b, f"{path}mlp")
+    if hook == "hook_shared_out" and getattr(module, "shared_expert", None) is not None:
+        return lambda w, b: _fold_producer(module.shared_expert.down_proj, w, b, f"{path}shared_expert.down_proj")
+    if hook == "hook_routed_out" and hasattr(module, "experts"):
+        return lambda w, b: _fold_routed(module, w, b, f"{path}experts")
     if hook in ("hook_pre", "hook_pre_linear", "hook_post", "hook_out") and isinstance(getattr(module, "down_proj", None), nn.Linear):
         if hook == "hook_pre":
             return lambda w, b: _fold_producer(module.gate_proj, w, b, f"{path}gate_proj")
@@ -648,6 +654,19 @@ def _fold_mixture(mlp: nn.Module, omega: Tensor, beta: Tensor, name: str) -> lis
     zero = torch.zeros_like(beta)
     for sub, linear in downs:
         edited += _fold_producer(linear, omega, beta if (sub, linear) in shared else zero, f"{name}.{sub}")
+    return edited
+
+
+def _fold_routed(moe: nn.Module, omega: Tensor, beta: Tensor, name: str) -> list[str]:
+    """hook_routed_out = sum_k g_k E_k(h): omega folds into every routed expert; beta cannot."""
+    if bool(beta.abs().max() > 0):
+        raise ValueError(
+            f"Cannot fold a map with beta != 0 at {name} (hook_routed_out): the routed weights need not sum to 1. "
+            "Fold an omega-only map, or use as_hooks()."
+        )
+    edited = []
+    for e, expert in enumerate(moe.experts):
+        edited += _fold_producer(expert.down_proj, omega, beta, f"{name}.{e}.down_proj")
     return edited
 
 
