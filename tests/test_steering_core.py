@@ -504,3 +504,23 @@ def test_fold_inside_mixture_of_experts_sites():
     site = f"blocks.{layer}.mlp.hook_routed_out"
     with pytest.raises(ValueError, match="routed weights"):
         fold(model, AffineMap({site: torch.ones(64)}, {site: torch.ones(64)}))
+
+
+def test_template_and_pooled_means_match_unpadded_single_prompt_forwards():
+    """Ragged string prompts (left padding inside batches) vs one unpadded forward per prompt."""
+    model = load("llada-tiny-mha")
+    model.tokenizer = make_chat_tokenizer()
+    pos, neg = word_prompts(5, 11), word_prompts(3, 12)
+    pre = mean_difference(model, pos, neg, layers=[1], positions="pre_instruction", gen_length=3, batch_size=3)
+    pooled = mean_difference(model, pos, neg, layers=[1], positions="mean_prompt", gen_length=3, batch_size=3)
+    rows_pre, tokens_prompt = [], []
+    for text in pos:
+        ids = torch.tensor(model.tokenizer(model.chat_text(text), add_special_tokens=False)["input_ids"])
+        tokens = torch.cat([ids, torch.full((3,), 310)])[None]
+        _, cache = model.run_with_cache(tokens, names_filter="blocks.1.hook_resid_pre")
+        act = cache["blocks.1.hook_resid_pre"][0].double()
+        rows_pre.append(act[:4])
+        tokens_prompt.append(act[: len(ids)])
+    torch.testing.assert_close(pre.mean_positive[0], torch.stack(rows_pre).mean(0), atol=1e-5, rtol=0)
+    # pooled means are token-weighted over all prompt tokens of the class
+    torch.testing.assert_close(pooled.mean_positive[0, 0], torch.cat(tokens_prompt).mean(0), atol=1e-5, rtol=0)
