@@ -23,7 +23,7 @@ through `model.token_logits`, the one place it lives.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Float, Int

@@ -9,7 +9,7 @@ positions at every requested layer with the streaming float64 reducers of
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional
 
 import torch
 from jaxtyping import Float
