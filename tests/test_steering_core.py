@@ -524,3 +524,25 @@ def test_template_and_pooled_means_match_unpadded_single_prompt_forwards():
     torch.testing.assert_close(pre.mean_positive[0], torch.stack(rows_pre).mean(0), atol=1e-5, rtol=0)
     # pooled means are token-weighted over all prompt tokens of the class
     torch.testing.assert_close(pooled.mean_positive[0, 0], torch.cat(tokens_prompt).mean(0), atol=1e-5, rtol=0)
+
+
+def test_padding_sensitive_family_is_batched_by_length_and_results_keep_prompt_order():
+    """MMaDA turns a whole batch causal when any row is padded, so its prompts are batched by length:
+    ragged prompts then give exactly the unpadded single-prompt activations, in prompt order."""
+    from diffusion_lens.evals import refusal_score
+
+    model = load("mmada-tiny")
+    assert model.cfg.attention_mask_mode == "causal_when_padded"
+    prompts = [torch.randint(0, 300, (k,), generator=torch.Generator().manual_seed(k)) for k in (4, 6, 4, 5, 6)]
+    site = "blocks.1.hook_resid_pre"
+    acts = collect_activations(model, prompts, sites=[site], pooling=[-1, 0], gen_length=3, batch_size=4)[site]
+    scores = refusal_score(model, prompts, refusal_tokens=[1, 2], gen_length=3, batch_size=4)
+    from diffusion_lens.evals.scores import log_odds
+
+    for i, p in enumerate(prompts):
+        tokens = torch.cat([p, torch.full((3,), model.cfg.mask_token_id)])[None]
+        logits, cache = model.run_with_cache(tokens, names_filter=site)
+        torch.testing.assert_close(acts[i], cache[site][0, [len(p) - 1, len(p)]].double(), atol=1e-5, rtol=0)
+        torch.testing.assert_close(scores[i], log_odds(logits[:, len(p)], torch.tensor([1, 2]))[0], atol=1e-6, rtol=0)
+    dirs = mean_difference(model, prompts, prompts[:2], layers=[1], positions=[-1], gen_length=3, batch_size=4)
+    torch.testing.assert_close(dirs.mean_positive[0, 0], acts[:, 0].mean(0), atol=1e-5, rtol=0)

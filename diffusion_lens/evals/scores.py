@@ -19,6 +19,7 @@ from torch import Tensor
 from diffusion_lens.steering.activations import (
     PromptsInput,
     first_response_logits,
+    in_prompt_order,
     prepare_prompts,
     step0_canvases,
 )
@@ -111,12 +112,13 @@ def refusal_score(
     ids = resolve_refusal_tokens(model, refusal_tokens)
     _check_gen_length(gen_length)
     prepared = prepare_prompts(model, prompts, chat=chat)
-    scores = []
+    scores, order = [], []
     with model.hooks(fwd_hooks=list(hooks)):
         for batch in step0_canvases(model, prepared, gen_length=gen_length, batch_size=batch_size):
             logits = model(batch.tokens, batch.attention_mask)
             scores.append(log_odds(first_response_logits(model, logits, batch.response_start), ids).cpu())
-    return torch.cat(scores)
+            order.append(batch.indices)
+    return in_prompt_order(scores, order)
 
 
 def _check_gen_length(gen_length) -> None:
@@ -158,13 +160,14 @@ def first_position_kl(
     """
     _check_gen_length(gen_length)
     prepared = prepare_prompts(model, prompts, chat=chat)
-    out = []
+    out, order = [], []
     for batch in step0_canvases(model, prepared, gen_length=gen_length, batch_size=batch_size):
         base = first_response_logits(model, model(batch.tokens, batch.attention_mask), batch.response_start)
         with model.hooks(fwd_hooks=list(hooks)):
             steered = first_response_logits(model, model(batch.tokens, batch.attention_mask), batch.response_start)
         out.append(kl_divergence(base, steered).cpu())
-    return torch.cat(out)
+        order.append(batch.indices)
+    return in_prompt_order(out, order)
 
 
 @dataclass
@@ -213,7 +216,7 @@ def masked_kl(
         >>> res = masked_kl(model, harmless, ablate(model, r), steps=range(0, 64, 8), generate_kwargs=opts)
         >>> res.per_step, res.mean
     """
-    from diffusion_lens.steering.activations import check_batch_size, left_pad
+    from diffusion_lens.steering.activations import batch_indices, check_batch_size, left_pad
     from diffusion_lens.steering.replay import record_run, replay, split_generate_kwargs
 
     check_batch_size(batch_size)
@@ -226,8 +229,8 @@ def masked_kl(
     prepared = prepare_prompts(model, prompts, chat=chat)
     totals: dict[int, Tensor] = {}
     counts: dict[int, int] = {}
-    for start in range(0, len(prepared), batch_size):
-        tokens, mask, _ = left_pad(model, prepared.tokens[start : start + batch_size])
+    for indices in batch_indices(model, prepared, batch_size):
+        tokens, mask, _ = left_pad(model, [prepared.tokens[i] for i in indices])
         run = record_run(model, tokens, mask, stop_after=max(chosen), capture_logits=chosen, sampler=sampler, **driver)
         steered = replay(model, run, hooks=hooks, steps=chosen)
         for s in chosen:

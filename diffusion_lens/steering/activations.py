@@ -230,6 +230,25 @@ def left_pad(model, chunk: Sequence[Tensor]) -> tuple[Int[Tensor, "batch pos"], 
     return tokens.to(device), (mask.to(device) if bool((n_pad > 0).any()) else None), n_pad.to(device)
 
 
+def batch_indices(model, prompts: "PreparedPrompts", batch_size: int) -> list[list[int]]:
+    """Prompt indices per batch. Consecutive chunks, except where padding changes the model's
+    function (`cfg.attention_mask_mode == "causal_when_padded"`, e.g. MMaDA: one padded row makes
+    the whole batch causal): there each batch holds prompts of one length only, so nothing is padded.
+
+    Example:
+        >>> batch_indices(model, prepare_prompts(model, prompts), 16)     # [[0, 1, ...], [16, ...]]
+        >>> [prompts[i] for i in batch_indices(model, p, 16)[0]]
+    """
+    check_batch_size(batch_size)
+    n = len(prompts)
+    if model.cfg.attention_mask_mode != "causal_when_padded":
+        return [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
+    by_length: dict[int, list[int]] = {}
+    for i, t in enumerate(prompts.tokens):
+        by_length.setdefault(t.numel(), []).append(i)
+    return [group[s : s + batch_size] for group in by_length.values() for s in range(0, len(group), batch_size)]
+
+
 def check_batch_size(batch_size) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int; got {batch_size!r}.")
@@ -239,6 +258,7 @@ def step0_canvases(
     model, prompts: PreparedPrompts, *, gen_length: int, batch_size: int
 ) -> Iterator[CanvasBatch]:
     """Batches of the canvas the sampler starts from: left-padded prompt + `gen_length` masks.
+    `batch.indices` says which prompts a batch holds (see `batch_indices`).
 
     Example:
         >>> for batch in step0_canvases(model, prepare_prompts(model, ["Hi"]), gen_length=32, batch_size=8):
@@ -249,17 +269,25 @@ def step0_canvases(
         raise ValueError("The model config has no mask_token_id; cannot build a diffusion canvas.")
     if isinstance(gen_length, bool) or not isinstance(gen_length, int) or gen_length < 0:
         raise ValueError(f"gen_length must be an int >= 0; got {gen_length!r}.")
-    check_batch_size(batch_size)
-    for start in range(0, len(prompts), batch_size):
-        tokens, mask, n_pad = left_pad(model, prompts.tokens[start : start + batch_size])
+    for indices in batch_indices(model, prompts, batch_size):
+        tokens, mask, n_pad = left_pad(model, [prompts.tokens[i] for i in indices])
         masks = tokens.new_full((tokens.shape[0], gen_length), cfg.mask_token_id)
         yield CanvasBatch(
             tokens=torch.cat([tokens, masks], dim=1),
             attention_mask=None if mask is None else torch.cat([mask, torch.ones_like(masks)], dim=1),
             response_start=tokens.shape[1],
             n_pad=n_pad,
-            indices=list(range(start, start + tokens.shape[0])),
+            indices=indices,
         )
+
+
+def in_prompt_order(parts: Sequence[Tensor], indices: Sequence[Sequence[int]]) -> Tensor:
+    """Concatenate per-batch results [b ...] and put the rows back in prompt order."""
+    order = torch.tensor([i for batch in indices for i in batch])
+    stacked = torch.cat(list(parts))
+    out = torch.empty_like(stacked)
+    out[order.to(stacked.device)] = stacked
+    return out
 
 
 # ----------------------------------------------------------------------------- positions
@@ -479,16 +507,24 @@ def collect_activations(
     if not sites:
         raise ValueError("sites is empty; pass at least one hook point name.")
     model.check_hook_names(sites)
-    chunks: dict[str, list[Tensor]] = {s: [] for s in sites}
+    per_prompt: dict[str, list] = {s: [None] * len(prepared) for s in sites}
     for batch in step0_canvases(model, prepared, gen_length=gen_length, batch_size=batch_size):
         selector = make_selector(pooling, batch, prepared.template)
         acts, _ = run_and_read(model, batch, sites, selector, hooks=hooks)
         for site in sites:
-            chunks[site].append(acts[site])
-    return {site: torch.cat(parts) for site, parts in chunks.items()}
+            if pooling is None:  # [k *feat] over every valid (row, position): split back per row
+                counts = selector.valid.sum(1).tolist()
+                pieces = acts[site].split(counts)
+            else:
+                pieces = acts[site].unbind(0)
+            for i, piece in zip(batch.indices, pieces):
+                per_prompt[site][i] = piece
+    if pooling is None:
+        return {site: torch.cat(parts) for site, parts in per_prompt.items()}
+    return {site: torch.stack(parts) for site, parts in per_prompt.items()}
 
 
 __all__ = [
     "CanvasBatch", "InstructionTemplate", "PreparedPrompts", "collect_activations", "first_response_logits",
-    "instruction_template", "left_pad", "prepare_prompts", "step0_canvases",
+    "batch_indices", "in_prompt_order", "instruction_template", "left_pad", "prepare_prompts", "step0_canvases",
 ]

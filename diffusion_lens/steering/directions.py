@@ -23,6 +23,7 @@ from diffusion_lens.steering.activations import (
     PromptsInput,
     _offsets,
     _StopForward,
+    batch_indices,
     check_batch_size,
     check_position_spec,
     collect_activations,
@@ -288,8 +289,8 @@ def _class_means(model, prepared, sites, spec, *, step, sampler, batch_size, sec
     _check_prompts_against_spec(prepared, spec, response_length, argument)
     plan = _Plan(sites, spec, prepared.template, response_length, step, second_moment)
     stop = _stop_hook(model, sites, step)
-    for start in range(0, len(prepared), batch_size):
-        tokens, mask, _ = left_pad(model, prepared.tokens[start : start + batch_size])
+    for indices in batch_indices(model, prepared, batch_size):
+        tokens, mask, _ = left_pad(model, [prepared.tokens[i] for i in indices])
         try:
             denoise(model, tokens, attention_mask=mask, sampler=sampler, reducers=plan.reducers,
                     hooks=plan.hooks() + stop, stop_after=step, return_trajectory=False, progress=False,

@@ -32,6 +32,7 @@ from diffusion_lens.steering.activations import (
     PositionSpec,
     PromptsInput,
     first_response_logits,
+    in_prompt_order,
     prepare_prompts,
     step0_canvases,
 )
@@ -94,12 +95,13 @@ class Selection:
 
 @torch.no_grad()
 def _first_logits(model, prompts, hooks, gen_length, batch_size) -> Tensor:
-    out = []
+    out, order = [], []
     with model.hooks(fwd_hooks=list(hooks)):
         for batch in step0_canvases(model, prompts, gen_length=gen_length, batch_size=batch_size):
             logits = model(batch.tokens, batch.attention_mask)
             out.append(first_response_logits(model, logits, batch.response_start).double().cpu())
-    return torch.cat(out)
+            order.append(batch.indices)
+    return in_prompt_order(out, order)
 
 
 def _filter_by_score(model, prepared, ids, keep_positive: bool, gen_length, batch_size, name):

@@ -17,7 +17,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from diffusion_lens.steering._common import LayerSpec, check_vector, resolve_layers
-from diffusion_lens.steering.activations import PromptsInput, check_batch_size, left_pad, prepare_prompts
+from diffusion_lens.steering.activations import PromptsInput, batch_indices, check_batch_size, left_pad, prepare_prompts
 from diffusion_lens.steering.interventions import ablate
 
 Metric = Callable[..., Union[float, Tensor]]
@@ -118,7 +118,7 @@ def sensitivity(
         raise TypeError(f"metric must be a callable(GenerationOutput) -> values; got {type(metric).__name__}.")
     sampler, driver = split_generate_kwargs(model, generate_kwargs)
     prepared = prepare_prompts(model, prompts, chat=chat)
-    batches = [left_pad(model, prepared.tokens[s : s + batch_size])[:2] for s in range(0, len(prepared), batch_size)]
+    batches = [left_pad(model, [prepared.tokens[i] for i in idx])[:2] for idx in batch_indices(model, prepared, batch_size)]
 
     def evaluate(hooks) -> float:
         total, count = 0.0, 0
