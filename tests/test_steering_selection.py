@@ -112,6 +112,15 @@ def test_cross_lingual_transfer_with_two_token_languages():
                                  refusal_tokens=[REFUSAL_TOKEN], gen_length=4)
     assert res["refusing_base"] == 1.0 and res["refusing_ablated"] == 0.0
     assert res["score_ablated"] < res["score_base"] and res["cosine"] > 0.9
+    with pytest.raises(ValueError, match="tokenizer"):  # text refusal rates need decoded responses
+        cross_lingual_transfer(model, r_a, b_harm[:2], refusal_tokens=[REFUSAL_TOKEN], gen_length=4,
+                               generate_kwargs=dict(steps=4, gen_length=4, block_length=4))
+    from tests.test_steering_core import make_chat_tokenizer
+
+    model.tokenizer = make_chat_tokenizer()
+    res = cross_lingual_transfer(model, r_a, b_harm[:3], refusal_tokens=[REFUSAL_TOKEN], gen_length=4,
+                                 generate_kwargs=dict(steps=4, gen_length=4, block_length=4))
+    assert 0.0 <= res["refusal_rate_base"] <= 1.0 and 0.0 <= res["refusal_rate_ablated"] <= 1.0
 
 
 def test_refusal_score_uses_the_logit_shift_on_dream():

@@ -16,7 +16,7 @@ from torch import Tensor
 from diffusion_lens.evals.refusal import refusal_rate
 from diffusion_lens.evals.scores import refusal_score
 from diffusion_lens.steering._common import check_vector, unit
-from diffusion_lens.steering.activations import PositionSpec, PromptsInput
+from diffusion_lens.steering.activations import PositionSpec, PromptsInput, batch_indices, left_pad, prepare_prompts
 from diffusion_lens.steering.directions import mean_difference
 from diffusion_lens.steering.interventions import ablate
 
@@ -63,11 +63,17 @@ def cross_lingual_transfer(
         label = own.positions[0]
         out["cosine"] = float(torch.dot(unit(vector).cpu(), own.unit(layer, label).cpu()))
     if generate_kwargs is not None:
-        prompts = list(target_harmful)
-        plain = model.generate(prompts, **generate_kwargs)
-        ablated = model.generate(prompts, hooks=hooks, **generate_kwargs)
-        out["refusal_rate_base"] = refusal_rate(plain.texts)
-        out["refusal_rate_ablated"] = refusal_rate(ablated.texts)
+        prepared = prepare_prompts(model, target_harmful)
+        texts = {"base": [], "ablated": []}
+        for indices in batch_indices(model, prepared, batch_size):
+            tokens, mask, _ = left_pad(model, [prepared.tokens[i] for i in indices])
+            for key, extra in (("base", []), ("ablated", hooks)):
+                gen = model.generate(tokens, attention_mask=mask, hooks=extra, **{"progress": False, **generate_kwargs})
+                if gen.texts is None:
+                    raise ValueError("Text refusal rates need a tokenizer; call without generate_kwargs.")
+                texts[key] += gen.texts
+        out["refusal_rate_base"] = refusal_rate(texts["base"])
+        out["refusal_rate_ablated"] = refusal_rate(texts["ablated"])
     return out
 
 
