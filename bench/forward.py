@@ -185,6 +185,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=available_threads(), help="torch threads (default: all cores)")
     parser.add_argument("--no-malloc-check", action="store_true",
                         help="skip the second run with glibc's trimming turned off")
+    parser.add_argument("--families", action="store_true",
+                        help="also run bench/forward_families.py: Dream vs Qwen2ForCausalLM, LLaDA-MoE expert hooks off/on")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench_out" / "forward.json")
     args = parser.parse_args()
@@ -231,6 +233,12 @@ def main() -> int:
         tuned = run_tuned_child(args)
         print_table(tuned["results"])
         report["malloc_tuned"] = tuned
+    if args.families:
+        import forward_families
+
+        print("\nOther families (bench/forward_families.py):")
+        report["families"] = forward_families.run_all(batch=BATCH, n_pos=N_POS, repeats=args.repeats, warmup=args.warmup)
+        forward_families.print_results(report["families"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     shown = args.out.relative_to(REPO_ROOT) if args.out.is_relative_to(REPO_ROOT) else args.out

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 from statistics import median
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from safetensors.torch import save_file
@@ -131,10 +131,11 @@ def qwen2_from(folder: Path, dtype: torch.dtype, device: str):
     return model.to(device=device, dtype=dtype).eval()
 
 
-def bench_dream(args, device: str, dtype: torch.dtype, sync) -> dict:
-    size = dict(d_model=256, n_layers=2, n_heads=4, n_kv=2, d_mlp=688, vocab=4096) if args.quick else \
+def bench_dream(opts: dict, device: str, dtype: torch.dtype, sync) -> dict:
+    """Time our Dream forward against Qwen2ForCausalLM (same weights, bidirectional mask)."""
+    size = dict(d_model=256, n_layers=2, n_heads=4, n_kv=2, d_mlp=688, vocab=4096) if opts["quick"] else \
         dict(d_model=1024, n_layers=4, n_heads=16, n_kv=4, d_mlp=2816, vocab=16384)
-    batch, n_pos = (2, 64) if args.quick else (args.batch, args.n_pos)
+    batch, n_pos = (2, 64) if opts["quick"] else (opts["batch"], opts["n_pos"])
     with tempfile.TemporaryDirectory() as tmp:
         folder = dream_checkpoint(Path(tmp) / "dream", **size)
         ours = HookedDiffusionTransformer.from_pretrained(folder, dtype=dtype, device=device)
@@ -145,7 +146,7 @@ def bench_dream(args, device: str, dtype: torch.dtype, sync) -> dict:
         diff = (ours(tokens).float() - ref(input_ids=tokens, attention_mask=full).logits.float()).abs().max().item()
         timings = time_interleaved(
             {"ours": lambda: ours(tokens), "qwen2": lambda: ref(input_ids=tokens, attention_mask=full).logits},
-            repeats=args.repeats, warmup=args.warmup, sync=sync,
+            repeats=opts["repeats"], warmup=opts["warmup"], sync=sync,
         )
     return {"shape": size, "batch": batch, "n_pos": n_pos, "max_abs_logit_diff": diff, "seconds": timings["median"],
             "ratio_ours_over_qwen2": paired_ratio(timings, "ours", "qwen2"),
@@ -185,10 +186,11 @@ def llada_moe_checkpoint(folder: Path, *, d_model, n_layers, n_heads, n_experts,
     return folder
 
 
-def bench_moe(args, device: str, dtype: torch.dtype, sync) -> dict:
-    size = dict(d_model=256, n_layers=2, n_heads=4, n_experts=8, top_k=2, d_expert=128, vocab=4096) if args.quick else \
-        dict(d_model=1024, n_layers=4, n_heads=8, n_experts=64, top_k=8, d_expert=512, vocab=16384)
-    batch, n_pos = (2, 64) if args.quick else (args.batch, args.n_pos)
+def bench_moe(opts: dict, device: str, dtype: torch.dtype, sync) -> dict:
+    """Time our LLaDA-MoE forward with no hooks and with a no-op hook on every expert/router hook point."""
+    size = dict(d_model=256, n_layers=2, n_heads=4, n_experts=8, top_k=2, d_expert=128, vocab=4096) if opts["quick"] \
+        else dict(d_model=1024, n_layers=4, n_heads=8, n_experts=64, top_k=8, d_expert=512, vocab=16384)
+    batch, n_pos = (2, 64) if opts["quick"] else (opts["batch"], opts["n_pos"])
     with tempfile.TemporaryDirectory() as tmp:
         model = HookedDiffusionTransformer.from_pretrained(
             llada_moe_checkpoint(Path(tmp) / "moe", **size), dtype=dtype, device=device)
@@ -204,10 +206,43 @@ def bench_moe(args, device: str, dtype: torch.dtype, sync) -> dict:
 
     with torch.inference_mode():
         timings = time_interleaved({"hooks_off": lambda: model(tokens), "per_expert_hooks_on": hooks_on},
-                                   repeats=args.repeats, warmup=args.warmup, sync=sync)
+                                   repeats=opts["repeats"], warmup=opts["warmup"], sync=sync)
     return {"shape": size, "batch": batch, "n_pos": n_pos, "n_hooked_points": len(on), "seconds": timings["median"],
             "ratio_on_over_off": paired_ratio(timings, "per_expert_hooks_on", "hooks_off"),
             "cpu_time_ratio_on_over_off": paired_ratio(timings, "per_expert_hooks_on", "hooks_off", "cpu_rounds")}
+
+
+def run_all(*, device: str = "cpu", dtype: Optional[torch.dtype] = None, batch: int = 4, n_pos: int = 256,
+            repeats: int = 20, warmup: int = 3, quick: bool = False) -> dict:
+    """Both benches; a JSON-ready dict (also used by `bench/forward.py --families`).
+
+    Example:
+        >>> results = run_all(quick=True, repeats=3)
+        >>> print_results(results)
+    """
+    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    opts = dict(batch=batch, n_pos=n_pos, repeats=repeats, warmup=warmup, quick=quick)
+    return {
+        "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)",
+        "dtype": str(dtype), "torch": torch.__version__,
+        "dream_vs_qwen2": bench_dream(opts, device, dtype, sync),
+        "llada_moe_expert_hooks": bench_moe(opts, device, dtype, sync),
+    }
+
+
+def print_results(results: dict) -> None:
+    """One line per bench: times, within-round wall ratio, CPU-time ratio, parity."""
+    d, m = results["dream_vs_qwen2"], results["llada_moe_expert_hooks"]
+    print(f"{results['device']}, {results['dtype']}")
+    print(f"Dream (ours) vs Qwen2ForCausalLM, batch {d['batch']} x {d['n_pos']}: "
+          f"{d['seconds']['ours'] * 1e3:.2f} ms vs {d['seconds']['qwen2'] * 1e3:.2f} ms, "
+          f"ratio {d['ratio_ours_over_qwen2']:.3f} (CPU time {d['cpu_time_ratio_ours_over_qwen2']:.3f}; goal <= 1.03; "
+          f"max |logit diff| {d['max_abs_logit_diff']:.2e})")
+    print(f"LLaDA-MoE {m['shape']['n_experts']} experts top-{m['shape']['top_k']}, batch {m['batch']} x {m['n_pos']}: "
+          f"hooks off {m['seconds']['hooks_off'] * 1e3:.2f} ms, {m['n_hooked_points']} expert/router hooks on "
+          f"{m['seconds']['per_expert_hooks_on'] * 1e3:.2f} ms, ratio {m['ratio_on_over_off']:.3f} "
+          f"(CPU time {m['cpu_time_ratio_on_over_off']:.3f})")
 
 
 def main() -> None:
@@ -218,27 +253,15 @@ def main() -> None:
     parser.add_argument("--n-pos", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke test")
     parser.add_argument("--out", default=str(REPO_ROOT / "bench_out" / "forward_families.json"))
     args = parser.parse_args()
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    results = {
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)",
-        "dtype": str(dtype), "torch": torch.__version__,
-        "dream_vs_qwen2": bench_dream(args, args.device, dtype, sync),
-        "llada_moe_expert_hooks": bench_moe(args, args.device, dtype, sync),
-    }
-    d, m = results["dream_vs_qwen2"], results["llada_moe_expert_hooks"]
-    print(f"{results['device']}, {results['dtype']}")
-    print(f"Dream (ours) vs Qwen2ForCausalLM, batch {d['batch']} x {d['n_pos']}: "
-          f"{d['seconds']['ours'] * 1e3:.2f} ms vs {d['seconds']['qwen2'] * 1e3:.2f} ms, "
-          f"ratio {d['ratio_ours_over_qwen2']:.3f} (CPU time {d['cpu_time_ratio_ours_over_qwen2']:.3f}; "
-          f"max |logit diff| {d['max_abs_logit_diff']:.2e})")
-    print(f"LLaDA-MoE {m['shape']['n_experts']} experts top-{m['shape']['top_k']}: hooks off "
-          f"{m['seconds']['hooks_off'] * 1e3:.2f} ms, {m['n_hooked_points']} expert/router hooks on "
-          f"{m['seconds']['per_expert_hooks_on'] * 1e3:.2f} ms, ratio {m['ratio_on_over_off']:.3f} "
-          f"(CPU time {m['cpu_time_ratio_on_over_off']:.3f})")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = run_all(device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None, batch=args.batch,
+                      n_pos=args.n_pos, repeats=args.repeats, warmup=args.warmup, quick=args.quick)
+    print_results(results)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
