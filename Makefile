@@ -2,7 +2,7 @@
 PY      := .venv/bin/python
 TORCH   ?= torch==2.13.0
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test bench docs notebooks notebooks-clean
 setup: .venv/.installed
 
 .venv/.installed: pyproject.toml
@@ -15,8 +15,21 @@ setup: .venv/.installed
 demo: setup
 	$(PY) -m diffusion_lens demo
 
+# The test suite, then the documentation site with warnings as errors.
 test: setup
 	$(PY) -m pytest tests
+	$(MAKE) docs
+
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
+
+# Notebooks are committed without outputs; this executes them in place for browsing (strip the
+# outputs again before committing: `make notebooks-clean`).
+notebooks: setup
+	$(PY) -m pytest --nbmake --overwrite tutorials
+
+notebooks-clean: setup
+	$(PY) scripts/strip_notebooks.py tutorials/*.ipynb
 
 bench: setup
 	$(PY) bench/forward.py
