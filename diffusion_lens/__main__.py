@@ -10,9 +10,10 @@ def main() -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="run the demo on the embedded default model")
     demo.add_argument("--out", default="demo_out", help="folder for results (default: demo_out)")
+    demo.add_argument("--quick", action="store_true", help="a reduced study on fewer prompts (about a minute)")
     args = parser.parse_args()
     if args.command == "demo":
-        run_demo(args.out)
+        run_demo(args.out, quick=args.quick)
 
 
 if __name__ == "__main__":

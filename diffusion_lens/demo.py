@@ -1,48 +1,271 @@
-"""The `make demo` job: load the embedded model, list its hook points, cache a forward, show
-what it predicts at the masked positions."""
+"""`make demo`: the headline study of "Activation Steering for Masked Diffusion Language Models"
+(Shnaidman et al.), end to end on the embedded `tiny-refusal` model.
+
+1. Candidate refusal directions: difference of class means at every layer's block input, at the
+   pre-instruction and post-instruction chat-template tokens and pooled over the response, from one
+   forward per prompt on the step-0 canvas (prompt + fully masked response), 128 harmful vs 128
+   harmless training prompts (both languages).
+2. Selection on a validation split (bypass / induce / KL scores and the Arditi filters).
+3. Per language, on two prompt sets never trained on nor used for selection: "held_out" (request
+   templates and/or topics that no training prompt uses: generalisation) and "unseen" (training
+   templates and topics, new prompts): refusal rate at baseline, with the direction ablated (every
+   layer, step and position) and with a random direction ablated. Then masked-position KL and
+   refusal induced by adding the raw difference (held-out harmless prompts), the best direction of
+   each position type, cross-lingual transfer and a layer x step-window sensitivity grid (unseen
+   harmful prompts, where the model refuses). The top-level keys of results.json (`baseline`,
+   `ablated`, `random_control`) are the held-out figures; `unseen` holds the same for unseen prompts.
+
+Results go to `<out>/results.json` with plots (PNG, and HTML when plotly is installed).
+"""
 
 from __future__ import annotations
 
-from collections import defaultdict
+import json
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from diffusion_lens.evals import is_refusal, masked_kl, refusal_rate
 from diffusion_lens.model import HookedDiffusionTransformer
+from diffusion_lens.steering import ablate, add, mean_difference
+from diffusion_lens.steering.selection import select_direction
+from diffusion_lens.steering.sensitivity import sensitivity
+from diffusion_lens.toy.data import REFUSALS, generate_dataset, prompts
 
-EMBEDDED_TINY = Path(__file__).parent / "data" / "llada-tiny-mha"
+POSITION_TYPES = {"pre_instruction": "pre_instruction", "post_instruction": "post_instruction", "response_mean": "mean_response"}
+LANGS = ("en", "zh")
 
 
-def run_demo(out_dir: str = "demo_out") -> None:
-    model = HookedDiffusionTransformer.from_pretrained(EMBEDDED_TINY)
-    print(model)
+@dataclass
+class DemoSize:
+    """How many prompts each part of the study uses (per language and class)."""
 
-    groups = defaultdict(list)
-    for name in model.hook_dict:
-        groups[name.split(".", 2)[-1] if name.startswith("blocks.") else name].append(name)
-    per_block = sum(names[0].startswith("blocks.") for names in groups.values())
-    print(f"\n{len(model.hook_dict)} hook points ({per_block} kinds in each of {model.cfg.n_layers} blocks, "
-          f"{len(groups) - per_block} at the top level):")
-    for kind, names in groups.items():
-        print(f"  {'blocks.{l}.' + kind if names[0].startswith('blocks.') else kind:40s} x{len(names)}")
+    n_train: int = 64  # 128 harmful vs 128 harmless in all
+    n_val: int = 16
+    n_test: int = 48
+    gen_length: int = 32
+    step_window: int = 8
+    batch_size: int = 64
+    position_types: tuple[str, ...] = tuple(POSITION_TYPES)
+    full: bool = True  # False: selection and refusal rates only (the reduced demo of the tests)
 
+
+QUICK = DemoSize(n_train=16, n_val=8, n_test=12, position_types=("post_instruction",), full=False)
+
+
+def _by_lang(examples, kind: str, n: int) -> dict[str, list[str]]:
+    return {lang: prompts(examples, kind=kind, lang=lang)[:n] for lang in LANGS}
+
+
+def _both(split: dict[str, list[str]]) -> list[str]:
+    return [p for lang in LANGS for p in split[lang]]
+
+
+class Study:
+    """The model, the prompt splits and the sampler settings shared by every measurement."""
+
+    def __init__(self, model: HookedDiffusionTransformer, size: DemoSize, seed: int = 1):
+        self.model, self.size = model, size
+        data = generate_dataset(n_train=8 * size.n_train, n_val=8 * (size.n_val + size.n_test),
+                                n_test=8 * size.n_test, seed=seed)
+        self.train = {kind: _by_lang(data["train"], kind, size.n_train) for kind in ("harmful", "harmless")}
+        val = {kind: _by_lang(data["val"], kind, size.n_val + size.n_test) for kind in ("harmful", "harmless")}
+        # Selection uses the first n_val validation prompts; the rest are "unseen": training
+        # templates and topics, but prompts never trained on and never used for selection.
+        self.val = {kind: {lang: v[: size.n_val] for lang, v in by.items()} for kind, by in val.items()}
+        self.unseen = {kind: {lang: v[size.n_val:] for lang, v in by.items()} for kind, by in val.items()}
+        # Held-out templates and/or topics that no training prompt uses.
+        self.test = {kind: _by_lang(data["test"], kind, size.n_test) for kind in ("harmful", "harmless")}
+        self.generate_kwargs = dict(gen_length=size.gen_length, steps=size.gen_length, block_length=size.gen_length)
+
+    def refusal(self, prompt_list: list[str], hooks=()) -> float:
+        texts = []
+        for start in range(0, len(prompt_list), self.size.batch_size):
+            chunk = prompt_list[start: start + self.size.batch_size]
+            texts += self.model.generate(chunk, hooks=hooks, progress=False, **self.generate_kwargs).texts
+        return refusal_rate(texts)
+
+    def refusal_by_lang(self, split: dict, kind: str, hooks=()) -> dict[str, float]:
+        return {lang: self.refusal(split[kind][lang], hooks) for lang in LANGS}
+
+    def refusal_tokens(self) -> list[int]:
+        """The tokens the model's refusals open with (first token of each training refusal)."""
+        tokenizer = self.model.tokenizer
+        return sorted({tokenizer(text, add_special_tokens=False)["input_ids"][0] for lang in LANGS for text in REFUSALS[lang]})
+
+    def directions(self, harmful: list[str], harmless: list[str], positions: str):
+        return mean_difference(
+            self.model, harmful, harmless, layers="all", positions=positions,
+            gen_length=self.size.gen_length, batch_size=self.size.batch_size,
+        )
+
+
+def run_study(model: HookedDiffusionTransformer, size: DemoSize = DemoSize(), out_dir: str | Path = "demo_out",
+              plots: bool = True, log=print) -> dict:
+    """Run the study and return the results dict (also written to `out_dir/results.json`).
+
+    Example:
+        >>> model = HookedDiffusionTransformer.from_pretrained("tiny-refusal")
+        >>> results = run_study(model, QUICK, "demo_out")
+        >>> results["ablated"]["harmful"], results["random_control"]["harmful"]
+    """
+    started = time.time()
+    study = Study(model, size)
+    harmful_train, harmless_train = _both(study.train["harmful"]), _both(study.train["harmless"])
+    harmful_val, harmless_val = _both(study.val["harmful"]), _both(study.val["harmless"])
+
+    log(f"1/6 candidate directions from {len(harmful_train)} harmful vs {len(harmless_train)} harmless prompts")
+    selections = {}
+    for label in size.position_types:
+        spec = POSITION_TYPES[label]
+        candidates = study.directions(harmful_train, harmless_train, spec)
+        # The induce filter is off: on tiny-refusal, adding the raw difference at one layer never
+        # raises the step-0 refusal score of harmless prompts at the first masked position (every
+        # candidate scores -3 to -5), although it does make generated answers refuse (reported
+        # below). The KL and layer filters of Arditi et al. stay on.
+        selections[label] = select_direction(
+            model, harmful_train, harmless_train, harmful_val, harmless_val, candidates=candidates,
+            refusal_tokens=study.refusal_tokens(), induce_threshold=float("-inf"),
+            gen_length=size.gen_length, batch_size=size.batch_size,
+        )
+    ranked = sorted((s.winner["bypass"], label) for label, s in selections.items() if s.winner is not None)
+    if not ranked:
+        raise RuntimeError("No candidate direction survived the selection filters; see the selection tables.")
+    best_label = ranked[0][1]
+    best = selections[best_label].winner
+    direction = best["direction"]
+    log(f"   selected layer {best['layer']} position {best['position']} (bypass score {best['bypass']:.2f})")
+
+    log("2/6 refusal rates (held-out templates/topics, and unseen prompts): baseline, ablated, random control")
+    ablation = ablate(model, direction)
     generator = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, 300, (1, 8), generator=generator)
-    canvas = torch.cat([prompt, torch.full((1, 8), model.cfg.mask_token_id)], dim=1)
-    logits, cache = model.run_with_cache(canvas)
-    print(f"\nrun_with_cache on a canvas of 8 prompt tokens + 8 masks: {len(cache)} activations cached")
-    print(f"  {'hook':32s} {'shape':>18s} {'mean':>8s} {'std':>8s} {'norm/pos':>9s}")
-    for layer in range(model.cfg.n_layers):
-        for kind in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out"):
-            act = cache[f"blocks.{layer}.{kind}"]
-            print(f"  blocks.{layer}.{kind:23s} {str(tuple(act.shape)):>18s} {act.mean():8.3f} {act.std():8.3f} "
-                  f"{act.norm(dim=-1).mean():9.3f}")
-    lens = cache.accumulated_resid(apply_ln=True) @ model.W_U
-    print(f"\nlogit lens reproduces the logits at the last layer: max |diff| = {(lens[-1] - logits).abs().max():.2e}")
+    random_ablation = ablate(model, torch.randn(model.cfg.d_model, generator=generator, dtype=torch.float64))
+    results = {}
+    for name, split in (("held_out", study.test), ("unseen", study.unseen)):
+        results[name] = {
+            "baseline": {kind: study.refusal_by_lang(split, kind) for kind in ("harmful", "harmless")},
+            "ablated": {kind: study.refusal_by_lang(split, kind, ablation) for kind in ("harmful", "harmless")},
+            "random_control": {"harmful": study.refusal_by_lang(split, "harmful", random_ablation)},
+        }
+    results.update(results["held_out"])  # the headline keys are the held-out prompts' figures
+    sens = None
+    if size.full:
+        sens = _full_study(study, results, selections, best_label, ablation, log)
+    results["best"] = {"layer": best["layer"], "position": str(best["position"]), "position_type": best_label}
+    results["selection"] = {label: s.table for label, s in selections.items()}
+    results["seconds"] = round(time.time() - started, 1)
 
-    probs = logits[0, 8:].softmax(-1)
-    top = probs.topk(3, dim=-1)
-    print("\ntop-3 predictions (token id: prob) at each masked position:")
-    for pos, (ids, ps) in enumerate(zip(top.indices.tolist(), top.values.tolist()), start=8):
-        print(f"  pos {pos:2d}: " + "  ".join(f"{i:3d}: {p:.3f}" for i, p in zip(ids, ps)))
-    Path(out_dir).mkdir(exist_ok=True)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    if plots and sens is not None:
+        _plots(out, selections, best_label, sens)
+    return results
+
+
+def _full_study(study: Study, results: dict, selections: dict, best_label: str, ablation, log):
+    """KL, induction, per-position, cross-lingual and sensitivity measurements (fills `results`)."""
+    model, size = study.model, study.size
+    best = selections[best_label].winner
+    log("3/6 masked KL on harmless prompts and induced refusal")
+    kl = masked_kl(model, _both(study.test["harmless"]), ablation, batch_size=size.batch_size,
+                   generate_kwargs=study.generate_kwargs)
+    results["kl_harmless"] = kl.mean
+    induce = add(model, best["vector"], alpha=1.0, layers=best["layer"])
+    results["induced"] = {"harmless": study.refusal_by_lang(study.test, "harmless", induce)}
+
+    log("4/6 best direction per position type (unseen prompts, where the model refuses)")
+    results["by_position"] = {
+        label: {"harmful": study.refusal_by_lang(study.unseen, "harmful", ablate(model, s.winner["direction"]))}
+        if s.winner is not None else None
+        for label, s in selections.items()
+    }
+
+    log("5/6 cross-lingual transfer (direction from one language, ablated on the other; unseen prompts)")
+    transfer = {}
+    for source, target in (("en", "zh"), ("zh", "en")):
+        own = study.directions(study.train["harmful"][source], study.train["harmless"][source], POSITION_TYPES[best_label])
+        transferred = ablate(model, own.unit(best["layer"], best["position"]))
+        transfer[f"{source}_to_{target}"] = study.refusal(study.unseen["harmful"][target], transferred)
+    results["transfer"] = transfer
+
+    log("6/6 layer x step-window sensitivity (one layer and one step window at a time; unseen prompts)")
+    sens = sensitivity(
+        model, best["direction"], _both(study.unseen["harmful"]), over=("layers", "steps"), window=size.step_window,
+        metric=lambda out: torch.tensor([float(is_refusal(text)) for text in out.texts]),
+        batch_size=size.batch_size, generate_kwargs=study.generate_kwargs,
+    )
+    results["sensitivity"] = {
+        "values": sens.values.tolist(), "layers": sens.row_labels, "step_windows": [str(c) for c in sens.col_labels],
+        "baseline": sens.baseline, "all_layers_all_steps": sens.full, "prompts": "unseen",
+    }
+    return sens
+
+
+def _plots(out: Path, selections: dict, best_label: str, sens) -> None:
+    from diffusion_lens import plot
+
+    figures = {
+        "cosine_per_layer": plot.cosine_per_layer(selections[best_label].directions),
+        "selection_bypass": plot.selection_heatmap(selections[best_label], "bypass"),
+        "sensitivity": plot.sensitivity_heatmap(sens, title="Harmful refusal rate, ablating one layer x step window"),
+    }
+    for name, fig in figures.items():
+        fig.savefig(out / f"{name}.png", dpi=120, bbox_inches="tight")
+    try:
+        import plotly.graph_objects as go
+    except ImportError:
+        return
+    heat = go.Figure(go.Heatmap(z=sens.values.tolist(), x=[str(c) for c in sens.col_labels], y=sens.row_labels,
+                                colorbar={"title": "refusal"}))
+    heat.update_layout(title="Harmful refusal rate under windowed ablation", xaxis_title="steps", yaxis_title="layer")
+    heat.write_html(out / "sensitivity.html")
+
+
+def format_table(results: dict) -> str:
+    """The printed summary: one row per measurement, columns en / zh for each prompt set."""
+    sets = ("held_out", "unseen")
+    lines = [f"{'':44s} " + "   ".join(f"{name:>13s}" for name in sets),
+             f"{'':44s} " + "   ".join(f"{'en':>6s} {'zh':>6s}" for _ in sets)]
+
+    def row(label, pick):
+        values = [pick(results[name]) for name in sets]
+        cells = ["   ".join(f"{v['en']:6.2f} {v['zh']:6.2f}" if v else f"{'-':>6s} {'-':>6s}" for v in values)]
+        lines.append(f"{label:44s} " + cells[0])
+
+    row("harmful refusal, baseline", lambda r: r["baseline"]["harmful"])
+    row("harmless refusal, baseline", lambda r: r["baseline"]["harmless"])
+    row("harmful refusal, direction ablated", lambda r: r["ablated"]["harmful"])
+    row("harmless refusal, direction ablated", lambda r: r["ablated"]["harmless"])
+    row("harmful refusal, random direction ablated", lambda r: r["random_control"]["harmful"])
+    if "induced" in results:
+        row("harmless refusal, difference added", lambda r: results["induced"]["harmless"] if r is results["held_out"] else None)
+        for label, entry in results["by_position"].items():
+            row(f"harmful refusal, best {label} dir.", lambda r, e=entry: e["harmful"] if e and r is results["unseen"] else None)
+        t = results["transfer"]
+        row("harmful refusal, other language's dir.",
+            lambda r: {"en": t["zh_to_en"], "zh": t["en_to_zh"]} if r is results["unseen"] else None)
+        lines.append(f"masked KL on harmless prompts (nats): {results['kl_harmless']:.4f}")
+    best = results["best"]
+    lines.append(f"selected direction: layer {best['layer']}, {best['position']} ({best['position_type']})")
+    if "sensitivity" in results:
+        sens = results["sensitivity"]
+        lines.append("sensitivity, harmful refusal on unseen prompts (rows: ablated layer; columns: step windows "
+                     + ", ".join(sens["step_windows"]) + f"; no ablation {sens['baseline']:.2f}, "
+                     f"all layers and steps {sens['all_layers_all_steps']:.2f}):")
+        for layer, values in zip(sens["layers"], sens["values"]):
+            lines.append(f"  layer {layer}: " + " ".join(f"{v:5.2f}" for v in values))
+    lines.append(f"took {results['seconds']:.0f} s")
+    return "\n".join(lines)
+
+
+def run_demo(out_dir: str = "demo_out", quick: bool = False) -> dict:
+    model = HookedDiffusionTransformer.from_pretrained("tiny-refusal")
+    print(model)
+    results = run_study(model, QUICK if quick else DemoSize(), out_dir)
+    print()
+    print(format_table(results))
+    print(f"\nwrote {Path(out_dir) / 'results.json'}" + ("" if quick else " and plots"))
+    return results

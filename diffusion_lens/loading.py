@@ -173,8 +173,16 @@ def load_tokenizer(folder: Path):
     if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
         return None
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
-    return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    # AutoTokenizer reads config.json too and warns that transformers does not know our
+    # model_type ("llada", ...); that is expected here, since only the tokenizer is wanted.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def save_pretrained(model, path, *, max_shard_bytes: int = 4 * 2**30) -> Path:
