@@ -15,9 +15,10 @@ setup: .venv/.installed
 demo: setup
 	$(PY) -m diffusion_lens demo
 
-# The test suite, then the documentation site with warnings as errors.
+# The test suite and every tutorial notebook (nbmake runs each one top to bottom in a fresh kernel:
+# a cell that raises fails CI), then the documentation site with warnings as errors.
 test: setup
-	$(PY) -m pytest tests
+	$(PY) -m pytest --nbmake tests tutorials
 	$(MAKE) docs
 
 docs: setup
