@@ -37,6 +37,10 @@ def strip(nb) -> bool:
         if key in nb.metadata:
             del nb.metadata[key]
             changed = True
+    language = nb.metadata.get("language_info")
+    if language and set(language) != {"name"}:  # the kernel's version details: noise in a diff
+        nb.metadata["language_info"] = {"name": language.get("name", "python")}
+        changed = True
     return changed
 
 
