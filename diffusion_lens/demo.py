@@ -15,7 +15,7 @@
    harmful prompts, where the model refuses). The top-level keys of results.json (`baseline`,
    `ablated`, `random_control`) are the held-out figures; `unseen` holds the same for unseen prompts.
 
-Results go to `<out>/results.json` with plots (PNG, and HTML when plotly is installed).
+Results go to `<out>/results.json`, with PNG plots and `report.html` (table and plots in one page).
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ def run_study(model: HookedDiffusionTransformer, size: DemoSize = DemoSize(), ou
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     if plots and sens is not None:
-        _plots(out, selections, best_label, sens)
+        _plots(out, selections, best_label, sens, format_table(results))
     return results
 
 
@@ -204,7 +204,11 @@ def _full_study(study: Study, results: dict, selections: dict, best_label: str, 
     return sens
 
 
-def _plots(out: Path, selections: dict, best_label: str, sens) -> None:
+def _plots(out: Path, selections: dict, best_label: str, sens, table: str) -> None:
+    """PNG figures, and `report.html`: the table and the figures in one self-contained page."""
+    import base64
+    import html
+
     from diffusion_lens import plot
 
     figures = {
@@ -212,16 +216,14 @@ def _plots(out: Path, selections: dict, best_label: str, sens) -> None:
         "selection_bypass": plot.selection_heatmap(selections[best_label], "bypass"),
         "sensitivity": plot.sensitivity_heatmap(sens, title="Harmful refusal rate, ablating one layer x step window"),
     }
+    images = []
     for name, fig in figures.items():
         fig.savefig(out / f"{name}.png", dpi=120, bbox_inches="tight")
-    try:
-        import plotly.graph_objects as go
-    except ImportError:
-        return
-    heat = go.Figure(go.Heatmap(z=sens.values.tolist(), x=[str(c) for c in sens.col_labels], y=sens.row_labels,
-                                colorbar={"title": "refusal"}))
-    heat.update_layout(title="Harmful refusal rate under windowed ablation", xaxis_title="steps", yaxis_title="layer")
-    heat.write_html(out / "sensitivity.html")
+        encoded = base64.b64encode((out / f"{name}.png").read_bytes()).decode()
+        images.append(f'<h2>{name}</h2><img src="data:image/png;base64,{encoded}">')
+    page = ("<!doctype html><meta charset='utf-8'><title>tiny-refusal refusal-direction study</title>"
+            f"<h1>Refusal-direction study</h1><pre>{html.escape(table)}</pre>" + "".join(images))
+    (out / "report.html").write_text(page, encoding="utf-8")
 
 
 def format_table(results: dict) -> str:
@@ -267,5 +269,5 @@ def run_demo(out_dir: str = "demo_out", quick: bool = False) -> dict:
     results = run_study(model, QUICK if quick else DemoSize(), out_dir)
     print()
     print(format_table(results))
-    print(f"\nwrote {Path(out_dir) / 'results.json'}" + ("" if quick else " and plots"))
+    print(f"\nwrote {Path(out_dir) / 'results.json'}" + ("" if quick else ", PNG plots and report.html"))
     return results

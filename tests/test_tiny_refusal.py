@@ -77,10 +77,12 @@ def test_twenty_training_steps_reduce_the_loss():
 def test_reduced_demo_ablation_beats_random_control(tmp_path):
     """On prompts the model refuses (unseen prompts of the training templates), ablating the selected
     direction removes refusal in both languages while a random direction leaves it."""
+    from dataclasses import replace
+
     from diffusion_lens.demo import QUICK, run_study
 
     model = HookedDiffusionTransformer.from_pretrained("tiny-refusal")
-    results = run_study(model, QUICK, tmp_path, plots=False, log=lambda *_: None)
+    results = run_study(model, replace(QUICK, full=True, step_window=16), tmp_path, log=lambda *_: None)
     unseen = results["unseen"]
     for lang in ("en", "zh"):
         baseline = unseen["baseline"]["harmful"][lang]
@@ -90,5 +92,8 @@ def test_reduced_demo_ablation_beats_random_control(tmp_path):
         assert abs(baseline - random_control) <= 0.2, (lang, unseen)
         assert unseen["baseline"]["harmless"][lang] <= 0.1
     saved = json.loads((tmp_path / "results.json").read_text())
-    for key in ("baseline", "ablated", "random_control", "held_out", "unseen", "best", "seconds"):
+    for key in ("baseline", "ablated", "random_control", "held_out", "unseen", "best", "seconds", "kl_harmless",
+                "induced", "transfer", "by_position", "sensitivity"):
         assert key in saved
+    assert len(saved["sensitivity"]["values"]) == model.cfg.n_layers
+    assert {"sensitivity.png", "report.html"} <= {p.name for p in tmp_path.iterdir()}
