@@ -35,3 +35,6 @@ notebooks-clean: setup
 bench: setup
 	$(PY) bench/forward.py
 	$(PY) bench/load_memory.py
+	$(PY) bench/generate.py
+	$(PY) bench/forward_families.py
+	$(PY) bench/steering.py
