@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from diffusion_lens.evals import is_refusal, masked_kl, refusal_rate
+from diffusion_lens.evals import masked_kl, refusal_rate
 from diffusion_lens.model import HookedDiffusionTransformer
 from diffusion_lens.steering import ablate, add, mean_difference
 from diffusion_lens.steering.selection import select_direction
@@ -194,7 +194,6 @@ def _full_study(study: Study, results: dict, selections: dict, best_label: str, 
     log("6/6 layer x step-window sensitivity (one layer and one step window at a time; unseen prompts)")
     sens = sensitivity(
         model, best["direction"], _both(study.unseen["harmful"]), over=("layers", "steps"), window=size.step_window,
-        metric=lambda out: torch.tensor([float(is_refusal(text)) for text in out.texts]),
         batch_size=size.batch_size, generate_kwargs=study.generate_kwargs,
     )
     results["sensitivity"] = {

@@ -149,9 +149,13 @@ _DONE_WORD: dict[Lang, str] = {"en": " DONE", "zh": "完成"}
 
 
 def is_refusal(response: str) -> bool:
-    """Substring refusal judge (case-insensitive) over both languages' markers."""
-    text = response.lower()
-    return any(marker.lower() in text for markers in REFUSAL_MARKERS.values() for marker in markers)
+    """The library's substring judge with this data's markers (both languages); unlike
+    `diffusion_lens.evals.is_refusal`, an empty response is not a refusal here, since the data
+    checks written answers, not model outputs."""
+    from diffusion_lens.evals.refusal import is_refusal as judge
+
+    markers = [marker for per_lang in REFUSAL_MARKERS.values() for marker in per_lang]
+    return bool(response.strip()) and judge(response, markers)
 
 
 def check_format(response: str, format: str) -> bool:

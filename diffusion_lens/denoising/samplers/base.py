@@ -86,4 +86,19 @@ class Sampler:
         raise NotImplementedError
 
 
+def resolve_token_id(given: Optional[int], default: Optional[int], option: str, cfg_field: str) -> int:
+    """A sampler's special-token id: the option if given, else the model config's, else a clear error.
+
+    Example:
+        >>> mask_id = resolve_token_id(self.mask_id, model.cfg.mask_token_id, "mask_id", "mask_token_id")
+    """
+    if given is not None:
+        return given
+    if default is None:
+        raise ValueError(
+            f"The sampler needs `{option}`, and model.cfg.{cfg_field} is None; pass {option}=... to generate."
+        )
+    return default
+
+
 __all__ = ["Sampler", "Forward"]

@@ -24,7 +24,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from diffusion_lens.denoising.samplers.base import Forward, Sampler
+from diffusion_lens.denoising.samplers.base import Forward, Sampler, resolve_token_id
 from diffusion_lens.denoising.state import DenoisingState
 
 TokensHook = Callable[[Optional[int], Int[Tensor, "batch pos"], Optional[Tensor]], Int[Tensor, "batch pos"]]
@@ -110,9 +110,7 @@ class DreamSampler(Sampler):
         forward: Forward,
         generator: Optional[torch.Generator] = None,
     ) -> Iterator[tuple[DenoisingState, Int[Tensor, "batch pos"]]]:
-        mask_id = self.mask_id if self.mask_id is not None else model.cfg.mask_token_id
-        if mask_id is None:
-            raise ValueError("DreamSampler needs `mask_id`, and model.cfg.mask_token_id is None; pass mask_id=...")
+        mask_id = resolve_token_id(self.mask_id, model.cfg.mask_token_id, "mask_id", "mask_token_id")
         batch, prompt_width = prompt.shape
         device = prompt.device
         x = torch.cat([prompt, prompt.new_full((batch, self.max_new_tokens), mask_id)], dim=1)

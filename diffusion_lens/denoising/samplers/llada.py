@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from diffusion_lens.denoising.samplers.base import Forward, Sampler
+from diffusion_lens.denoising.samplers.base import Forward, Sampler, resolve_token_id
 from diffusion_lens.denoising.state import DenoisingState
 
 NEG_INF = float("-inf")
@@ -109,7 +109,7 @@ class LLaDASampler(Sampler):
         forward: Forward,
         generator: Optional[torch.Generator] = None,
     ) -> Iterator[tuple[DenoisingState, Int[Tensor, "batch pos"]]]:
-        mask_id = _token_id(self.mask_id, model.cfg.mask_token_id, "mask_id", "mask_token_id")
+        mask_id = resolve_token_id(self.mask_id, model.cfg.mask_token_id, "mask_id", "mask_token_id")
         suppressed = self._suppressed_ids(model.cfg)
         batch, prompt_width = prompt.shape
         device = prompt.device
@@ -167,10 +167,10 @@ class LLaDASampler(Sampler):
         """Token ids set to -inf: in the logits (`logits_eos_inf`) and before the confidence softmax."""
         out: dict[str, list[int]] = {"logits": [], "confidence": []}
         if self.logits_eos_inf:
-            out["logits"] = [_token_id(self.eos_id, cfg.eos_token_id, "eos_id", "eos_token_id")]
+            out["logits"] = [resolve_token_id(self.eos_id, cfg.eos_token_id, "eos_id", "eos_token_id")]
         if self.confidence_eos_eot_inf:
-            eos = _token_id(self.eos_id, cfg.eos_token_id, "eos_id", "eos_token_id")
-            eot = _token_id(self.eot_id, cfg.eot_token_id, "eot_id", "eot_token_id")
+            eos = resolve_token_id(self.eos_id, cfg.eos_token_id, "eos_id", "eos_token_id")
+            eot = resolve_token_id(self.eot_id, cfg.eot_token_id, "eot_id", "eot_token_id")
             aliased = self.temperature == 0 or self.eos_eot_confidence == "both"
             out["confidence"] = [eos, eot] if aliased else [eot]
         return out
@@ -196,16 +196,6 @@ def _top_k_per_row(confidence: Float[Tensor, "batch pos"], ks: list[int]) -> Boo
         if k:
             transfer[row, confidence[row].topk(k).indices] = True
     return transfer
-
-
-def _token_id(given: Optional[int], default: Optional[int], option: str, cfg_field: str) -> int:
-    if given is not None:
-        return given
-    if default is None:
-        raise ValueError(
-            f"The sampler needs `{option}`, and model.cfg.{cfg_field} is None; pass {option}=... to generate."
-        )
-    return default
 
 
 __all__ = ["LLaDASampler"]
