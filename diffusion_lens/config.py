@@ -34,6 +34,9 @@ class DiffusionConfig:
     d_vocab_out: Optional[int] = None  # rows of the LM head / embedding ("embedding_size"); None -> d_vocab
 
     # Positions
+    # Longest canvas (prompt + response) the checkpoint was trained for, from its config.json
+    # (`max_sequence_length` / `max_position_embeddings`); None when unknown (a hand-built config).
+    n_ctx: Optional[int] = None
     rope_theta: float = 10000.0
     rotary_dim: Optional[int] = None  # None -> d_head (full rotation); smaller -> partial RoPE
     rope_in_fp32: bool = True  # rotate in fp32 then cast back (LLaDA); False casts cos/sin first (Qwen2/Dream)
@@ -120,6 +123,8 @@ class DiffusionConfig:
             problems.append(
                 f"position_ids_mode={self.position_ids_mode!r} is not one of {PositionIdsMode.__args__}"
             )
+        if self.n_ctx is not None and self.n_ctx <= 0:
+            problems.append(f"n_ctx={self.n_ctx} must be a positive number of positions (or None when unknown)")
         if self.logit_shift not in (0, 1):
             problems.append(f"logit_shift={self.logit_shift} must be 0 or 1")
         if self.moe_layers:

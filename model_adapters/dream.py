@@ -119,7 +119,8 @@ class DreamAdapter(ModelAdapter):
             pad_token_id=c["pad_token_id"],
             bos_token_id=c.get("bos_token_id"),
             family=self.name,
-            extra={"checkpoint_config": dict(config), "max_position_embeddings": c["max_position_embeddings"]},
+            n_ctx=config.get("max_position_embeddings"),
+            extra={"checkpoint_config": dict(config)},
         )
 
     def sampler(self, model) -> DreamSampler:
@@ -137,4 +138,6 @@ class DreamAdapter(ModelAdapter):
             mask_token_id=cfg.mask_token_id, pad_token_id=cfg.pad_token_id, eos_token_id=cfg.eos_token_id,
             bos_token_id=cfg.bos_token_id, torch_dtype=str(cfg.dtype).removeprefix("torch."),
         )
+        if cfg.n_ctx is not None:
+            written["max_position_embeddings"] = cfg.n_ctx
         return written

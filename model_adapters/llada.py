@@ -106,6 +106,7 @@ class LLaDAAdapter(ModelAdapter):
             pad_token_id=c["pad_token_id"],
             bos_token_id=c.get("bos_token_id"),
             family=self.name,
+            n_ctx=config.get("max_sequence_length"),
             extra={"checkpoint_config": dict(config)},
         )
 
@@ -139,4 +140,6 @@ class LLaDAAdapter(ModelAdapter):
             include_qkv_bias=cfg.qkv_bias, weight_tying=cfg.tie_word_embeddings,
             mask_token_id=cfg.mask_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
         )
+        if cfg.n_ctx is not None:
+            written["max_sequence_length"] = cfg.n_ctx
         return written

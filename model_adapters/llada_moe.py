@@ -149,7 +149,8 @@ class LLaDAMoEAdapter(ModelAdapter):
             moe_layers=moe_layers,
             router_expert_bias=bool(c["moe_router_enable_expert_bias"]),
             family=self.name,
-            extra={"checkpoint_config": dict(config), "max_position_embeddings": c["max_position_embeddings"]},
+            n_ctx=config.get("max_position_embeddings"),
+            extra={"checkpoint_config": dict(config)},
         )
 
     def sampler(self, model) -> LLaDASampler:
@@ -172,6 +173,8 @@ class LLaDAMoEAdapter(ModelAdapter):
             moe_router_enable_expert_bias=cfg.router_expert_bias,
             eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id, bos_token_id=cfg.bos_token_id,
         )
+        if cfg.n_ctx is not None:
+            written["max_position_embeddings"] = cfg.n_ctx
         if cfg.d_mlp and any(layer not in cfg.moe_layers for layer in range(cfg.n_layers)):
             written["dense_intermediate_size"] = cfg.d_mlp
         if cfg.mask_token_id is not None and "mask_token_id" in written:
