@@ -9,12 +9,14 @@ positions at every requested layer with the streaming float64 reducers of
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from diffusion_lens.results_io import load_result, require_pandas, save_result
 from diffusion_lens.steering._common import LayerSpec, resolve_layers, unit
 from diffusion_lens.steering.activations import (
     POOLED,
@@ -142,6 +144,50 @@ class Directions:
     def __repr__(self) -> str:
         return (f"Directions(layers={self.layers}, positions={self.positions}, site={self.site!r}, step={self.step}, "
                 f"n={self.n_positive}+{self.n_negative})")
+
+    def to_pandas(self):
+        """One row per (layer, position): layer, position, norm of the raw difference, cosine of the class means.
+
+        Example:
+            >>> dirs.to_pandas().sort_values("norm", ascending=False).head()
+        """
+        pd = require_pandas("Directions.to_pandas()")
+        norms, cosine = self.norms, self.cosine
+        return pd.DataFrame([
+            {"layer": layer, "position": pos, "norm": float(norms[i, j]), "cosine": float(cosine[i, j])}
+            for i, layer in enumerate(self.layers) for j, pos in enumerate(self.positions)
+        ])
+
+    def _state(self) -> tuple[dict, dict]:
+        tensors = {"mean_positive": self.mean_positive, "mean_negative": self.mean_negative}
+        if self.second_moment_positive is not None:
+            tensors["second_moment_positive"] = self.second_moment_positive
+        meta = {"layers": list(self.layers), "positions": list(self.positions), "site": self.site, "step": self.step,
+                "n_positive": self.n_positive, "n_negative": self.n_negative}
+        return tensors, meta
+
+    @classmethod
+    def _from_state(cls, tensors: dict, meta: dict) -> "Directions":
+        return cls(tensors["mean_positive"], tensors["mean_negative"], second_moment_positive=tensors.get(
+            "second_moment_positive"), **meta)
+
+    def save(self, path) -> Path:
+        """Write to the folder `path` (safetensors + JSON, no pickle; see `diffusion_lens.results_io`).
+
+        Example:
+            >>> dirs.save("runs/dirs")
+            >>> dirs = Directions.load("runs/dirs")
+        """
+        return save_result(path, "Directions", *self._state())
+
+    @classmethod
+    def load(cls, path) -> "Directions":
+        """Read directions written by `Directions.save` (tensors on the CPU).
+
+        Example:
+            >>> r = Directions.load("runs/dirs").unit(6, "post_instruction[-1]")
+        """
+        return cls._from_state(*load_result(path, "Directions"))
 
 
 def difference_subspace(second_moment, mean_pos, mean_neg, k: int) -> Float[Tensor, "k d"]:

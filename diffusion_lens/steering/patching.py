@@ -19,12 +19,14 @@ clean run exactly (tested).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from diffusion_lens.results_io import load_result, require_pandas, save_result
 from diffusion_lens.steering.activations import PromptsInput, prepare_prompts
 
 StepGroup = Union[int, range, Sequence[int]]
@@ -47,6 +49,40 @@ class PatchingResult:
     clean: float
     corrupted: float
     mode: str
+
+    def to_pandas(self):
+        """One row per (name, step group, position group) with its effect.
+
+        Example:
+            >>> res.to_pandas().sort_values("effect").tail()
+        """
+        pd = require_pandas("PatchingResult.to_pandas()")
+        return pd.DataFrame([
+            {"name": name, "step": step, "position": pos, "effect": float(self.effects[i, j, k])}
+            for i, name in enumerate(self.names) for j, step in enumerate(self.steps)
+            for k, pos in enumerate(self.positions)
+        ])
+
+    def save(self, path) -> Path:
+        """Write to the folder `path` (safetensors + JSON, no pickle; see `diffusion_lens.results_io`).
+
+        Example:
+            >>> res.save("runs/patching")
+            >>> PatchingResult.load("runs/patching").effects.shape
+        """
+        meta = {"names": self.names, "steps": self.steps, "positions": self.positions, "clean": self.clean,
+                "corrupted": self.corrupted, "mode": self.mode}
+        return save_result(path, "PatchingResult", {"effects": self.effects}, meta)
+
+    @classmethod
+    def load(cls, path) -> "PatchingResult":
+        """Read a result written by `PatchingResult.save` (step / position labels keep their types).
+
+        Example:
+            >>> res = PatchingResult.load("runs/patching")
+        """
+        tensors, meta = load_result(path, "PatchingResult")
+        return cls(effects=tensors["effects"], **meta)
 
 
 def _as_groups(groups, n: Optional[int], what: str) -> list:

@@ -21,12 +21,14 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from diffusion_lens.results_io import load_result, prefixed, require_pandas, save_result, subset
 from diffusion_lens.steering._common import LayerSpec
 from diffusion_lens.steering.activations import (
     PositionSpec,
@@ -88,9 +90,39 @@ class Selection:
             >>> df = sel.to_pandas()
             >>> df[df.kept].sort_values("bypass").head()
         """
-        import pandas as pd
+        return require_pandas("Selection.to_pandas()").DataFrame(self.table)
 
-        return pd.DataFrame(self.table)
+    def save(self, path) -> Path:
+        """Write to the folder `path` (safetensors + JSON, no pickle; see `diffusion_lens.results_io`).
+
+        Example:
+            >>> sel.save("runs/selection")
+            >>> r = Selection.load("runs/selection").winner["direction"]
+        """
+        dir_tensors, dir_meta = self.directions._state()
+        tensors = {"bypass": self.bypass, "induce": self.induce, "kl": self.kl, "kept": self.kept,
+                   **prefixed(dir_tensors, "directions")}
+        winner = None
+        if self.winner is not None:
+            winner = {k: v for k, v in self.winner.items() if not isinstance(v, Tensor)}
+            tensors.update({f"winner.{k}": v for k, v in self.winner.items() if isinstance(v, Tensor)})
+        meta = {"directions": dir_meta, "reasons": self.reasons, "winner": winner, "baseline": self.baseline}
+        return save_result(path, "Selection", tensors, meta)
+
+    @classmethod
+    def load(cls, path) -> "Selection":
+        """Read a selection written by `Selection.save` (tensors on the CPU).
+
+        Example:
+            >>> sel = Selection.load("runs/selection")
+            >>> sel.to_pandas().query("kept").sort_values("bypass").head()
+        """
+        tensors, meta = load_result(path, "Selection")
+        winner = meta["winner"]
+        if winner is not None:
+            winner = {**winner, **subset(tensors, "winner")}
+        return cls(Directions._from_state(subset(tensors, "directions"), meta["directions"]), tensors["bypass"],
+                   tensors["induce"], tensors["kl"], tensors["kept"], meta["reasons"], winner, meta["baseline"])
 
 
 @torch.no_grad()

@@ -10,12 +10,14 @@ outputs (by default the refusal rate of the decoded responses). Scheduling is do
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from diffusion_lens.results_io import load_result, require_pandas, save_result
 from diffusion_lens.steering._common import LayerSpec, check_vector, resolve_layers
 from diffusion_lens.steering.activations import PromptsInput, batch_indices, check_batch_size, left_pad, prepare_prompts
 from diffusion_lens.steering.interventions import ablate
@@ -54,6 +56,38 @@ class Sensitivity:
         """
         return {"values": self.values, "row_labels": self.row_labels, "col_labels": self.col_labels,
                 "row_name": self.row_name, "col_name": self.col_name, "metric_name": self.metric_name}
+
+    def to_pandas(self):
+        """The grid as a DataFrame: index = row labels, columns = column labels (`.stack()` for long form).
+
+        Example:
+            >>> sens.to_pandas().round(2)
+        """
+        pd = require_pandas("Sensitivity.to_pandas()")
+        return pd.DataFrame(self.values.tolist(), index=pd.Index(self.row_labels, name=self.row_name),
+                            columns=pd.Index(self.col_labels, name=self.col_name))
+
+    def save(self, path) -> Path:
+        """Write to the folder `path` (safetensors + JSON, no pickle; see `diffusion_lens.results_io`).
+
+        Example:
+            >>> sens.save("runs/sensitivity")
+            >>> Sensitivity.load("runs/sensitivity").values
+        """
+        meta = {"row_labels": self.row_labels, "col_labels": self.col_labels, "row_name": self.row_name,
+                "col_name": self.col_name, "baseline": self.baseline, "full": self.full,
+                "metric_name": self.metric_name, "extra": self.extra}
+        return save_result(path, "Sensitivity", {"values": self.values}, meta)
+
+    @classmethod
+    def load(cls, path) -> "Sensitivity":
+        """Read a grid written by `Sensitivity.save`.
+
+        Example:
+            >>> fig = diffusion_lens.plot.sensitivity_heatmap(Sensitivity.load("runs/sensitivity"))
+        """
+        tensors, meta = load_result(path, "Sensitivity")
+        return cls(values=tensors["values"], **meta)
 
 
 def _default_metric(out) -> Tensor:
