@@ -89,6 +89,9 @@ class DiffusionConfig:
     attn_only: bool = field(default=False, init=False)
     final_rms: bool = field(default=True, init=False)
     positional_embedding_type: str = field(default="rotary", init=False)
+    act_fn: str = field(default="silu", init=False)  # every family's MLP is SwiGLU: silu(gate) * up
+    # Where the weights live; kept in sync by the model (with `dtype`) on `.to()`, `.cuda()`, `.half()`.
+    device: str = field(default="cpu", init=False)
 
     def __post_init__(self) -> None:
         if self.n_key_value_heads is None:

@@ -16,6 +16,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
+from diffusion_lens.components.mlp import bias_or_zeros
 from diffusion_lens.components.norm import RMSNorm
 from diffusion_lens.components.rotary import Rotary
 from diffusion_lens.config import DiffusionConfig
@@ -150,4 +151,26 @@ class Attention(nn.Module):
 
     def _expand_kv(self, weight: Tensor) -> Tensor:
         per_kv = einops.rearrange(weight, "(kv d_head) d_model -> kv d_model d_head", kv=self.cfg.n_key_value_heads)
+        return per_kv.repeat_interleave(self.cfg.n_heads // self.cfg.n_key_value_heads, dim=0)
+
+    # Biases in TransformerLens shapes: the real values where the family has them (Dream's q/k/v),
+    # zeros elsewhere, so `x @ W_Q + b_Q` is always the query whatever the family.
+    @property
+    def b_Q(self) -> Float[Tensor, "head d_head"]:
+        return bias_or_zeros(self.q_proj).view(self.cfg.n_heads, self.cfg.d_head)
+
+    @property
+    def b_K(self) -> Float[Tensor, "head d_head"]:
+        return self._expand_kv_bias(bias_or_zeros(self.k_proj))
+
+    @property
+    def b_V(self) -> Float[Tensor, "head d_head"]:
+        return self._expand_kv_bias(bias_or_zeros(self.v_proj))
+
+    @property
+    def b_O(self) -> Float[Tensor, " d_model"]:
+        return bias_or_zeros(self.o_proj)
+
+    def _expand_kv_bias(self, bias: Tensor) -> Tensor:
+        per_kv = bias.view(self.cfg.n_key_value_heads, self.cfg.d_head)
         return per_kv.repeat_interleave(self.cfg.n_heads // self.cfg.n_key_value_heads, dim=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
@@ -25,3 +26,34 @@ class GatedMLP(nn.Module):
         gate = self.hook_pre(self.gate_proj(x))
         up = self.hook_pre_linear(self.up_proj(x))
         return self.down_proj(self.hook_post(F.silu(gate) * up))
+
+    # TransformerLens weight views (TransformerLens' gated-MLP names and shapes); biases are zeros
+    # where the family has none, so `hook_post @ W_out + b_out` is always the MLP output.
+    @property
+    def W_in(self) -> Float[Tensor, "d_model d_mlp"]:
+        """Linear ("up") branch."""
+        return self.up_proj.weight.T
+
+    @property
+    def W_gate(self) -> Float[Tensor, "d_model d_mlp"]:
+        """Gate branch (the one silu is applied to)."""
+        return self.gate_proj.weight.T
+
+    @property
+    def W_out(self) -> Float[Tensor, "d_mlp d_model"]:
+        return self.down_proj.weight.T
+
+    @property
+    def b_in(self) -> Float[Tensor, " d_mlp"]:
+        return bias_or_zeros(self.up_proj)
+
+    @property
+    def b_out(self) -> Float[Tensor, " d_model"]:
+        return bias_or_zeros(self.down_proj)
+
+
+def bias_or_zeros(linear: nn.Linear) -> Tensor:
+    """The layer's bias, or zeros of its output size where it has none."""
+    if linear.bias is not None:
+        return linear.bias
+    return torch.zeros(linear.out_features, dtype=linear.weight.dtype, device=linear.weight.device)

@@ -37,6 +37,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
+from diffusion_lens.components.errors import KeepPropertyErrors
 from diffusion_lens.components.mlp import GatedMLP
 from diffusion_lens.config import DiffusionConfig
 
@@ -53,7 +54,7 @@ class Expert(GatedMLP):
         return self.hook_out(super().forward(x))
 
 
-class MixtureOfExperts(nn.Module):
+class MixtureOfExperts(KeepPropertyErrors, nn.Module):
     """Sparse MoE MLP with per-expert hook points; see the module docstring for routing and shapes.
 
     Weights (TransformerLens-style names under `blocks.{l}.mlp`): `router.weight` [n_experts
@@ -127,3 +128,28 @@ class MixtureOfExperts(nn.Module):
         if self.shared_expert is not None:
             out = out + self.hook_shared_out(self.shared_expert(x))
         return out
+
+    # A dense MLP's TransformerLens views have no meaning here: each expert sees only its routed
+    # tokens, so say where the per-expert views are instead of a bare "no attribute".
+    def _no_dense_view(self, name: str):
+        raise AttributeError(
+            f"This MLP is a mixture of {self.n_experts} experts (top-{self.top_k} per token), so there is "
+            f"no single {name} or [batch pos d_mlp] neuron view; use .experts[e].{name} with the rows of "
+            "the cached experts.{e}.hook_post (the tokens routed to expert e), or hook_routed_out."
+        )
+
+    W_in = property(lambda self: self._no_dense_view("W_in"))
+    W_gate = property(lambda self: self._no_dense_view("W_gate"))
+    W_out = property(lambda self: self._no_dense_view("W_out"))
+    b_in = property(lambda self: self._no_dense_view("b_in"))
+
+    @property
+    def b_out(self) -> Float[Tensor, " d_model"]:
+        """Constant term of the MLP output: the shared expert's output bias, else zeros. Routed expert
+        output biases are weighted per token, so they are no constant: an error then."""
+        if any(expert.down_proj.bias is not None for expert in self.experts):
+            self._no_dense_view("b_out")
+        if self.shared_expert is not None:
+            return self.shared_expert.b_out
+        weight = self.router.weight
+        return torch.zeros(weight.shape[1], dtype=weight.dtype, device=weight.device)
