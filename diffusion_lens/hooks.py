@@ -15,24 +15,36 @@ on their query positions. Under classifier-free guidance (`hook.state.cfg`) the 
 [conditional; unconditional] rows; scopes are computed on the conditional canvas and applied to
 both halves unless `cfg="conditional"` or `"unconditional"`.
 
+Checked before the run: `model.generate` resolves every scheduled hook against the run it is
+about to start (`HookSchedule.check`): a name or glob that matches no hook point, a step or block
+the run does not have, or an index list outside the canvas raises with what the run has ("this
+run has steps 0..7, 1 block and 22 canvas positions") before the first forward. Negative steps and
+blocks count from the end of the run (`steps=-1` is the last step), as in `cache=dict(steps=...)`,
+`run_with_cache(step=-1)` and `StepCache[-1]`. Callable schedules are the caller's logic and are
+not checked.
+
 Outside generation (a plain forward: `hook.state is None`) there is no step: `steps` / `blocks`
-filters do not apply (the hook runs), and scopes that need the state ("response", "masked", a
-callable) raise; index tensors and bool masks work everywhere.
+filters do not apply (the hook runs, as it would at every step), because steering builders use
+the same hooks to score single forwards; scopes that need the state ("response", "masked", a
+callable) raise; index tensors and bool masks work everywhere, and an index outside the
+activation raises. A glob or callable name that matches no hook point raises there too.
 """
 
 from __future__ import annotations
 
-import fnmatch
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Bool
 from torch import Tensor
 
+from diffusion_lens.denoising.hook_lists import HookName, name_filter
 from diffusion_lens.denoising.positions import (
     PositionScope,
     broadcast_mask,
     check_scope,
+    check_scope_fits,
     position_axis,
     rows_mask,
     scope_mask,
@@ -40,8 +52,49 @@ from diffusion_lens.denoising.positions import (
 from diffusion_lens.denoising.state import DenoisingState
 
 Schedule = Union[None, int, range, Sequence[int], Callable[[DenoisingState], bool]]
-HookName = Union[str, Callable[[str], bool]]
 HookFn = Callable[[Tensor, object], Optional[Tensor]]
+
+
+@dataclass(frozen=True)
+class HookSchedule:
+    """What `H.at` was asked for, kept on the hook function it returns (`fn.schedule`).
+
+    Why: the generate driver checks every scheduled hook against the run before the first
+    forward, so a step, block or position the run does not have is an error, not a silent no-op.
+    `steps` / `blocks` are None (all), an int, a range, a frozenset of ints (negative = from the
+    end of the run) or a callable of the `DenoisingState`.
+
+    Example:
+        >>> name, fn = H.at("blocks.1.hook_resid_post", f, steps=[0, -1])
+        >>> fn.schedule.check(n_steps=8, n_blocks=1, n_pos=22, batch=2)   # fine
+        >>> fn.schedule.check(n_steps=1, n_blocks=1, n_pos=22, batch=2)   # ValueError: ... steps 0..0 ...
+    """
+
+    name: HookName
+    steps: Schedule = None
+    blocks: Schedule = None
+    positions: PositionScope = None
+    cfg: str = "both"
+
+    def check(self, n_steps: int, n_blocks: int, n_pos: int, batch: int) -> None:
+        """Raise a ValueError naming what the run has when this schedule could never fire as asked."""
+        problems = [p for p in (_outside(self.steps, n_steps, "steps"), _outside(self.blocks, n_blocks, "blocks")) if p]
+        try:
+            check_scope_fits(self.positions, n_pos, batch)
+        except (IndexError, ValueError) as error:
+            problems.append(str(error).rstrip("."))
+        if problems:
+            blocks = "1 block" if n_blocks == 1 else f"blocks 0..{n_blocks - 1}"
+            raise ValueError(
+                f"H.at({self.name!r}, ...) does not fit this run: {'; '.join(problems)}. This run has steps "
+                f"0..{n_steps - 1}, {blocks} and {n_pos} canvas positions (negative steps and blocks count from the end)."
+            )
+
+    def matches(self, state: DenoisingState) -> bool:
+        """Whether the hook runs at this state's step and block."""
+        return _selected(self.steps, state.step, state.n_steps, state) and _selected(
+            self.blocks, state.block, state.n_blocks, state
+        )
 
 
 def at(
@@ -58,28 +111,28 @@ def at(
     Why: steering or patching "only the response, only in the first 8 steps" is one line, with
     the same `fn(act, hook)` you would give TransformerLens.
     `name` is a hook point name, a glob ("blocks.*.hook_resid_pre") or a name filter callable.
-    `steps` / `blocks`: an int, a range, a list/set of ints, or a callable of the `DenoisingState`
-    (None = all). `positions`: see the module docstring. `cfg`: "both" | "conditional" | "unconditional".
+    `steps` / `blocks`: an int, a range, a list/set of ints (negative = from the end of the run:
+    `steps=-1` is the last step) or a callable of the `DenoisingState` (None = all). `positions`:
+    see the module docstring. `cfg`: "both" | "conditional" | "unconditional". The returned
+    function carries the request as `.schedule` (a `HookSchedule`); `model.generate` checks it
+    against the run before the first forward.
 
     Example:
         >>> h = H.at("blocks.1.hook_resid_post", lambda x, hook: x * 0, steps=range(0, 8), positions="response")
         >>> out = model.generate(tokens, hooks=[h], steps=16, gen_length=16, block_length=8)
+        >>> last = H.at("blocks.*.hook_resid_post", fn, steps=-1)              # the last step, any run length
         >>> logits = model.run_with_hooks(tokens, fwd_hooks=[H.at("hook_embed", fn, positions=[0, 1])])
     """
-    step_ok = _schedule(steps, "steps")
-    block_ok = _schedule(blocks, "blocks")
     check_scope(positions)
     if cfg not in ("both", "conditional", "unconditional"):
         raise ValueError(f"cfg={cfg!r} must be 'both', 'conditional' or 'unconditional'.")
+    schedule = HookSchedule(name, _normalise(steps, "steps"), _normalise(blocks, "blocks"), positions, cfg)
     scoped = not (positions is None or (isinstance(positions, str) and positions == "all")) or cfg != "both"
 
     def scheduled_hook(act: Tensor, hook) -> Optional[Tensor]:
         state = getattr(hook, "state", None)
-        if state is not None:
-            if step_ok is not None and not step_ok(state.step, state):
-                return None
-            if block_ok is not None and not block_ok(state.block, state):
-                return None
+        if state is not None and not schedule.matches(state):
+            return None
         if not scoped:
             return fn(act, hook)
         axis = position_axis(hook, act.ndim)
@@ -93,7 +146,8 @@ def at(
         return torch.where(broadcast_mask(mask, act, axis), changed, act)
 
     scheduled_hook.__name__ = f"at({getattr(fn, '__name__', type(fn).__name__)})"
-    return _name_filter(name), scheduled_hook
+    scheduled_hook.schedule = schedule
+    return name_filter(name), scheduled_hook
 
 
 def position_mask(state: DenoisingState, positions: PositionScope) -> Bool[Tensor, "batch pos"]:
@@ -111,26 +165,44 @@ def position_mask(state: DenoisingState, positions: PositionScope) -> Bool[Tenso
     return mask.expand_as(state.canvas) if mask.ndim == 1 else mask
 
 
-def _schedule(spec: Schedule, what: str) -> Optional[Callable[[int, DenoisingState], bool]]:
-    if spec is None:
-        return None
+def _normalise(spec: Schedule, what: str) -> Schedule:
+    """None, an int, a range or a callable as given; any other iterable -> a frozenset of ints."""
+    if spec is None or isinstance(spec, range) or callable(spec):
+        return spec
     if isinstance(spec, bool):
         raise TypeError(f"{what} must be an int, a range, a list of ints or a callable, not a bool.")
     if isinstance(spec, int):
-        return lambda value, state: value == spec
+        return spec
+    try:
+        values = [int(v) for v in spec]
+    except (TypeError, ValueError):
+        raise TypeError(f"{what} must be an int, a range, a list of ints or a callable; got {spec!r}.") from None
+    return frozenset(values)
+
+
+def _outside(spec: Schedule, n: int, what: str) -> Optional[str]:
+    """What in a step / block spec the run does not have (None when everything fits or it is a callable)."""
+    if spec is None or callable(spec):
+        return None
+    if isinstance(spec, int):
+        return None if -n <= spec < n else f"{what}={spec}"
+    if len(spec) == 0:
+        return f"{what}={spec!r} selects nothing"
     if isinstance(spec, range):
-        return lambda value, state: value in spec
+        return None if all(-n <= v < n for v in (spec[0], spec[-1])) else f"{what}={spec!r}"
+    bad = sorted(v for v in spec if not -n <= v < n)
+    return f"{what} {bad}" if bad else None
+
+
+def _selected(spec: Schedule, value: int, n: int, state: DenoisingState) -> bool:
+    """`value` (0..n-1) is selected by `spec`, directly or as the negative index value - n."""
+    if spec is None:
+        return True
     if callable(spec):
-        return lambda value, state: bool(spec(state))
-    allowed = frozenset(int(v) for v in spec)
-    return lambda value, state: value in allowed
+        return bool(spec(state))
+    if isinstance(spec, int):
+        return value == spec or value - n == spec
+    return value in spec or (value - n) in spec
 
 
-def _name_filter(name: HookName) -> HookName:
-    if isinstance(name, str) and any(c in name for c in "*?["):
-        pattern = name
-        return lambda hook_name: fnmatch.fnmatchcase(hook_name, pattern)
-    return name
-
-
-__all__ = ["at", "position_mask", "Schedule"]
+__all__ = ["HookSchedule", "Schedule", "at", "position_mask"]

@@ -21,6 +21,7 @@ from transformer_lens.hook_points import HookPoint
 
 from diffusion_lens.components import RMSNorm, Rotary, TransformerBlock, attention_mask_for, position_ids_for
 from diffusion_lens.config import DiffusionConfig
+from diffusion_lens.denoising.hook_lists import flatten_hooks, is_glob, name_filter, no_match_message
 
 TextInput = Union[str, Sequence[str]]
 TokensInput = Union[TextInput, Int[Tensor, "batch pos"], Int[Tensor, " pos"]]
@@ -144,29 +145,40 @@ class HookedDiffusionTransformer(HookedRootModule):
             )
 
     def hook_names(self, names_filter: NamesFilter = None) -> list[str]:
-        """Hook point names selected by a TransformerLens names filter (None = all).
+        """Hook point names selected by a names filter: None (all), a name, a glob
+        ("blocks.*.hook_resid_post", as in `H.at`), a list of those, or a callable of the name.
 
-        A string or list must name existing hook points; a callable is applied to every name.
+        Why: a typo must fail, not give an empty cache or a hook that never runs, so a name that
+        is not a hook point, or a glob / callable that selects none, raises a KeyError.
+
+        Example:
+            >>> model.hook_names("blocks.*.hook_resid_post")
+            ['blocks.0.hook_resid_post', 'blocks.1.hook_resid_post', ...]
         """
         if names_filter is None:
             return list(self.hook_dict)
-        if isinstance(names_filter, str):
-            names_filter = [names_filter]
-        if callable(names_filter):
-            return [name for name in self.hook_dict if names_filter(name)]
-        names = list(names_filter)
-        self.check_hook_names(names)
-        return names
-
-    def _enable_hook(self, name, hook, dir):
-        if isinstance(name, str):
-            self.check_hook_names([name])
-        super()._enable_hook(name, hook, dir)
+        items = [names_filter] if isinstance(names_filter, str) or callable(names_filter) else list(names_filter)
+        bad = [item for item in items if not (isinstance(item, str) or callable(item))]
+        if bad:
+            raise TypeError(f"A names filter holds hook names, globs or callables; got {bad[0]!r}.")
+        self.check_hook_names([item for item in items if isinstance(item, str) and not is_glob(item)])
+        out: list[str] = []
+        for item in items:
+            if isinstance(item, str) and not is_glob(item):
+                out.append(item)
+                continue
+            selects = name_filter(item)
+            matched = [name for name in self.hook_dict if selects(name)]
+            if not matched:
+                raise KeyError(no_match_message(selects, self.hook_dict))
+            out.extend(matched)
+        return list(dict.fromkeys(out))
 
     def add_hook(self, name, hook, dir="fwd", is_permanent=False, level=None, prepend=False):
-        if isinstance(name, str):
-            self.check_hook_names([name])
-        super().add_hook(name, hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
+        """TransformerLens `add_hook`; `name` may also be a glob, and a name, glob or filter that
+        selects no hook point raises a KeyError."""
+        self.hook_names(name)
+        super().add_hook(name_filter(name), hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
 
     def remove_all_hook_fns(self, direction="both", including_permanent=False, level=None):
         # Same as TransformerLens, but skips hook points holding no hooks: walking all of them cost
@@ -176,10 +188,21 @@ class HookedDiffusionTransformer(HookedRootModule):
                 hp.remove_hooks(direction, including_permanent=including_permanent, level=level)
 
     def hooks(self, fwd_hooks: HookList = (), bwd_hooks: HookList = (), reset_hooks_end=True, clear_contexts=False):
-        """Context manager adding temporary hooks; every string name is checked before any is added,
-        and the hooks are removed on exit even if the body raises."""
-        self.check_hook_names([name for name, _ in [*fwd_hooks, *bwd_hooks] if isinstance(name, str)])
-        return super().hooks(list(fwd_hooks), list(bwd_hooks), reset_hooks_end, clear_contexts)
+        """Context manager adding temporary hooks, removed on exit even if the body raises.
+
+        `fwd_hooks` / `bwd_hooks`: a `(name, fn)` pair, a list of pairs or nested lists of them
+        (e.g. `[ablate(model, r), add(model, v, layers=1), H.at(...)]`); names may be globs. Every
+        name is checked before any hook is added (`hook_names`: a typo or an empty match raises).
+        `run_with_hooks` goes through here, so it accepts the same.
+
+        Example:
+            >>> with model.hooks(fwd_hooks=[ablate(model, r), ("blocks.*.hook_resid_post", fn)]):
+            ...     logits = model(tokens)
+        """
+        fwd, bwd = flatten_hooks(fwd_hooks, "fwd_hooks"), flatten_hooks(bwd_hooks, "bwd_hooks")
+        for name, _ in [*fwd, *bwd]:
+            self.hook_names(name)
+        return super().hooks(fwd, bwd, reset_hooks_end, clear_contexts)
 
     def run_with_cache(
         self,

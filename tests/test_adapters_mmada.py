@@ -121,7 +121,8 @@ def test_mmada_sampler_is_llada_with_float64_confidence_and_refuses_padding(mmad
     model, _ = mmada
     sampler = model.adapter.sampler(model)
     assert isinstance(sampler, MMaDASampler) and sampler.confidence_dtype == torch.float64
-    assert (sampler.steps, sampler.gen_length, sampler.block_length, sampler.temperature) == (128, 128, 128, 0.0)
+    assert (sampler.steps, sampler.gen_length, sampler.block_size(), sampler.temperature) == (128, 128, 128, 0.0)
+    assert sampler.block_length is None and sampler.n_blocks() == 1  # one block: follows gen_length
     golden = load_file(MMADA / "golden_generate.safetensors")
     llada = model.generate(golden["mmu_generate.prompt"], sampler=LLaDASampler(steps=8, gen_length=16, block_length=8),
                            progress=False)

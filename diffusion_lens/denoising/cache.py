@@ -13,7 +13,6 @@ Under classifier-free guidance only the conditional rows are stored, unless
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence, Union
@@ -23,6 +22,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from transformer_lens import ActivationCache
 
+from diffusion_lens.denoising.hook_lists import name_filter
 from diffusion_lens.denoising.positions import (
     PositionScope,
     check_scope,
@@ -48,30 +48,6 @@ class CacheTooLargeError(ValueError):
 
 
 # ---------------------------------------------------------------------------------- requests
-def resolve_names(model, names: NamesSpec) -> list[str]:
-    """Hook point names from a name, a glob ("blocks.*.hook_resid_post"), a list of those, or a
-    filter callable (None = every hook point). Unknown names raise with suggestions.
-
-    Example:
-        >>> resolve_names(model, ["hook_embed", "blocks.*.hook_resid_post"])
-        ['hook_embed', 'blocks.0.hook_resid_post', 'blocks.1.hook_resid_post', ...]
-    """
-    if names is None or callable(names):
-        return model.hook_names(names)
-    items = [names] if isinstance(names, str) else list(names)
-    out: list[str] = []
-    for item in items:
-        if any(c in item for c in "*?["):
-            matched = [n for n in model.hook_dict if fnmatch.fnmatchcase(n, item)]
-            if not matched:
-                raise KeyError(f"No hook point matches {item!r}. See `model.hook_dict` for all names.")
-            out.extend(matched)
-        else:
-            model.check_hook_names([item])
-            out.append(item)
-    return list(dict.fromkeys(out))
-
-
 def resolve_steps(steps: StepsSpec, n_steps: int) -> list[int]:
     """Sorted unique steps (None = all); each must be in 0..n_steps-1 (negative counts from the end).
 
@@ -82,6 +58,8 @@ def resolve_steps(steps: StepsSpec, n_steps: int) -> list[int]:
     if steps is None:
         return list(range(n_steps))
     values = [steps] if isinstance(steps, int) else list(steps)
+    if not values:
+        raise ValueError(f"steps={steps!r} selects no step; pass None for all steps 0..{n_steps - 1}, an int or a list.")
     bad = [s for s in values if not -n_steps <= int(s) < n_steps]
     if bad:
         raise ValueError(f"Steps {bad} are outside this run's steps 0..{n_steps - 1}.")
@@ -117,7 +95,7 @@ class CacheRequest:
         positions = spec.get("positions", "all")
         check_scope(positions)
         return cls(
-            names=resolve_names(model, spec.get("names")),
+            names=model.hook_names(spec.get("names")),
             steps=resolve_steps(spec.get("steps"), n_steps),
             positions=positions,
             device=spec.get("device"),
@@ -245,8 +223,10 @@ class StepCache:
     """Activations of chosen hook points at chosen denoising steps.
 
     Why: compare how the residual stream evolves across steps without storing every step.
-    `cache[step]` is a TransformerLens `ActivationCache`; `cache.stack(name)` is
-    [n_cached_steps batch pos ...]; `cache.positions` are the canvas columns kept.
+    `cache[step]` is a TransformerLens `ActivationCache` (a negative step counts from the end of
+    the run, as everywhere: `cache[-1]` is the run's last step, `n_steps - 1`);
+    `cache.stack(name)` is [n_cached_steps batch pos ...]; `cache.positions` are the canvas
+    columns kept; `cache.n_steps` is the number of steps of the run (None when unknown).
 
     Example:
         >>> out = model.generate(tokens, cache=dict(names="blocks.*.hook_resid_post", steps=[0, 5]))
@@ -255,20 +235,32 @@ class StepCache:
     """
 
     def __init__(self, model, steps: Sequence[int], names: Sequence[str], positions: Int[Tensor, " n_kept"],
-                 store: Optional[dict[int, dict[str, Tensor]]] = None):
+                 store: Optional[dict[int, dict[str, Tensor]]] = None, n_steps: Optional[int] = None):
         self.model = model
         self.steps = list(steps)
         self.names = list(names)
         self.positions = positions
         self.store: dict[int, dict[str, Tensor]] = store if store is not None else {s: {} for s in self.steps}
+        self.n_steps = n_steps
+
+    def _step(self, step: int) -> int:
+        """A step of the run: negative counts from the end of the run (needs `n_steps`)."""
+        if step >= 0:
+            return step
+        if self.n_steps is None:
+            raise KeyError(f"Step {step} counts from the end of the run, whose length this cache does not know; "
+                           f"use one of the cached steps {self.steps}.")
+        return step + self.n_steps
 
     def __getitem__(self, step: int) -> ActivationCache:
-        if step not in self.store:
-            raise KeyError(f"Step {step} was not cached; cached steps: {self.steps}.")
-        return ActivationCache(self.store[step], self.model, has_batch_dim=True)
+        resolved = self._step(step)
+        if resolved not in self.store:
+            which = f"Step {step}" + (f" (= step {resolved} of this {self.n_steps}-step run)" if resolved != step else "")
+            raise KeyError(f"{which} was not cached; cached steps: {self.steps}.")
+        return ActivationCache(self.store[resolved], self.model, has_batch_dim=True)
 
     def __contains__(self, step: int) -> bool:
-        return step in self.store
+        return (step >= 0 or self.n_steps is not None) and self._step(step) in self.store
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -292,7 +284,39 @@ class StepCache:
             s: {n: t.to(device=device, dtype=dtype if (dtype and t.is_floating_point()) else t.dtype) for n, t in d.items()}
             for s, d in self.store.items()
         }
-        return StepCache(self.model, self.steps, self.names, self.positions, moved)
+        return StepCache(self.model, self.steps, self.names, self.positions, moved, self.n_steps)
+
+    def save(self, path):
+        """Write every cached activation to the folder `path` (safetensors + JSON, no pickle; see
+        `diffusion_lens.results_io`), so a long run's cache outlives the session. The model is not saved.
+
+        Example:
+            >>> out.cache.save("runs/cache")
+            >>> cache = StepCache.load("runs/cache", model)
+        """
+        from diffusion_lens.results_io import save_result
+
+        tensors = {f"store.{step}.{name}": t for step, acts in self.store.items() for name, t in acts.items()}
+        tensors["positions"] = torch.as_tensor(self.positions)
+        meta = {"steps": self.steps, "names": self.names, "n_steps": self.n_steps,
+                "stored": {str(step): list(acts) for step, acts in self.store.items()}}
+        return save_result(path, "StepCache", tensors, meta)
+
+    @classmethod
+    def load(cls, path, model=None) -> "StepCache":
+        """Read a cache written by `StepCache.save` (tensors on the CPU; `.to(device)` moves them).
+        Pass the `model` for the ActivationCache analysis methods that read its weights / config.
+
+        Example:
+            >>> cache = StepCache.load("runs/cache", model)
+            >>> cache[5].accumulated_resid(apply_ln=True).shape
+        """
+        from diffusion_lens.results_io import load_result
+
+        tensors, meta = load_result(path, "StepCache")
+        store = {int(step): {name: tensors[f"store.{step}.{name}"] for name in names}
+                 for step, names in meta["stored"].items()}
+        return cls(model, meta["steps"], meta["names"], tensors["positions"], store, meta["n_steps"])
 
     @property
     def nbytes(self) -> int:
@@ -305,7 +329,8 @@ class StepCache:
 class StepRecorder:
     """Fills a `StepCache` during a run: hooks that copy the requested rows and columns (internal)."""
 
-    def __init__(self, model, request: CacheRequest, response_start: int, n_pos: int, batch: int, n_copies: int = 1):
+    def __init__(self, model, request: CacheRequest, response_start: int, n_pos: int, batch: int, n_copies: int = 1,
+                 n_steps: Optional[int] = None):
         self.request = request
         self.index = stored_positions(request.positions, response_start, n_pos)
         self.batch = batch
@@ -318,11 +343,14 @@ class StepRecorder:
                 "can be cached only whole: positions='all' (and include_unconditional=True under CFG)."
             )
         self.wanted = set(request.steps)
-        self.cache = StepCache(model, request.steps, request.names, index_tensor(self.index, n_pos))
+        self.cache = StepCache(model, request.steps, request.names, index_tensor(self.index, n_pos), n_steps=n_steps)
         self.hook_pairs = [(name, self.save) for name in request.names]
 
-    def wants(self, step: int) -> bool:
-        return step in self.wanted
+    def wants(self, state) -> bool:
+        return state.step in self.wanted
+
+    def check_run(self, model, n_steps: int) -> None:
+        """Nothing to check: the request was resolved against the run when it was built."""
 
     def save(self, act: Tensor, hook) -> None:
         state = hook.state
@@ -353,7 +381,9 @@ class StreamingMean:
     `positions`: any scope (see `diffusion_lens.denoising.positions`), pads always excluded.
     `per_position=False` pools every selected (row, position) into one mean [*features];
     `per_position=True` keeps the stored columns (aligned scopes only) -> [n_kept *features].
-    `steps`: None (every step), an int or a list; `by_step=True` keeps one mean per step.
+    `steps`: None (every step), an int or a list (negative = from the end of the run); `by_step=True`
+    keeps one mean per step. Names (globs allowed) and steps are checked against each run before
+    its first forward.
     Use it as `model.generate(..., reducers=[r])`, or in a plain forward via
     `model.run_with_hooks(tokens, fwd_hooks=r.hooks(mask=valid))`.
 
@@ -377,11 +407,17 @@ class StreamingMean:
         self._counts: dict[tuple[str, Optional[int]], Union[int, Tensor]] = {}
         self._mask: Optional[Tensor] = None
         self._device = None
-        self.hook_pairs = [(_name_filter(n), self._update) for n in self.names]
+        self.hook_pairs = [(name_filter(n), self._update) for n in self.names]
 
     # -- hooks
-    def wants(self, step: int) -> bool:
-        return self.steps is None or step in self.steps
+    def wants(self, state) -> bool:
+        return self.steps is None or state.step in self.steps or state.step - state.n_steps in self.steps
+
+    def check_run(self, model, n_steps: int) -> None:
+        """Raise before the run for a name that selects no hook point or a step outside 0..n_steps-1."""
+        model.hook_names(self.names)
+        if self.steps is not None:
+            resolve_steps(self.steps, n_steps)
 
     def hooks(self, mask: Optional[Tensor] = None) -> list[tuple]:
         """(name, fn) pairs for `run_with_hooks` / `model.hooks`; `mask` [batch pos] marks the real
@@ -391,7 +427,7 @@ class StreamingMean:
 
     def _update(self, act: Tensor, hook) -> None:
         state = getattr(hook, "state", None)
-        if state is not None and not self.wants(state.step):
+        if state is not None and not self.wants(state):
             return
         if state is not None and state.cfg and not self.include_unconditional:
             act = act[: state.batch]
@@ -479,12 +515,6 @@ def _tile(mask: Tensor, n_rows: int) -> Tensor:
     return mask if mask.shape[0] == n_rows else mask.repeat(n_rows // mask.shape[0], 1)
 
 
-def _name_filter(name: str):
-    if any(c in name for c in "*?["):
-        return lambda hook_name: fnmatch.fnmatchcase(hook_name, name)
-    return name
-
-
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
@@ -506,5 +536,5 @@ def _short(values: Sequence) -> str:
 
 __all__ = [
     "StepCache", "StreamingMean", "CacheRequest", "CacheEstimate", "CacheTooLargeError",
-    "DEFAULT_MAX_CACHE_BYTES", "activation_shape", "estimate", "check_budget", "resolve_names", "resolve_steps",
+    "DEFAULT_MAX_CACHE_BYTES", "activation_shape", "estimate", "check_budget", "resolve_steps",
 ]

@@ -4,8 +4,15 @@ The sampler (from the family adapter, or passed in) owns the algorithm; this mod
 surrounds it and is the same for every family:
   * input: a string, a list of strings (chat template unless `chat=False`; left padding plus an
     attention mask) or token ids [batch pos] / [pos] with an optional attention mask;
-  * `hooks`: installed once for the whole run (TransformerLens `(name, fn)` pairs, e.g. from
-    `diffusion_lens.hooks.at`), removed on exit even if a hook raises;
+  * `hooks`: installed once for the whole run (a TransformerLens `(name, fn)` pair, a list or
+    nested lists of them, e.g. from `diffusion_lens.hooks.at` or `steering.ablate`), removed on exit
+    even if a hook raises;
+  * checks before the first forward: every hook name, every `H.at` schedule (steps, blocks, index
+    positions), every reducer and cache request is resolved against the run, and the canvas must
+    fit the model's context (`cfg.n_ctx`);
+  * determinism: without `seed` / `generator`, a run whose sampler is not `stochastic()`
+    (temperature 0) takes its remaining draws from a generator seeded with `DEFAULT_SEED`, so it is
+    the same on every call; sampled runs use the global RNG, as upstream;
   * caches and reducers: their hooks are installed only around the forwards of the steps they
     want (so other steps pay nothing), after the user's hooks (they see steered activations);
   * the step's `DenoisingState` is published as `hook.state` on every hook point before each
@@ -16,6 +23,7 @@ surrounds it and is the same for every family:
 from __future__ import annotations
 
 from dataclasses import dataclass
+import warnings
 from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import torch
@@ -31,7 +39,8 @@ from diffusion_lens.denoising.cache import (
     estimate,
     resolve_steps,
 )
-from diffusion_lens.denoising.samplers.base import Sampler
+from diffusion_lens.denoising.hook_lists import flatten_hooks
+from diffusion_lens.denoising.samplers.base import DEFAULT_SEED, Sampler
 from diffusion_lens.denoising.state import DenoisingState
 
 if TYPE_CHECKING:
@@ -72,6 +81,9 @@ class GenerationOutput:
 def resolve_sampler(model: "HookedDiffusionTransformer", sampler: Optional[Sampler], options: dict) -> Sampler:
     """The sampler to run: `sampler`, else the adapter's (upstream defaults), with `options` applied.
 
+    More steps than response positions is an error: every step commits at least one token, so
+    the extra forwards could only change nothing.
+
     Example:
         >>> resolve_sampler(model, None, dict(steps=8, gen_length=16, block_length=8))
         LLaDASampler(steps=8, gen_length=16, block_length=8, ...)
@@ -83,7 +95,15 @@ def resolve_sampler(model: "HookedDiffusionTransformer", sampler: Optional[Sampl
                 "generate(..., sampler=diffusion_lens.denoising.LLaDASampler(steps=64, gen_length=64))."
             )
         sampler = model.adapter.sampler(model)
-    return sampler.with_options(**options) if options else sampler
+    sampler = sampler.with_options(**options) if options else sampler
+    n_steps, length = sampler.n_steps(), sampler.response_length()
+    if n_steps > length:
+        raise ValueError(
+            f"steps={n_steps} is more than the response length ({length} positions): a step commits at least one "
+            f"token, so {n_steps - length} forwards would be wasted. Pass steps<={length}, or a longer response "
+            f"(gen_length= / max_new_tokens=)."
+        )
+    return sampler
 
 
 def prepare_input(
@@ -97,6 +117,8 @@ def prepare_input(
     """
     if isinstance(input, Tensor):
         tokens = model._as_tokens(input)
+        if tokens.shape[0] == 0:
+            raise ValueError(f"generate got token ids of shape {tuple(input.shape)}: no prompt to denoise.")
         if attention_mask is not None:
             attention_mask = attention_mask if attention_mask.ndim == 2 else attention_mask[None]
             if attention_mask.shape != tokens.shape:
@@ -105,6 +127,8 @@ def prepare_input(
                 )
             attention_mask = attention_mask.to(tokens.device)
     else:
+        if not isinstance(input, str) and len(input) == 0:
+            raise ValueError("generate got an empty list of prompts; pass a string, a non-empty list or token ids.")
         if attention_mask is not None:
             raise ValueError("attention_mask is computed from text inputs; pass it only with token ids.")
         tokens, attention_mask = model.to_tokens(input, chat=chat, return_attention_mask=True)
@@ -130,7 +154,7 @@ class _Run:
     def forward(self, state: DenoisingState) -> Float[Tensor, "rows pos vocab"]:
         self.publish(state)
         model = self.model
-        step_hooks = [pair for obs in self.observers if obs.wants(state.step) for pair in obs.hook_pairs]
+        step_hooks = [pair for obs in self.observers if obs.wants(state) for pair in obs.hook_pairs]
         if step_hooks:
             with model.hooks(fwd_hooks=step_hooks):
                 logits = model(state.model_input, state.model_attention_mask)
@@ -147,7 +171,7 @@ def denoise(
     input: GenerateInput,
     *,
     attention_mask: Optional[Tensor] = None,
-    hooks: Sequence[tuple] = (),
+    hooks=(),
     cache: Optional[Union[dict, CacheRequest]] = None,
     reducers: Sequence = (),
     return_trajectory: bool = True,
@@ -167,16 +191,25 @@ def denoise(
     batch, response_start = tokens.shape
     n_pos = response_start + sampler.response_length()
     n_steps = sampler.n_steps()
+    check_context(model, response_start, sampler.response_length())
+    hooks = flatten_hooks(hooks)
+    check_hooks_fit(model, hooks, reducers, n_steps, sampler.n_blocks(), n_pos, batch)
+    if attention_mask is not None and model.cfg.attention_mask_mode == "ignored":
+        warnings.warn(
+            "This model ignores the attention mask (cfg.attention_mask_mode='ignored', as upstream), so the "
+            "left pads of shorter prompts take part in attention and each row's result depends on its batch-mates. "
+            "Generate prompts of different lengths one at a time to get unbatched results.",
+            stacklevel=3,
+        )
     observers = list(reducers)
     recorder = None
     if cache is not None:
         request = CacheRequest.build(model, cache, n_steps)
         if max_cache_bytes is not None:  # (estimating refuses data-dependent MoE expert hooks)
             check_budget(estimate(model, request, batch, n_pos, response_start, sampler.n_copies()), request, max_cache_bytes)
-        recorder = StepRecorder(model, request, response_start, n_pos, batch, sampler.n_copies())
+        recorder = StepRecorder(model, request, response_start, n_pos, batch, sampler.n_copies(), n_steps)
         observers.append(recorder)
-    if generator is None and seed is not None:
-        generator = torch.Generator(device=tokens.device).manual_seed(seed)
+    generator = resolve_generator(sampler, seed, generator, tokens.device)
     last = n_steps - 1 if stop_after is None else stop_after
     run = _Run(model, observers, capture_logits)
 
@@ -186,7 +219,7 @@ def denoise(
     canvases: list[Tensor] = []
     canvas = tokens
     try:
-        with torch.no_grad(), model.hooks(fwd_hooks=list(hooks)):
+        with torch.no_grad(), model.hooks(fwd_hooks=hooks):
             for state, canvas in sampler.run(model, tokens, attention_mask, run.forward, generator):
                 if return_trajectory:
                     canvases.append(canvas)
@@ -214,12 +247,59 @@ def denoise(
     return out, run.logits
 
 
+def check_context(model: "HookedDiffusionTransformer", prompt_width: int, response_length: int) -> None:
+    """Raise before the run when prompt + response is longer than the model's context (`cfg.n_ctx`).
+
+    Example:
+        >>> check_context(model, prompt_width=1000, response_length=128)   # ValueError on a 1024-position model
+    """
+    n_ctx = model.cfg.n_ctx
+    if n_ctx is not None and prompt_width + response_length > n_ctx:
+        raise ValueError(
+            f"The prompt ({prompt_width} positions, padded) plus the response ({response_length}) is "
+            f"{prompt_width + response_length} positions, more than this model's context n_ctx={n_ctx}. "
+            f"Shorten the prompt or the response (gen_length= / max_new_tokens=)."
+        )
+
+
+def check_hooks_fit(model, hooks: list, reducers: Sequence, n_steps: int, n_blocks: int, n_pos: int, batch: int) -> None:
+    """Resolve every hook and reducer against the run before its first forward: names and globs
+    must select hook points, `H.at` schedules (`fn.schedule`) must fit the steps, blocks and canvas,
+    reducer steps must be steps of the run. Each failure raises with what the run has."""
+    for name, fn in hooks:
+        model.hook_names(name)
+        schedule = getattr(fn, "schedule", None)
+        if schedule is not None:
+            schedule.check(n_steps, n_blocks, n_pos, batch)
+    for reducer in reducers:
+        reducer.check_run(model, n_steps)
+
+
+def resolve_generator(
+    sampler: Sampler, seed: Optional[int], generator: Optional[torch.Generator], device: torch.device
+) -> Optional[torch.Generator]:
+    """The generator a run draws from: `generator`, else one seeded with `seed`; without either, one
+    seeded with `DEFAULT_SEED` for deterministic (temperature 0) runs, None (the global RNG, as
+    upstream) for stochastic ones.
+
+    Example:
+        >>> resolve_generator(LLaDASampler(remasking="random"), None, None, "cpu")  # seeded with DEFAULT_SEED
+    """
+    if seed is not None and generator is not None:
+        raise ValueError("Pass seed= or generator=, not both: the generator would silently win over the seed.")
+    if generator is not None:
+        return generator
+    if seed is None and sampler.stochastic():
+        return None
+    return torch.Generator(device=device).manual_seed(DEFAULT_SEED if seed is None else seed)
+
+
 def generate(
     model: "HookedDiffusionTransformer",
     input: GenerateInput,
     *,
     attention_mask: Optional[Tensor] = None,
-    hooks: Sequence[tuple] = (),
+    hooks=(),
     cache: Optional[Union[dict, CacheRequest]] = None,
     reducers: Sequence = (),
     return_trajectory: bool = True,
@@ -234,9 +314,14 @@ def generate(
     """Denoise a response for each prompt with the family's sampler, hooks and step caches.
 
     Why: one call runs the reference sampler while hooks steer / record with `hook.state`.
-    `sampler_options` override the sampler's (e.g. steps, gen_length, block_length, temperature,
-    cfg_scale, remasking for LLaDA). `seed` makes sampling deterministic without touching the
-    global RNG (`generator` gives a generator directly; neither = the global RNG, as upstream).
+    `sampler_options` override the sampler's (e.g. steps, gen_length or max_new_tokens,
+    block_length, temperature, cfg_scale, remasking for LLaDA); the same names work for every
+    family (`Sampler.with_options`). `hooks`: a `(name, fn)` pair, a list or nested lists of them;
+    each is checked against the run before the first forward (a typo, a step or block the run does
+    not have, an index outside the canvas: ValueError / KeyError). `seed` makes sampling
+    reproducible without touching the global RNG (`generator` gives a generator directly). With
+    neither, temperature-0 runs are deterministic (remaining draws seeded with `DEFAULT_SEED` = 0)
+    and sampled runs draw from the global RNG, as upstream.
     `cache=dict(names=, steps=, positions=, device=, dtype=, include_unconditional=)` -> `out.cache`
     (refused before the run if predicted over `max_cache_bytes`). `reducers=[StreamingMean(...)]`.
 

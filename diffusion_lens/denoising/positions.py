@@ -45,6 +45,28 @@ def check_scope(positions: PositionScope) -> None:
         raise ValueError(f"Unknown position scope {positions!r}; use one of {SCOPE_NAMES}, an index tensor or a callable.")
 
 
+def check_scope_fits(positions: PositionScope, n_pos: int, batch: int) -> None:
+    """Raise before a run when an index list falls outside a canvas of `n_pos` positions or a bool
+    mask is not [n_pos] / [batch n_pos]; named and callable scopes are checked elsewhere.
+
+    Example:
+        >>> check_scope_fits([0, 30], n_pos=22, batch=2)   # IndexError: ... outside a canvas of 22 positions.
+    """
+    if positions is None or isinstance(positions, str) or callable(positions):
+        return
+    selected = torch.as_tensor(positions)
+    if selected.dtype == torch.bool:
+        if tuple(selected.shape) not in ((n_pos,), (batch, n_pos)):
+            raise ValueError(
+                f"A bool position mask of shape {tuple(selected.shape)} does not fit a canvas of {batch} rows x "
+                f"{n_pos} positions (expected [{n_pos}] or [{batch}, {n_pos}])."
+            )
+        return
+    if selected.is_floating_point():
+        raise TypeError(f"Position indices must be integers or bools, got {selected.dtype}.")
+    _normalise_index(selected, n_pos)
+
+
 def scope_mask(
     positions: PositionScope, state: Optional[DenoisingState], n_pos: int, device: torch.device
 ) -> Optional[Union[Bool[Tensor, "batch pos"], Bool[Tensor, " pos"]]]:
@@ -193,6 +215,6 @@ def _normalise_index(index: Tensor, n_pos: int) -> Int[Tensor, " n"]:
 
 
 __all__ = [
-    "PositionScope", "SCOPE_NAMES", "check_scope", "scope_mask", "position_axis", "rows_mask",
+    "PositionScope", "SCOPE_NAMES", "check_scope", "check_scope_fits", "scope_mask", "position_axis", "rows_mask",
     "broadcast_mask", "stored_positions",
 ]

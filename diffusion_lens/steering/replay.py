@@ -68,7 +68,7 @@ def record_run(
             states.append(state)
 
     generate_kwargs.setdefault("progress", False)
-    out, raw = denoise(model, prompt, attention_mask=attention_mask, hooks=list(hooks) + [("hook_embed", keep_state)],
+    out, raw = denoise(model, prompt, attention_mask=attention_mask, hooks=[hooks, ("hook_embed", keep_state)],
                        return_trajectory=True, stop_after=stop_after, capture_logits=list(capture_logits),
                        **generate_kwargs)
     return RecordedRun(out, states, prompt, attention_mask, {s: model.token_logits(t) for s, t in raw.items()})
@@ -114,6 +114,9 @@ class ReplaySampler(Sampler):
 
     def n_steps(self) -> int:
         return len(self.states)
+
+    def n_blocks(self) -> int:
+        return self.states[0].n_blocks
 
     def response_length(self) -> int:
         first = self.states[0]
@@ -162,7 +165,7 @@ def replay(
     first = states[0]
     prompt = first.canvas[:, : first.response_start]
     mask = None if first.attention_mask is None else first.attention_mask[:, : first.response_start]
-    out, _ = denoise(model, prompt, attention_mask=mask, hooks=list(hooks), sampler=sampler, return_trajectory=False,
+    out, _ = denoise(model, prompt, attention_mask=mask, hooks=hooks, sampler=sampler, return_trajectory=False,
                      progress=False, stop_after=last, cache=cache)
     logits = dict(sampler.logits)
     return (logits, out.cache) if cache is not None else logits

@@ -8,7 +8,14 @@ driver's `forward(state)` (which publishes the state to the hook points and runs
 
 A family's adapter returns its sampler, with upstream defaults, from `ModelAdapter.sampler(model)`.
 To add a family with a new algorithm: subclass `Sampler` as a frozen dataclass of its options,
-implement `n_steps`, `response_length`, `n_copies` and `run`, and return it from the adapter.
+implement `n_steps`, `response_length`, `n_copies`, `n_blocks` (semi-autoregressive samplers),
+`stochastic` and `run`, and return it from the adapter.
+
+One vocabulary across families (`with_options`, the one place for it): the response length is
+accepted as `gen_length` (LLaDA's name) and as `max_new_tokens` (Dream's / transformers'),
+whichever the sampler calls its field; `block_length` is accepted by samplers without blocks
+when it equals the response length (one block). So `model.generate(p, steps=32, gen_length=32)`
+runs unchanged on every family.
 """
 
 from __future__ import annotations
@@ -24,6 +31,9 @@ from diffusion_lens.denoising.state import DenoisingState
 
 if TYPE_CHECKING:
     from diffusion_lens.model import HookedDiffusionTransformer
+
+#: The names of the response length: a sampler has one as a field, `with_options` maps the other onto it.
+RESPONSE_LENGTH_NAMES = ("gen_length", "max_new_tokens")
 
 # forward(state) runs the model on state.model_input / state.model_attention_mask and returns
 # per-token logits [rows pos vocab] (the family's logit shift already applied by the driver).
@@ -44,15 +54,41 @@ class Sampler:
     """
 
     def with_options(self, **options) -> "Sampler":
-        """A copy with some options replaced; unknown option names raise a TypeError listing the valid ones."""
+        """A copy with some options replaced; unknown option names raise a TypeError listing the valid ones.
+
+        `gen_length` and `max_new_tokens` both set the response length (giving both with different
+        values is an error); `block_length` on a sampler without blocks must equal the response length.
+
+        Example:
+            >>> DreamSampler().with_options(gen_length=32, steps=32, block_length=32).max_new_tokens
+            32
+        """
         known = {f.name for f in dataclasses.fields(self)}
+        options = dict(options)
+        lengths = {name: options.pop(name) for name in RESPONSE_LENGTH_NAMES if name in options}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(
+                f"{' and '.join(f'{k}={v}' for k, v in lengths.items())} disagree; both name the response "
+                "length, so pass one of them."
+            )
+        field = next((name for name in RESPONSE_LENGTH_NAMES if name in known), None)
+        if lengths:
+            options[field or next(iter(lengths))] = next(iter(lengths.values()))
+        block_length = options.pop("block_length") if "block_length" in options and "block_length" not in known else None
         unknown = sorted(set(options) - known)
         if unknown:
+            aliases = f" (the response length is also accepted as {' or '.join(RESPONSE_LENGTH_NAMES)})" if field else ""
             raise TypeError(
                 f"{type(self).__name__} has no option {', '.join(map(repr, unknown))}; "
-                f"its options are {sorted(known)}."
+                f"its options are {sorted(known)}{aliases}."
             )
-        return dataclasses.replace(self, **options)
+        sampler = dataclasses.replace(self, **options)
+        if block_length is not None and block_length != sampler.response_length():
+            raise ValueError(
+                f"{type(self).__name__} denoises the whole response as one block, so block_length={block_length} "
+                f"cannot apply; omit it or pass block_length={sampler.response_length()} (the response length)."
+            )
+        return sampler
 
     def options(self) -> dict:
         """The options as a dict (what `with_options` accepts)."""
@@ -69,6 +105,18 @@ class Sampler:
     def n_copies(self) -> int:
         """Rows of the forward batch per prompt: 2 under classifier-free guidance, else 1."""
         return 1
+
+    def n_blocks(self) -> int:
+        """Number of semi-autoregressive blocks (`DenoisingState.block` runs 0..n_blocks-1); 1 for
+        samplers that denoise the whole response at once."""
+        return 1
+
+    def stochastic(self) -> bool:
+        """True when the options ask for sampling (e.g. temperature > 0). Then a run without `seed` /
+        `generator` draws from the global torch RNG, as upstream; otherwise the run is deterministic:
+        draws the algorithm still makes (e.g. random remasking) come from a generator seeded with
+        `DEFAULT_SEED`."""
+        return False
 
     def run(
         self,
@@ -101,4 +149,7 @@ def resolve_token_id(given: Optional[int], default: Optional[int], option: str, 
     return default
 
 
-__all__ = ["Sampler", "Forward"]
+#: Seed of the generator a non-stochastic run uses when no `seed` / `generator` is given.
+DEFAULT_SEED = 0
+
+__all__ = ["DEFAULT_SEED", "RESPONSE_LENGTH_NAMES", "Forward", "Sampler"]

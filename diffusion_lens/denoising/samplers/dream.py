@@ -60,7 +60,10 @@ class DreamSampler(Sampler):
     step commits one token fewer when max_new_tokens / steps is an integer (float32 schedule); the
     mask token is never suppressed; confidences are computed in the logits dtype. Not supported:
     `num_return_sequences` (repeat the prompt instead) and `max_length` (use `max_new_tokens`).
-    Random numbers come from `generator` if given, else the global torch RNG, as upstream.
+    Random numbers: at temperature 0 without `alg_temp` the run is deterministic even with
+    `alg="origin"` (whose commit draws upstream takes from the global RNG): without `seed` /
+    `generator` the driver seeds them with `DEFAULT_SEED`. Sampled runs (temperature > 0 or
+    `alg_temp`) draw from `generator`, else the global torch RNG, as upstream.
 
     Example:
         >>> out = model.generate("Write a haiku", max_new_tokens=64, steps=64, alg="entropy",
@@ -101,6 +104,9 @@ class DreamSampler(Sampler):
 
     def response_length(self) -> int:
         return self.max_new_tokens
+
+    def stochastic(self) -> bool:
+        return self.temperature > 0 or bool(self.alg_temp)
 
     def run(
         self,

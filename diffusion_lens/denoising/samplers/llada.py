@@ -27,7 +27,8 @@ class LLaDASampler(Sampler):
 
     Why: the algorithm the LLaDA checkpoints were evaluated with; `steps` counts all forwards.
     The response (`gen_length` masks after the prompt) is filled block by block
-    (`block_length`); inside a block each step commits the scheduled number of tokens with the
+    (`block_length`, default: the whole response as one block, upstream's default for its default
+    gen_length=128); inside a block each step commits the scheduled number of tokens with the
     highest confidence (`remasking="low_confidence"`, softmax probability of the chosen token) or
     at random (`"random"`). `temperature > 0` samples tokens by Gumbel-max in float64;
     `cfg_scale > 0` adds classifier-free guidance against the prompt-masked canvas.
@@ -58,7 +59,7 @@ class LLaDASampler(Sampler):
 
     steps: int = 128
     gen_length: int = 128
-    block_length: int = 128
+    block_length: Optional[int] = None  # None = gen_length (one block)
     temperature: float = 0.0
     cfg_scale: float = 0.0
     remasking: Literal["low_confidence", "random"] = "low_confidence"
@@ -74,14 +75,15 @@ class LLaDASampler(Sampler):
 
     def __post_init__(self):
         problems = []
-        if self.gen_length <= 0 or self.block_length <= 0 or self.steps <= 0:
+        block = self.block_size()
+        if self.gen_length <= 0 or block <= 0 or self.steps <= 0:
             problems.append("steps, gen_length and block_length must be positive")
-        elif self.gen_length % self.block_length:
-            problems.append(f"gen_length={self.gen_length} must be a multiple of block_length={self.block_length}")
-        elif self.steps % (self.gen_length // self.block_length):
+        elif self.gen_length % block:
+            problems.append(f"gen_length={self.gen_length} must be a multiple of block_length={block}")
+        elif self.steps % (self.gen_length // block):
             problems.append(
                 f"steps={self.steps} must be a multiple of the number of blocks "
-                f"gen_length/block_length={self.gen_length // self.block_length}"
+                f"gen_length/block_length={self.gen_length // block}"
             )
         if self.remasking not in ("low_confidence", "random"):
             problems.append(f"remasking={self.remasking!r} must be 'low_confidence' or 'random'")
@@ -100,6 +102,16 @@ class LLaDASampler(Sampler):
 
     def n_copies(self) -> int:
         return 2 if self.cfg_scale > 0 else 1
+
+    def block_size(self) -> int:
+        """`block_length`, or the response length when it is not given."""
+        return self.gen_length if self.block_length is None else self.block_length
+
+    def n_blocks(self) -> int:
+        return self.gen_length // self.block_size()
+
+    def stochastic(self) -> bool:
+        return self.temperature > 0
 
     def run(
         self,
@@ -121,13 +133,13 @@ class LLaDASampler(Sampler):
         model_mask = attention_mask
         if guided and attention_mask is not None:
             model_mask = torch.cat([attention_mask, attention_mask])
-        n_blocks = self.gen_length // self.block_length
+        n_blocks = self.n_blocks()
         per_block = self.steps // n_blocks
         previous = None
 
         for block in range(n_blocks):
-            start = prompt_width + block * self.block_length
-            end = start + self.block_length
+            start = prompt_width + block * self.block_size()
+            end = start + self.block_size()
             # Tokens to commit per row and step: spread the block's masks evenly, extras first.
             counts = (x[:, start:end] == mask_id).sum(dim=1).tolist()
             schedule = [[c // per_block + (s < c % per_block) for s in range(per_block)] for c in counts]
