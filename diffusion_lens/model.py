@@ -8,6 +8,8 @@ hook functions, filters and cache analysis work unchanged.
 from __future__ import annotations
 
 import difflib
+from contextlib import contextmanager
+from copy import deepcopy
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
@@ -19,7 +21,9 @@ from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.FactoredMatrix import FactoredMatrix
 from transformer_lens.hook_points import HookPoint
 
+from diffusion_lens.activation_cache import DiffusionActivationCache
 from diffusion_lens.components import RMSNorm, Rotary, TransformerBlock, attention_mask_for, position_ids_for
+from diffusion_lens.components.errors import KeepPropertyErrors
 from diffusion_lens.config import DiffusionConfig
 from diffusion_lens.denoising.hook_lists import flatten_hooks, is_glob, name_filter, no_match_message
 
@@ -29,8 +33,17 @@ NamesFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
 HookList = Sequence[tuple[Union[str, Callable[[str], bool]], Callable]]
 
 
-class HookedDiffusionTransformer(HookedRootModule):
+class HookedDiffusionTransformer(KeepPropertyErrors, HookedRootModule):
     """A masked-diffusion language model with a TransformerLens hook point on every activation.
+
+    `cfg` is the model's own copy: `cfg.dtype` and `cfg.device` follow `.to()`, `.half()`, `.cuda()`
+    and `load_state_dict(..., assign=True)`, as TransformerLens code reading them expects.
+
+    Gradients: weights come frozen from `from_pretrained`, yet activations require grad (under
+    grad mode) whenever a backward hook is installed (`add_hook(..., dir="bwd")`, `bwd_hooks=`,
+    `run_with_cache(incl_bwd=True)`) or inside `with model.activation_grads():`, so attribution works
+    without unfreezing anything. Otherwise a forward builds no graph, as before, and under
+    `torch.no_grad()` (e.g. `generate`) nothing changes.
 
     Example:
         >>> model = HookedDiffusionTransformer.from_pretrained("tiny-refusal")
@@ -40,7 +53,8 @@ class HookedDiffusionTransformer(HookedRootModule):
 
     def __init__(self, cfg: DiffusionConfig, tokenizer=None):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = cfg = deepcopy(cfg)  # its dtype / device track this model's weights
+        self._activation_grad_requests = 0  # open `activation_grads()` contexts
         self.tokenizer = tokenizer
         self.adapter = None  # set by `from_pretrained`; used by `save_pretrained` and the samplers
         self.rotary = Rotary(cfg)
@@ -54,6 +68,26 @@ class HookedDiffusionTransformer(HookedRootModule):
         self.setup()
         for point in self.hook_dict.values():  # `hook.state`: the DenoisingState during generate, else None
             point.state = None
+        if self.embed.weight.dtype != cfg.dtype:
+            self.to(cfg.dtype)
+        self._sync_cfg()
+
+    # ------------------------------------------------------------------ cfg.dtype / cfg.device follow the weights
+    def _sync_cfg(self) -> None:
+        self.cfg.dtype = self.embed.weight.dtype
+        self.cfg.device = str(self.embed.weight.device)
+
+    def _apply(self, fn, recurse=True):
+        """Every `.to()`, `.cuda()`, `.half()`, `.float()` ... ends here; keep `cfg` truthful."""
+        out = super()._apply(fn, recurse)
+        self._sync_cfg()
+        return out
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """`nn.Module.load_state_dict`; with `assign=True` the tensors' dtype / device become the model's."""
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._sync_cfg()
+        return result
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -80,6 +114,7 @@ class HookedDiffusionTransformer(HookedRootModule):
         if return_type not in ("logits", "loss", None):
             raise ValueError(f"return_type must be 'logits', 'loss' or None, got {return_type!r}")
         tokens = self._as_tokens(input)
+        self._check_tokens(tokens)
         if attention_mask is not None and attention_mask.shape != tokens.shape:
             raise ValueError(
                 f"attention_mask has shape {tuple(attention_mask.shape)} but tokens have shape "
@@ -89,7 +124,10 @@ class HookedDiffusionTransformer(HookedRootModule):
         if position_ids is None:  # renumbers padded rows where cfg.position_ids_mode asks for it
             position_ids = position_ids_for(self.cfg, attention_mask)
         rope = self.rotary.tables(tokens.shape[1], tokens.device, position_ids)
-        resid = self.hook_embed(self.embed(tokens))
+        embedded = self.embed(tokens)
+        if not embedded.requires_grad and torch.is_grad_enabled() and self._activation_grads_requested():
+            embedded.requires_grad_(True)  # every later activation is then differentiable
+        resid = self.hook_embed(embedded)
         for block in self.blocks:
             resid = block(resid, mask, rope)
         logits = self.unembed(self.ln_final(resid))
@@ -98,6 +136,56 @@ class HookedDiffusionTransformer(HookedRootModule):
         if return_type == "loss":
             return self.masked_diffusion_loss(logits, tokens, targets, loss_weights)
         return None
+
+    def _check_tokens(self, tokens: Int[Tensor, "batch pos"]) -> None:
+        """Fail before the run, with a sentence, on an empty input, an input longer than the model's
+        context, or ids outside the embedding (cost: one min/max reduction)."""
+        if tokens.numel() == 0:
+            raise ValueError(
+                f"The input holds no tokens (shape {tuple(tokens.shape)}); a forward needs at least one "
+                "row with at least one token id."
+            )
+        n_ctx = self.cfg.n_ctx
+        if n_ctx is not None and tokens.shape[1] > n_ctx:
+            raise ValueError(
+                f"The input has {tokens.shape[1]} positions but this model's context is cfg.n_ctx={n_ctx}; "
+                "shorten the prompt or the response (gen_length)."
+            )
+        low, high = torch.stack(torch.aminmax(tokens)).tolist()
+        n_embed = self.cfg.d_vocab_out
+        if low < 0 or high >= n_embed:
+            bad = low if low < 0 else high
+            row, pos = (tokens == bad).nonzero()[0].tolist()
+            raise ValueError(
+                f"Token id {bad} (row {row}, position {pos}) is outside the vocabulary: this model embeds "
+                f"ids 0..{n_embed - 1}. Were these ids made by another model's tokenizer?"
+            )
+
+    def _activation_grads_requested(self) -> bool:
+        return self._activation_grad_requests > 0 or any(point._backward_hooks for point in self.hook_dict.values())
+
+    @contextmanager
+    def activation_grads(self):
+        """Inside, activations require grad under grad mode while the weights stay frozen.
+
+        Why: `from_pretrained` freezes the weights, so without this a forward builds no graph and
+        `act.retain_grad()` or `torch.autograd.grad(metric, acts)` fail. Backward hooks and
+        `run_with_cache(incl_bwd=True)` turn this on by themselves.
+
+        Example:
+            >>> kept = {}
+            >>> def keep(act, hook):
+            ...     act.retain_grad(); kept[hook.name] = act
+            >>> with model.activation_grads():
+            ...     logits = model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_post", keep)])
+            ...     logits[0, -1, 5].backward()
+            >>> kept["blocks.0.hook_resid_post"].grad.shape  # [batch pos d_model]
+        """
+        self._activation_grad_requests += 1
+        try:
+            yield self
+        finally:
+            self._activation_grad_requests -= 1
 
     def token_logits(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, "batch pos d_vocab"]:
         """Per-token predictions from per-residual-position logits: the one place the logit shift lives.
@@ -211,6 +299,7 @@ class HookedDiffusionTransformer(HookedRootModule):
         device: Optional[Union[str, torch.device]] = None,
         remove_batch_dim: bool = False,
         step: Optional[Union[int, Sequence[int]]] = None,
+        incl_bwd: bool = False,
         **model_kwargs,
     ) -> tuple[Optional[Tensor], ActivationCache]:
         """Run a forward and return (output, `ActivationCache`) of the hook points in `names_filter`.
@@ -224,7 +313,15 @@ class HookedDiffusionTransformer(HookedRootModule):
             >>> logits, cache = model.run_with_cache(tokens, names_filter=lambda n: "resid" in n)
             >>> cache.accumulated_resid(apply_ln=True).shape  # [layer+1 batch pos d_model]
             >>> logits, cache = model.run_with_cache(prompt, step=3, steps=8, gen_length=16, block_length=8)
+
+        `incl_bwd=True` (TransformerLens) also backpropagates from the output, which must then be the
+        scalar of `return_type="loss"`, and caches each gradient as `"<name>_grad"`; frozen weights
+        need no unfreezing (see the class docstring).
+            >>> loss, cache = model.run_with_cache(noisy, return_type="loss", targets=clean, incl_bwd=True)
+            >>> cache["blocks.0.hook_resid_post_grad"].shape  # [batch pos d_model]
         """
+        if incl_bwd:
+            self._check_incl_bwd(step, model_kwargs)
         if step is not None:
             from diffusion_lens.denoising.generate import run_with_step_cache
 
@@ -242,9 +339,28 @@ class HookedDiffusionTransformer(HookedRootModule):
             act = act.detach() if device is None else act.detach().to(device)
             store[hook.name] = act[0] if remove_batch_dim else act
 
-        with self.hooks(fwd_hooks=[(name, save) for name in names]):
+        def save_grad(grad: Tensor, hook: HookPoint) -> None:
+            grad = grad.detach() if device is None else grad.detach().to(device)
+            store[hook.name + "_grad"] = grad[0] if remove_batch_dim else grad
+
+        bwd_hooks = [(name, save_grad) for name in names] if incl_bwd else []
+        with self.hooks(fwd_hooks=[(name, save) for name in names], bwd_hooks=bwd_hooks):
             out = self(*model_args, **model_kwargs)
-        return out, ActivationCache(store, self, has_batch_dim=not remove_batch_dim)
+            if incl_bwd:
+                out.backward()
+        return out, DiffusionActivationCache(store, self, has_batch_dim=not remove_batch_dim)
+
+    def _check_incl_bwd(self, step, model_kwargs: dict) -> None:
+        if step is not None:
+            raise ValueError("incl_bwd=True needs a plain forward; step= replays generate, which runs without gradients.")
+        if model_kwargs.get("return_type", "logits") != "loss":
+            raise ValueError(
+                "incl_bwd=True backpropagates from the output, which must be a scalar: pass "
+                "return_type='loss' with targets=..., or for a metric of the logits use "
+                "`with model.hooks(bwd_hooks=[(name, fn)]): metric(model(tokens)).backward()`."
+            )
+        if not torch.is_grad_enabled():
+            raise ValueError("incl_bwd=True needs gradients, but grad mode is off here (torch.no_grad / inference_mode).")
 
     def set_use_attn_result(self, use: bool) -> None:
         """Compute each head's output separately so `attn.hook_result` [batch pos head d_model] fires.
@@ -319,6 +435,47 @@ class HookedDiffusionTransformer(HookedRootModule):
     def W_out(self) -> Float[Tensor, "n_layers d_mlp d_model"]:
         return torch.stack([self._dense_mlp(layer).down_proj.weight.T for layer in range(self.cfg.n_layers)])
 
+    # Biases (TransformerLens shapes): real values where the family has them (Dream's q/k/v), zeros
+    # elsewhere, so TransformerLens formulas such as `x @ W_Q + b_Q` hold for every family.
+    @property
+    def b_Q(self) -> Float[Tensor, "n_layers n_heads d_head"]:
+        return torch.stack([block.attn.b_Q for block in self.blocks])
+
+    @property
+    def b_K(self) -> Float[Tensor, "n_layers n_heads d_head"]:
+        return torch.stack([block.attn.b_K for block in self.blocks])
+
+    @property
+    def b_V(self) -> Float[Tensor, "n_layers n_heads d_head"]:
+        return torch.stack([block.attn.b_V for block in self.blocks])
+
+    @property
+    def b_O(self) -> Float[Tensor, "n_layers d_model"]:
+        return torch.stack([block.attn.b_O for block in self.blocks])
+
+    @property
+    def b_in(self) -> Float[Tensor, "n_layers d_mlp"]:
+        return torch.stack([self._dense_mlp(layer).b_in for layer in range(self.cfg.n_layers)])
+
+    @property
+    def b_out(self) -> Float[Tensor, "n_layers d_model"]:
+        return torch.stack([self._dense_mlp(layer).b_out for layer in range(self.cfg.n_layers)])
+
+    def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> Float[Tensor, " d_model"]:
+        """Sum of the constant terms (attention `b_O`, MLP `b_out`) written to the residual stream
+        before block `layer` (plus that block's `b_O` with `mlp_input=True`), as in TransformerLens;
+        `cache.get_full_resid_decomposition()` reads it."""
+        if not 0 <= layer <= self.cfg.n_layers or (mlp_input and layer == self.cfg.n_layers):
+            raise ValueError(f"layer={layer} must be in 0..{self.cfg.n_layers - (1 if mlp_input else 0)}.")
+        total = torch.zeros(self.cfg.d_model, dtype=self.cfg.dtype, device=self.cfg.device)
+        for block in self.blocks[:layer]:
+            total = total + block.attn.b_O
+            if include_mlp_biases:
+                total = total + block.mlp.b_out
+        if mlp_input:
+            total = total + self.blocks[layer].attn.b_O
+        return total
+
     @property
     def OV(self) -> FactoredMatrix:
         return FactoredMatrix(self.W_V, self.W_O)
@@ -356,6 +513,8 @@ class HookedDiffusionTransformer(HookedRootModule):
     def _as_tokens(self, input: TokensInput) -> Int[Tensor, "batch pos"]:
         if isinstance(input, Tensor):
             if input.dtype not in (torch.int64, torch.int32):
+                if input.numel() == 0:  # torch.tensor([]) is float
+                    raise ValueError(f"The input holds no token ids (an empty tensor of shape {tuple(input.shape)}).")
                 raise TypeError(f"Token ids must be an integer tensor, got {input.dtype}.")
             tokens = input if input.ndim == 2 else input[None]
             if tokens.ndim != 2:
@@ -382,6 +541,11 @@ class HookedDiffusionTransformer(HookedRootModule):
         """
         tokenizer = self._require_tokenizer()
         texts = [text] if isinstance(text, str) else list(text)
+        if not texts:
+            raise ValueError(
+                "The input is an empty list of prompts; pass a string, a non-empty list of strings, "
+                "or a [batch pos] tensor of token ids."
+            )
         if chat:
             texts = [self.chat_text(t) for t in texts]
         tokenizer.padding_side = "left"
@@ -400,10 +564,59 @@ class HookedDiffusionTransformer(HookedRootModule):
             return tokenizer.decode(tokens.tolist(), skip_special_tokens=skip_special_tokens)
         return tokenizer.batch_decode(tokens.tolist(), skip_special_tokens=skip_special_tokens)
 
-    def to_str_tokens(self, tokens: Union[str, Int[Tensor, " pos"]]) -> list[str]:
+    def to_str_tokens(
+        self, input: Union[str, Sequence[str], Int[Tensor, "... pos"], Sequence[int]]
+    ) -> Union[list[str], list[list[str]]]:
+        """Each token as a string, as in TransformerLens.
+
+        A string, a [pos] tensor (or list of ids) or a [1 pos] tensor gives one list; a list of
+        strings or a [batch pos] tensor with batch > 1 gives one list per row (TransformerLens
+        refuses the latter).
+
+        Example:
+            >>> model.to_str_tokens(model.to_tokens(["Hi", "Tell me a joke"]))  # one list per row
+        """
         tokenizer = self._require_tokenizer()
-        ids = self._as_tokens(tokens)[0] if isinstance(tokens, str) else torch.as_tensor(tokens)
-        return [tokenizer.decode([i]) for i in ids.tolist()]
+        if isinstance(input, str):
+            ids = self.to_tokens(input)[0]
+        elif isinstance(input, (list, tuple)) and input and all(isinstance(t, str) for t in input):
+            return [self.to_str_tokens(text) for text in input]
+        else:
+            ids = torch.as_tensor(input)
+            if ids.ndim == 2 and ids.shape[0] != 1:
+                return [self.to_str_tokens(row) for row in ids]
+            ids = ids.reshape(-1) if ids.ndim == 2 else ids
+            if ids.ndim != 1:
+                raise ValueError(f"to_str_tokens takes [pos] or [batch pos] token ids, got shape {tuple(ids.shape)}.")
+        return tokenizer.batch_decode([[i] for i in ids.tolist()])
+
+    def get_token_position(
+        self, single_token: Union[str, int, Tensor], input: Union[str, Int[Tensor, "... pos"]], mode: str = "first"
+    ) -> int:
+        """Position of `single_token` (a one-token string or an id) in `input` (a string, [pos] or
+        [1 pos] ids), its first or last occurrence (`mode`), as in TransformerLens.
+
+        Example:
+            >>> model.get_token_position("joke", "Tell me a joke")
+            3
+        """
+        if mode not in ("first", "last"):
+            raise ValueError(f"mode must be 'first' or 'last', got {mode!r}.")
+        tokens = self.to_tokens(input) if isinstance(input, str) else torch.as_tensor(input)
+        if tokens.ndim == 2:
+            if tokens.shape[0] != 1:
+                raise ValueError(
+                    f"get_token_position searches one sequence; got {tokens.shape[0]} rows. Pass tokens[i]."
+                )
+            tokens = tokens[0]
+        token = self.to_single_token(single_token) if isinstance(single_token, str) else int(single_token)
+        positions = (tokens == token).nonzero().flatten().tolist()
+        if not positions:
+            raise ValueError(
+                f"Token {token} ({self._require_tokenizer().decode([token])!r}) does not occur in the input "
+                f"({len(tokens)} tokens)."
+            )
+        return positions[0] if mode == "first" else positions[-1]
 
     def to_single_token(self, text: str) -> int:
         ids = self._require_tokenizer()(text, add_special_tokens=False)["input_ids"]
