@@ -36,8 +36,14 @@ EXPECTED_SKIPS = {
 
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch):
-    """A snippet must never reach the hub: substituted blocks load the embedded model."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    """A snippet never reaches the hub (CI has no network; a hub id needs a substitute marker)."""
+    import huggingface_hub
+
+    def refuse(repo_id, *args, **kwargs):
+        raise RuntimeError(f"a documentation snippet tried to download {repo_id!r} from the hub; give the "
+                           "block a `<!-- snippet: substitute ... -->` marker (see tests/_snippets.py)")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
     monkeypatch.setenv("MPLBACKEND", "Agg")
 
 
@@ -146,6 +152,7 @@ def test_meta_blocks_of_a_page_share_a_namespace_and_a_failure_stops_the_page(tm
         session.run_through(2)
     with pytest.raises(S.SnippetFailure, match="page.md:3 not run: block page.md:2 of the same page failed"):
         session.run_through(3)
+    assert "z" not in session.namespace and session.namespace["x"] == 41
 
 
 def test_meta_substitution_applies_and_a_stale_one_is_refused(tmp_path):
@@ -203,6 +210,17 @@ def test_meta_an_unlisted_skip_fails_the_inventory():
         "docs/adding_a_model.md:3: skipped but not listed in EXPECTED_SKIPS"]
     assert _rule_problems(EXPECTED_SKIPS | {"README.md:1"}) == [
         "README.md:1: listed in EXPECTED_SKIPS but not skipped"]
+
+
+def test_meta_a_hub_download_is_refused(tmp_path):
+    path = _page(tmp_path, """\
+        ```python
+        from diffusion_lens import HookedDiffusionTransformer
+        HookedDiffusionTransformer.from_pretrained("GSAI-ML/LLaDA-8B-Instruct")
+        ```
+        """)
+    with pytest.raises(S.SnippetFailure, match="tried to download 'GSAI-ML/LLaDA-8B-Instruct'"):
+        _run_page(path, tmp_path)
 
 
 def test_meta_bash_blocks_are_checked_not_run(tmp_path):
