@@ -253,23 +253,95 @@ def split_prompts(
 ) -> list[datasets.Dataset]:
     """Shuffle with `seed` and cut into consecutive parts of the given fractions (Arditi et al.: 60/20/20, seed 42).
 
+    Every part with a non-zero fraction must get at least one prompt: too few prompts is an error
+    that says how many are needed, never an empty validation split discovered later.
+
     Example:
         >>> train, val, test = split_prompts(load_alpaca(path="alpaca.jsonl"))
         >>> len(train), len(val), len(test)
     """
-    if not fractions or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-9:
-        raise ValueError(f"fractions must be non-negative and sum to 1; got {list(fractions)}.")
+    if not isinstance(dataset, datasets.Dataset):
+        raise TypeError(f"split_prompts takes a datasets.Dataset; got {type(dataset).__name__}. For a list of "
+                        "strings use datasets.Dataset.from_dict({'prompt': prompts}).")
+    fractions = list(fractions)
+    if not fractions or any(not isinstance(f, (int, float)) or isinstance(f, bool) or f < 0 for f in fractions) \
+            or abs(sum(fractions) - 1.0) > 1e-9:
+        raise ValueError(f"fractions must be non-negative numbers that sum to 1; got {fractions}.")
+    n = len(dataset)
+    bounds = _split_bounds(n, fractions)
+    empty = [i for i, ((a, b), f) in enumerate(zip(bounds, fractions)) if f > 0 and b <= a]
+    if empty:
+        needed = next(m for m in range(n + 1, n + 10_000) if all(
+            b > a for (a, b), f in zip(_split_bounds(m, fractions), fractions) if f > 0))
+        raise ValueError(
+            f"split_prompts got {n} prompts, too few for fractions {fractions}: part(s) {empty} would be empty. "
+            f"Pass at least {needed} prompts, or fewer parts."
+        )
     shuffled = dataset.shuffle(seed=seed)
-    n = len(shuffled)
+    return [shuffled.select(range(a, b)) for a, b in bounds]
+
+
+def _split_bounds(n: int, fractions: Sequence[float]) -> list[tuple[int, int]]:
     bounds, start = [], 0
     for i, f in enumerate(fractions):
         end = n if i == len(fractions) - 1 else start + int(round(f * n))
         bounds.append((start, min(end, n)))
         start = min(end, n)
-    return [shuffled.select(range(a, b)) for a, b in bounds]
+    return bounds
+
+
+#: Column names that hold the prompt in common prompt sets (compared case-insensitively).
+PROMPT_COLUMNS: tuple[str, ...] = ("prompt", "instruction", "goal", "behavior", "question", "query", "text")
+
+
+def prompt_column(dataset, column: Optional[str] = None) -> str:
+    """The name of the prompt column of a `datasets.Dataset`: `column` if given, else the one column
+    whose name is in `PROMPT_COLUMNS` (case-insensitive). None or several -> an error listing the columns.
+
+    Example:
+        >>> prompt_column(datasets.Dataset.from_dict({"Goal": ["..."], "Target": ["..."]}))
+        'Goal'
+    """
+    names = _dataset_columns(dataset)
+    if column is not None:
+        if column not in names:
+            raise KeyError(f"column={column!r} is not a column of this dataset; its columns are {names}.")
+        return column
+    found = [c for c in names if c.lower() in PROMPT_COLUMNS]
+    if len(found) == 1:
+        return found[0]
+    which = f"several possible prompt columns {found}" if found else "no column named like a prompt"
+    raise ValueError(
+        f"This dataset has {which}; its columns are {names}. Name the prompt column with column='...'."
+    )
+
+
+def prompt_texts(dataset, column: Optional[str] = None) -> list[str]:
+    """The prompts of a `datasets.Dataset` as a list of strings (column detected or named, see `prompt_column`).
+
+    Example:
+        >>> prompt_texts(load_advbench(path="advbench.csv"))[:2]
+        >>> prompt_texts(raw_jbb, column="Goal")
+    """
+    name = prompt_column(dataset, column)
+    values = dataset[name]
+    bad = [i for i, v in enumerate(values) if not isinstance(v, str) or not v.strip()]
+    if bad:
+        raise ValueError(f"Column {name!r} must hold non-empty strings; rows {bad[:10]} do not "
+                         f"(e.g. {values[bad[0]]!r}).")
+    return list(values)
+
+
+def _dataset_columns(dataset) -> list[str]:
+    if isinstance(dataset, datasets.DatasetDict):
+        raise TypeError(f"Got a DatasetDict with splits {list(dataset)}; pass one split, e.g. dataset['train'].")
+    if not isinstance(dataset, datasets.Dataset):
+        raise TypeError(f"Expected a datasets.Dataset; got {type(dataset).__name__}.")
+    return list(dataset.column_names)
 
 
 __all__ = [
-    "COLUMNS", "SOURCES", "PromptSource", "ifeval_records", "load_advbench", "load_alpaca", "load_harmbench",
-    "load_ifeval", "load_jailbreakbench", "load_prompts", "split_prompts",
+    "COLUMNS", "PROMPT_COLUMNS", "SOURCES", "PromptSource", "ifeval_records", "load_advbench", "load_alpaca",
+    "load_harmbench", "load_ifeval", "load_jailbreakbench", "load_prompts", "prompt_column", "prompt_texts",
+    "split_prompts",
 ]

@@ -125,6 +125,21 @@ def schedule(hooks: list[Hook], steps: Any = None, positions: Any = None, blocks
     return [H.at(name, fn, steps=steps, blocks=blocks, positions=positions) for name, fn in hooks]
 
 
+def progress_bar(total: int, desc: str, progress: bool):
+    """A tqdm bar (`tqdm.auto`: a widget in notebooks) that `progress=False` turns off; like `generate`'s
+    bar it is also off outside a terminal or notebook, so logs and CI output stay clean.
+
+    Example:
+        >>> with progress_bar(12, "candidates", progress=True) as bar:
+        ...     bar.update()
+    """
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be True or False; got {progress!r}.")
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=None if progress else True, leave=False)
+
+
 def model_dtype_device(model) -> tuple[torch.dtype, torch.device]:
     weight = model.W_E
     return weight.dtype, weight.device

@@ -29,6 +29,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+# ... or a datasets.Dataset, whose prompt column is detected or named with column= (see prepare_prompts)
 PromptsInput = Union[Sequence[str], Int[Tensor, "n pos"], Sequence[Tensor], Sequence[Sequence[int]]]
 PositionSpec = Union[int, Sequence[int], str, None]
 POOLED = ("mean_prompt", "mean_response", "mean_all")
@@ -135,18 +136,33 @@ class PreparedPrompts:
         return len(self.tokens)
 
 
-def prepare_prompts(model, prompts: PromptsInput, *, chat: Optional[bool] = None, argument: str = "prompts") -> PreparedPrompts:
+def prepare_prompts(
+    model, prompts: PromptsInput, *, chat: Optional[bool] = None, argument: str = "prompts", column: Optional[str] = None
+) -> PreparedPrompts:
     """Normalise prompts to a list of 1-D token tensors.
 
     Strings are rendered with the chat template (`chat=None` means: if the tokenizer has one)
     and tokenized without extra special tokens, as the samplers do. Token prompts are a [n pos]
-    integer tensor (no padding) or a list of 1-D integer tensors / lists.
+    integer tensor (no padding) or a list of 1-D integer tensors / lists. A `datasets.Dataset`
+    gives its prompt column: `column=` names it, otherwise it is detected from common names
+    (`diffusion_lens.prompts.prompt_column`: prompt, instruction, goal, behavior, ...).
 
     Example:
         >>> p = prepare_prompts(model, ["How do I bake bread?"])
         >>> p.tokens[0][-len(p.template.suffix):].tolist() == p.template.suffix
         True
+        >>> p = prepare_prompts(model, load_advbench(path="advbench.csv"))      # a datasets.Dataset
     """
+    if _is_dataset(prompts):
+        from diffusion_lens.prompts import prompt_texts
+
+        try:
+            prompts = prompt_texts(prompts, column)
+        except (KeyError, ValueError, TypeError) as error:
+            raise type(error)(f"{argument}: {error.args[0]}") from None
+    elif column is not None:
+        raise TypeError(f"column={column!r} names the prompt column of a datasets.Dataset, but {argument} is a "
+                        f"{type(prompts).__name__}.")
     if isinstance(prompts, PreparedPrompts):
         return prompts
     if isinstance(prompts, str):
@@ -177,6 +193,11 @@ def prepare_prompts(model, prompts: PromptsInput, *, chat: Optional[bool] = None
             raise TypeError(f"{argument}[{i}] must be a 1-D integer token sequence; got {t.dtype} of shape {tuple(t.shape)}.")
         token_list.append(t.long())
     return PreparedPrompts(_check_tokens(model, token_list, argument), None)
+
+
+def _is_dataset(prompts) -> bool:
+    """A Hugging Face `datasets` object (checked by module, so `datasets` is imported only when used)."""
+    return type(prompts).__module__.split(".")[0] == "datasets"
 
 
 def _check_tokens(model, token_list: list[Tensor], argument: str) -> list[Tensor]:

@@ -17,7 +17,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from diffusion_lens.results_io import load_result, require_pandas, save_result
-from diffusion_lens.steering._common import LayerSpec, resolve_layers, unit
+from diffusion_lens.steering._common import LayerSpec, progress_bar, resolve_layers, unit
 from diffusion_lens.steering.activations import (
     POOLED,
     TEMPLATE,
@@ -144,6 +144,38 @@ class Directions:
     def __repr__(self) -> str:
         return (f"Directions(layers={self.layers}, positions={self.positions}, site={self.site!r}, step={self.step}, "
                 f"n={self.n_positive}+{self.n_negative})")
+
+    @classmethod
+    def concat(cls, parts: "list[Directions]") -> "Directions":
+        """Directions of several position kinds side by side (same prompts, layers, site and step), so
+        that one `select_direction` sweep compares pre-instruction, post-instruction and pooled
+        candidates together.
+
+        Example:
+            >>> both = Directions.concat([mean_difference(model, h, ok, positions=p) for p in ("pre_instruction", "mean_response")])
+            >>> sel = select_direction(model, h, ok, h_val, ok_val, candidates=both)
+        """
+        parts = list(parts)
+        if not parts or not all(isinstance(d, Directions) for d in parts):
+            raise TypeError("Directions.concat takes a non-empty list of Directions.")
+        first = parts[0]
+        for d in parts[1:]:
+            for attr in ("layers", "site", "step", "n_positive", "n_negative"):
+                if getattr(d, attr) != getattr(first, attr):
+                    raise ValueError(f"Cannot concatenate directions with different {attr}: {getattr(first, attr)!r} vs "
+                                     f"{getattr(d, attr)!r}; compute them on the same prompts, layers, site and step.")
+        labels = [pos for d in parts for pos in d.positions]
+        repeated = sorted({str(p) for p in labels if labels.count(p) > 1})
+        if repeated:
+            raise ValueError(f"Position labels {repeated} appear in more than one part; concatenate different positions.")
+        moments = [d.second_moment_positive for d in parts]
+        if any(m is None for m in moments) and not all(m is None for m in moments):
+            raise ValueError("Either every part or none must be computed with subspace=True.")
+        return cls(
+            torch.cat([d.mean_positive for d in parts], 1), torch.cat([d.mean_negative for d in parts], 1),
+            list(first.layers), labels, first.site, first.step, first.n_positive, first.n_negative,
+            None if moments[0] is None else torch.cat(moments, 1),
+        )
 
     def to_pandas(self):
         """One row per (layer, position): layer, position, norm of the raw difference, cosine of the class means.
@@ -328,7 +360,8 @@ def _check_prompts_against_spec(prepared, spec, response_length: int, argument: 
             )
 
 
-def _class_means(model, prepared, sites, spec, *, step, sampler, batch_size, second_moment, generate_kwargs, argument):
+def _class_means(model, prepared, sites, spec, *, step, sampler, batch_size, second_moment, generate_kwargs, argument,
+                 bar):
     from diffusion_lens.denoising.generate import denoise
 
     response_length = sampler.response_length()
@@ -336,6 +369,7 @@ def _class_means(model, prepared, sites, spec, *, step, sampler, batch_size, sec
     plan = _Plan(sites, spec, prepared.template, response_length, step, second_moment)
     stop = _stop_hook(model, sites, step)
     for indices in batch_indices(model, prepared, batch_size):
+        bar.update()
         tokens, mask, _ = left_pad(model, [prepared.tokens[i] for i in indices])
         try:
             denoise(model, tokens, attention_mask=mask, sampler=sampler, reducers=plan.reducers,
@@ -374,6 +408,8 @@ def mean_difference(
     chat: Optional[bool] = None,
     subspace: bool = False,
     generate_kwargs: Optional[dict] = None,
+    column: Optional[str] = None,
+    progress: bool = True,
 ) -> Directions:
     """Difference of class means of `site` activations per layer and position (float64, streaming).
 
@@ -389,7 +425,9 @@ def mean_difference(
     user text; string prompts only), or pooled "mean_prompt" / "mean_response" / "mean_all"
     (token-weighted means over those positions of all prompts of a class; pads excluded).
     `subspace=True` also streams the positive class's second moment (d_model^2 floats per layer
-    and position) for `Directions.subspace`.
+    and position) for `Directions.subspace`. `positive` / `negative` may be `datasets.Dataset`s:
+    their prompt column is detected (prompt, instruction, goal, ...) or named with `column=`.
+    `progress=False` turns off the bar over batches.
 
     Example:
         >>> dirs = mean_difference(model, harmful, harmless, layers="all", positions="post_instruction")
@@ -406,8 +444,8 @@ def mean_difference(
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be an int >= 0; got {step!r}.")
     check_batch_size(batch_size)
-    pos_prompts = prepare_prompts(model, positive, chat=chat, argument="positive")
-    neg_prompts = prepare_prompts(model, negative, chat=chat, argument="negative")
+    pos_prompts = prepare_prompts(model, positive, chat=chat, argument="positive", column=column)
+    neg_prompts = prepare_prompts(model, negative, chat=chat, argument="negative", column=column)
     for prepared in (pos_prompts, neg_prompts):
         check_position_spec(positions, prepared)
     options = dict(generate_kwargs or {})
@@ -422,9 +460,11 @@ def mean_difference(
         sampler, options = split_generate_kwargs(model, options)
         if step >= sampler.n_steps():
             raise ValueError(f"step={step} but the sampler runs {sampler.n_steps()} steps (0..{sampler.n_steps() - 1}).")
-    common = dict(step=step, sampler=sampler, batch_size=batch_size, generate_kwargs=options)
-    mp, sp = _class_means(model, pos_prompts, sites, positions, second_moment=subspace, argument="positive", **common)
-    mn, _ = _class_means(model, neg_prompts, sites, positions, second_moment=False, argument="negative", **common)
+    n_batches = sum(len(batch_indices(model, p, batch_size)) for p in (pos_prompts, neg_prompts))
+    with progress_bar(n_batches, "mean_difference", progress) as bar:
+        common = dict(step=step, sampler=sampler, batch_size=batch_size, generate_kwargs=options, bar=bar)
+        mp, sp = _class_means(model, pos_prompts, sites, positions, second_moment=subspace, argument="positive", **common)
+        mn, _ = _class_means(model, neg_prompts, sites, positions, second_moment=False, argument="negative", **common)
     labels = position_labels(positions, pos_prompts.template or neg_prompts.template)
     return Directions(
         mean_positive=mp, mean_negative=mn, layers=layer_list, positions=labels, site=site, step=step,

@@ -27,6 +27,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from diffusion_lens.results_io import load_result, require_pandas, save_result
+from diffusion_lens.steering._common import progress_bar
 from diffusion_lens.steering.activations import PromptsInput, prepare_prompts
 
 StepGroup = Union[int, range, Sequence[int]]
@@ -148,6 +149,7 @@ def patch_across_steps(
     mode: str = "generate",
     chat: Optional[bool] = None,
     generate_kwargs: Optional[dict] = None,
+    progress: bool = True,
 ) -> PatchingResult:
     """Patch clean activations into the corrupted run, one (hook name, step group, position group) at a time.
 
@@ -157,6 +159,7 @@ def patch_across_steps(
     default: [None] = all positions at once). Clean and corrupted prompts must pair up and have
     the same token length. `generate_kwargs`: sampler options and seed (default seed 0: both runs
     draw the same random numbers). See the module docstring for the two modes and `metric`.
+    `progress=False` turns off the bar over patched runs.
 
     Example:
         >>> opts = dict(steps=16, gen_length=16, block_length=8)
@@ -201,6 +204,7 @@ def patch_across_steps(
         return fn
 
     effects = torch.empty(len(names), len(step_groups), len(pos_groups), dtype=torch.float64)
+    bar = progress_bar(effects.numel(), "patch_across_steps", progress)
     if mode == "generate":
         def run(tokens, hooks=(), cache=None):
             return model.generate(tokens, hooks=list(hooks), cache=cache, sampler=sampler,
@@ -215,6 +219,7 @@ def patch_across_steps(
                 for k, pos in enumerate(pos_groups):
                     hook = H.at(name, patcher(name, source), steps=group, positions=pos, cfg="conditional")
                     effects[i, j, k] = _scalar(metric(run(corrupt_tokens, hooks=[hook]))) - corrupted
+                    bar.update()
     else:
         recorded = record_run(model, clean_tokens, None, sampler=sampler, cache=cache_request,
                               capture_logits=list(range(n_steps)), **driver)
@@ -228,6 +233,8 @@ def patch_across_steps(
                     hook = H.at(name, patcher(name, source), steps=group, positions=pos, cfg="conditional")
                     logits = replay(model, recorded, states=corrupt_states, hooks=[hook])
                     effects[i, j, k] = _scalar(metric(logits)) - corrupted
+                    bar.update()
+    bar.close()
     return PatchingResult(effects, names, [_label(g) for g in step_groups], [_label(p) for p in pos_groups],
                           clean_value, corrupted, mode)
 

@@ -11,9 +11,22 @@ For every candidate (layer, position) mean difference r computed on the training
 
 The refusal score is the log-odds of refusal-opening tokens at the first masked response
 position of the step-0 canvas (`diffusion_lens.evals.refusal_score`). Candidates are discarded if a
-score is NaN, KL > `kl_threshold` (0.1), induce score <= `induce_threshold` (0), or
+score is NaN, KL > `kl_threshold` (0.1), the induce score does not exceed the unsteered harmless
+score (`induce_threshold="baseline"`; a number is Arditi's absolute threshold, 0.0), or
 layer >= `max_layer_fraction` (0.8) x n_layers; the winner is the lowest bypass score among
 the rest.
+
+Why the induce filter is relative by default. Arditi et al. require the induce score to be > 0:
+in an autoregressive model the prediction after the chat template *is* the first token of the
+answer, so adding the direction should make a refusal opener more likely than not. In a masked
+diffusion model the step-0 prediction at the first response position is made with the whole
+response still masked: it is a marginal over every answer the model might write, spread over many
+openers, and that position is not even decided first (the sampler commits positions by
+confidence, in any order). Adding the direction then raises the refusal log-odds of harmless
+prompts without lifting them above 0 (on `tiny-refusal`, from -4.7 to about -3; on such models
+Arditi's threshold discards every candidate). The filter keeps its purpose, rejecting
+directions that do not push towards refusal, by asking for a higher refusal score than the
+unsteered model gives the same harmless prompts.
 """
 
 from __future__ import annotations
@@ -22,14 +35,14 @@ import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from diffusion_lens.results_io import load_result, prefixed, require_pandas, save_result, subset
-from diffusion_lens.steering._common import LayerSpec
+from diffusion_lens.steering._common import LayerSpec, progress_bar
 from diffusion_lens.steering.activations import (
     PositionSpec,
     PromptsInput,
@@ -160,19 +173,25 @@ def select_direction(
     positions: PositionSpec = "post_instruction",
     refusal_tokens: Optional[Sequence[int]] = None,
     kl_threshold: float = 0.1,
-    induce_threshold: float = 0.0,
+    induce_threshold: Union[float, str] = "baseline",
     max_layer_fraction: float = 0.8,
     filter_prompts: bool = False,
     gen_length: int = 128,
     batch_size: int = 16,
     chat: Optional[bool] = None,
+    column: Optional[str] = None,
+    progress: bool = True,
 ) -> Selection:
     """Sweep (layer, position) candidate directions and pick the refusal direction (Arditi et al.).
 
     `candidates` defaults to `mean_difference(model, harmful_train, harmless_train, layers=layers,
     positions=positions)`. `filter_prompts=True` keeps harmful prompts with base refusal score > 0
     and harmless ones with score < 0 (train and validation), as Arditi et al. do. See the module
-    docstring for the scores and filters.
+    docstring for the scores and filters, and for why `induce_threshold="baseline"` (keep a
+    candidate if adding it raises the harmless refusal score above the unsteered one) is the
+    default for masked diffusion models rather than Arditi's absolute 0.0 (still available:
+    `induce_threshold=0.0`). The prompt sets may be `datasets.Dataset`s (prompt column detected,
+    or named with `column=`). `progress=False` turns off the bar over candidates.
 
     Example:
         >>> sel = select_direction(model, harm_tr, ok_tr, harm_val, ok_val, positions="post_instruction")
@@ -182,22 +201,26 @@ def select_direction(
     from diffusion_lens.evals.scores import kl_divergence, log_odds, resolve_refusal_tokens  # evals imports steering
 
     ids = resolve_refusal_tokens(model, refusal_tokens)
-    for name, value in (("kl_threshold", kl_threshold), ("induce_threshold", induce_threshold),
-                        ("max_layer_fraction", max_layer_fraction)):
+    if isinstance(induce_threshold, str) and induce_threshold != "baseline":
+        raise ValueError(f"induce_threshold must be 'baseline' or a number; got {induce_threshold!r}.")
+    numbers = [("kl_threshold", kl_threshold), ("max_layer_fraction", max_layer_fraction)]
+    if not isinstance(induce_threshold, str):
+        numbers.append(("induce_threshold", induce_threshold))
+    for name, value in numbers:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
             raise TypeError(f"{name} must be a number; got {value!r}.")
     sets = {
-        "harmful_train": prepare_prompts(model, harmful_train, chat=chat, argument="harmful_train"),
-        "harmless_train": prepare_prompts(model, harmless_train, chat=chat, argument="harmless_train"),
-        "harmful_val": prepare_prompts(model, harmful_val, chat=chat, argument="harmful_val"),
-        "harmless_val": prepare_prompts(model, harmless_val, chat=chat, argument="harmless_val"),
+        name: prepare_prompts(model, value, chat=chat, argument=name, column=column)
+        for name, value in (("harmful_train", harmful_train), ("harmless_train", harmless_train),
+                            ("harmful_val", harmful_val), ("harmless_val", harmless_val))
     }
     if filter_prompts:
         for name in sets:
             sets[name] = _filter_by_score(model, sets[name], ids, name.startswith("harmful"), gen_length, batch_size, name)
     if candidates is None:
         candidates = mean_difference(model, sets["harmful_train"], sets["harmless_train"], layers=layers,
-                                     positions=positions, gen_length=gen_length, batch_size=batch_size)
+                                     positions=positions, gen_length=gen_length, batch_size=batch_size,
+                                     progress=progress)
     elif not isinstance(candidates, Directions):
         raise TypeError(f"candidates must be a Directions object; got {type(candidates).__name__}.")
     harmful_val_p, harmless_val_p = sets["harmful_val"], sets["harmless_val"]
@@ -205,12 +228,18 @@ def select_direction(
     base_harmless = _first_logits(model, harmless_val_p, (), gen_length, batch_size)
     base_harmful = _first_logits(model, harmful_val_p, (), gen_length, batch_size)
     baseline = {"harmful": float(log_odds(base_harmful, ids).mean()), "harmless": float(log_odds(base_harmless, ids).mean())}
+    if induce_threshold == "baseline":
+        induce_limit, induce_label = baseline["harmless"], f"the unsteered harmless score {baseline['harmless']:.3g}"
+    else:
+        induce_limit, induce_label = float(induce_threshold), str(induce_threshold)
 
     n_l, n_p = len(candidates.layers), len(candidates.positions)
     bypass = torch.full((n_l, n_p), float("nan"), dtype=torch.float64)
     induce, kl = bypass.clone(), bypass.clone()
+    bar = progress_bar(n_l * n_p, "select_direction", progress)
     for i, layer in enumerate(candidates.layers):
         for j, pos in enumerate(candidates.positions):
+            bar.update()
             raw = candidates.directions[i, j]
             if not bool(raw.norm() > 0):
                 continue
@@ -220,6 +249,7 @@ def select_direction(
             kl[i, j] = kl_divergence(base_harmless, steered).mean()
             added = _first_logits(model, harmless_val_p, add(model, raw.float(), 1.0, layers=layer), gen_length, batch_size)
             induce[i, j] = log_odds(added, ids).mean()
+    bar.close()
 
     kept = torch.ones((n_l, n_p), dtype=torch.bool)
     reasons = [["" for _ in range(n_p)] for _ in range(n_l)]
@@ -233,8 +263,8 @@ def select_direction(
             else:
                 if kl[i, j] > kl_threshold:
                     why.append(f"kl {float(kl[i, j]):.3g} > {kl_threshold}")
-                if induce[i, j] <= induce_threshold:
-                    why.append(f"induce {float(induce[i, j]):.3g} <= {induce_threshold}")
+                if induce[i, j] <= induce_limit:
+                    why.append(f"induce {float(induce[i, j]):.3g} <= {induce_label}")
             if layer >= max_layer_fraction * model.cfg.n_layers:
                 why.append(f"layer {layer} >= {max_layer_fraction} x {model.cfg.n_layers}")
             reasons[i][j] = "; ".join(why)
@@ -250,7 +280,15 @@ def select_direction(
             "kl": float(kl[i, j]), "direction": candidates.unit(layer, pos), "vector": candidates.vector(layer, pos),
         }
     else:
-        warnings.warn("select_direction: every candidate was filtered out; see Selection.reasons.", stacklevel=2)
+        counts = {}
+        for row in reasons:
+            for reason in row:
+                for part in reason.split("; "):
+                    key = part.split(" ")[0]
+                    counts[key] = counts.get(key, 0) + 1
+        summary = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+        warnings.warn(f"select_direction: every candidate was filtered out (failed filters: {summary}); see "
+                      "Selection.reasons or Selection.to_pandas().", stacklevel=2)
     return Selection(candidates, bypass, induce, kl, kept, reasons, winner, baseline)
 
 

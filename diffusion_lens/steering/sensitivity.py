@@ -18,7 +18,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from diffusion_lens.results_io import load_result, require_pandas, save_result
-from diffusion_lens.steering._common import LayerSpec, check_vector, resolve_layers
+from diffusion_lens.steering._common import LayerSpec, check_vector, progress_bar, resolve_layers
 from diffusion_lens.steering.activations import PromptsInput, batch_indices, check_batch_size, left_pad, prepare_prompts
 from diffusion_lens.steering.interventions import ablate
 
@@ -123,6 +123,7 @@ def sensitivity(
     batch_size: int = 16,
     chat: Optional[bool] = None,
     generate_kwargs: Optional[dict] = None,
+    progress: bool = True,
 ) -> Sensitivity:
     """Ablate `direction` at one layer and/or one step window (or block) at a time; measure `metric`.
 
@@ -132,7 +133,7 @@ def sensitivity(
     takes a `GenerationOutput` of one batch and returns per-prompt values [batch] (or a float for
     the batch); the default is the refusal indicator of the decoded text, so values are refusal
     rates. `generate_kwargs` go to `model.generate` (sampler options, seed...); the same seed is
-    used for every cell.
+    used for every cell. `progress=False` turns off the bar over cells.
 
     Example:
         >>> opts = dict(steps=64, gen_length=64, block_length=32, seed=0)
@@ -185,17 +186,21 @@ def sensitivity(
         cols = _windows(n_blocks, window or 1, "block")
 
     values = torch.empty(len(rows), len(cols), dtype=torch.float64)
-    for i, row in enumerate(rows):
-        for j, col in enumerate(cols):
-            kwargs = {}
-            if col_axis == "steps":
-                kwargs["steps"] = col
-            elif col_axis == "blocks":
-                kwargs["blocks"] = col
-            hooks = ablate(model, vector, layers=layer_list if row == "all" else [row], **kwargs)
-            values[i, j] = evaluate(hooks)
-    baseline = evaluate([])
-    full = evaluate(ablate(model, vector, layers=layer_list))
+    with progress_bar(len(rows) * len(cols) + 2, "sensitivity", progress) as bar:
+        for i, row in enumerate(rows):
+            for j, col in enumerate(cols):
+                kwargs = {}
+                if col_axis == "steps":
+                    kwargs["steps"] = col
+                elif col_axis == "blocks":
+                    kwargs["blocks"] = col
+                hooks = ablate(model, vector, layers=layer_list if row == "all" else [row], **kwargs)
+                values[i, j] = evaluate(hooks)
+                bar.update()
+        baseline = evaluate([])
+        bar.update()
+        full = evaluate(ablate(model, vector, layers=layer_list))
+        bar.update()
     return Sensitivity(
         values=values,
         row_labels=[str(r) for r in rows],
