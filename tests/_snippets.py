@@ -126,7 +126,7 @@ def extract(path: Path, root: Path = ROOT) -> list[Block]:
             pending = (i + 1, m["body"])
             i += 1
             continue
-        if "<!--" in line and re.search(r"<!--\s*snippet", line):
+        if re.search(r"<!--\s*snippet", re.sub(r"`[^`]*`", "", line)):   # (a mention in `code` is prose)
             raise SnippetSyntaxError(f"{page} line {i + 1}: a snippet marker must be a comment on a line of its own")
         fence = _FENCE.match(line)
         if not fence:

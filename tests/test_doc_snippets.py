@@ -183,6 +183,7 @@ def test_meta_skips_need_a_reason_and_markers_must_sit_on_a_python_block(tmp_pat
         "on a bash block": "<!-- snippet: skip (why) -->\n```bash\nls\n```\n",
         "not right above": "<!-- snippet: skip (why) -->\nprose\n```python\nx\n```\n",
         "dangling": "text\n<!-- snippet: skip (why) -->\n",
+        "inside a line": "text <!-- snippet: skip (why) -->\n```python\nx\n```\n",
         "untagged fence": "```\nx = 1\n```\n",
         "unknown language": "```py\nx = 1\n```\n",
         "unclosed fence": "```python\nx = 1\n",
