@@ -97,6 +97,8 @@ def test_full_resid_decomposition_and_neuron_results(name):
     c = model.cfg
     assert stack.shape[0] == len(labels) == c.n_layers * (c.n_heads + c.d_mlp) + 2  # + embed, bias
     torch.testing.assert_close(stack.sum(0), cache[last], atol=1e-4, rtol=1e-4)
+    normalized = cache.get_full_resid_decomposition(apply_ln=True).sum(0)  # RMS norm is linear given its scale
+    torch.testing.assert_close(normalized, cache["ln_final.hook_normalized"], atol=1e-4, rtol=1e-4)
     neurons = cache.get_neuron_results(1)  # [batch pos d_mlp d_model]
     assert neurons.shape == (2, 6, c.d_mlp, c.d_model)
     torch.testing.assert_close(neurons.sum(-2), cache["blocks.1.hook_mlp_out"], atol=1e-5, rtol=1e-5)
