@@ -85,6 +85,8 @@ def flatten_hooks(hooks: Any, argument: str = "hooks") -> list[HookPair]:
     def visit(item: Any, where: str) -> None:
         if _is_pair(item):
             out.append((name_filter(item[0]), item[1]))
+        elif isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], str):
+            raise TypeError(f"{where} is {_describe(item)}: its hook function {_describe(item[1])} is not callable.")
         elif isinstance(item, (list, tuple)):
             for i, sub in enumerate(item):
                 visit(sub, f"{where}[{i}]")
