@@ -8,8 +8,9 @@ register themselves with `@register_adapter`. The core never imports a family by
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar, Optional, Union
 
 from diffusion_lens.config import DiffusionConfig
 
@@ -42,14 +43,60 @@ class ModelAdapter:
     # Checkpoint keys that exist upstream but carry nothing the model needs (e.g. rotary caches).
     ignored_checkpoint_keys: ClassVar[tuple[str, ...]] = ()
 
+    # config.json, declared per family and checked by `read` (one place for every family):
+    # the upstream config class's defaults, used for absent keys;
+    config_defaults: ClassVar[dict] = {}
+    # keys that must be present, because a class default would silently build a different model
+    # (a tuple of names = any one of them, e.g. ("mlp_hidden_size", "mlp_ratio"));
+    required_config_keys: ClassVar[tuple[Union[str, tuple[str, ...]], ...]] = ()
+    # keys that change the math -> the values this library implements (others are an error);
+    supported_config_values: ClassVar[dict[str, tuple]] = {}
+    # keys upstream's modeling code ignores too (or that act only in training) -> their neutral
+    # values; another value loads, listed in one warning so that nobody expects it to act.
+    inert_config_values: ClassVar[dict[str, tuple]] = {}
+
     def matches(self, config: dict) -> bool:
         """True if this adapter reads a checkpoint with this config.json."""
         raise NotImplementedError
 
     def to_config(self, config: dict) -> DiffusionConfig:
         """config.json -> DiffusionConfig. Must read every key that changes the math and reject
-        values it does not implement (`unsupported(...)`)."""
+        values it does not implement: start from `self.read(config)`, which checks the declared
+        lists; raise `unsupported(...)` for checks that relate several keys."""
         raise NotImplementedError
+
+    def read(self, config: dict) -> dict:
+        """config.json checked against this family's declared lists, completed with `config_defaults`.
+
+        Why: a missing `d_model` must not become the config class's 768, and a `rope_scaling` we do
+        not implement must not be dropped: either would load a different model without a word.
+
+        Example:
+            >>> get_adapter("llada").read({"model_type": "llada", "n_layers": 2})
+            ValueError: llada config.json lacks required keys ['d_model', 'n_heads', ...] ...
+        """
+        absent = [key for key in self.required_config_keys
+                  if not any(name in config for name in ((key,) if isinstance(key, str) else key))]
+        if absent:
+            names = [key if isinstance(key, str) else " or ".join(key) for key in absent]
+            raise ValueError(
+                f"{self.name} config.json lacks required keys {names}; upstream's config class would fill "
+                "them with defaults that do not describe these weights. Add them from the checkpoint's "
+                "original config.json."
+            )
+        values = {**self.config_defaults, **config}
+        for key, allowed in self.supported_config_values.items():
+            if values.get(key) not in allowed:
+                raise unsupported(self.name, key, values.get(key), allowed)
+        inert = {key: config[key] for key, neutral in self.inert_config_values.items()
+                 if key in config and config[key] not in neutral}
+        if inert:
+            warnings.warn(
+                f"{self.name} config.json sets {inert}; upstream's modeling code ignores these keys at inference "
+                "too, so they change nothing here either.",
+                stacklevel=2,
+            )
+        return values
 
     def to_checkpoint_config(self, cfg: DiffusionConfig) -> dict:
         """DiffusionConfig -> the family's original config.json contents."""

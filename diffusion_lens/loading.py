@@ -8,12 +8,18 @@ files there (`modeling_*.py`, `configuration_*.py`) are never imported.
 from __future__ import annotations
 
 import json
-import struct
+import os
+import shutil
+import uuid
+import warnings
+from dataclasses import dataclass
+from math import prod
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from diffusion_lens.adapters import ModelAdapter, detect_adapter, get_adapter
@@ -23,9 +29,24 @@ _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.md"]
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
 }
+_MAX_HEADER_BYTES = 100 * 2**20  # the safetensors format's own limit on the JSON header
+_READ_CHUNK = 2**30  # one read() call stays below the 2 GiB a single Linux read returns
+
+# The dtypes a model can be loaded into, by name, for `from_pretrained(dtype="bfloat16")`.
+DTYPE_NAMES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float64": torch.float64, "fp64": torch.float64, "double": torch.float64,
+}
+
+# Folded biases the family's checkpoint format has no key for (see `save_pretrained`).
+BIAS_SIDECAR = "diffusion_lens_biases.safetensors"
+BIAS_SIDECAR_FORMAT = "diffusion_lens.folded_biases/1"
 
 
 def resolve_checkpoint(name_or_path: Union[str, Path], revision: Optional[str] = None) -> Path:
@@ -54,20 +75,50 @@ def read_config(folder: Path) -> dict:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{folder} has no config.json; is it a checkpoint folder?")
-    return json.loads(config_path.read_text())
+    return _read_json_object(config_path)
+
+
+def _read_json_object(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path} is not valid JSON ({error}); re-download or re-save it.") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object; re-download or re-save it.")
+    return value
+
+
+def resolve_dtype(dtype: Union[torch.dtype, str, None]) -> Optional[torch.dtype]:
+    """`dtype` as a floating torch.dtype: a torch.dtype, a name ("bfloat16", "bf16", "torch.float16")
+    or None / "auto" (the checkpoint's own dtype, returned as None).
+
+    Example:
+        >>> resolve_dtype("bfloat16")
+        torch.bfloat16
+    """
+    if dtype is None or dtype == "auto":
+        return None
+    resolved = DTYPE_NAMES.get(dtype.lower().removeprefix("torch.")) if isinstance(dtype, str) else dtype
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(
+            f"dtype={dtype!r} is not a floating dtype a model can be loaded into; use one of "
+            f"{sorted(DTYPE_NAMES)}, a floating torch.dtype (torch.bfloat16), or None / 'auto' for the "
+            "checkpoint's own dtype."
+        )
+    return resolved
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
     """The safetensors shards, in index order when there is an index."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    weight_map = _index_weight_map(folder)
+    if weight_map is not None:
+        shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
             raise FileNotFoundError(f"{folder} is missing shards listed in its index: {missing}")
         return [folder / s for s in shards]
     files = sorted(folder.glob("*.safetensors"))
-    files = [f for f in files if not f.name.startswith("golden")]
+    files = [f for f in files if not f.name.startswith("golden") and f.name != BIAS_SIDECAR]
     if not files:
         raise FileNotFoundError(
             f"{folder} has no *.safetensors weights (diffusion_lens reads safetensors only; convert "
@@ -76,30 +127,163 @@ def checkpoint_files(folder: Path) -> list[Path]:
     return files
 
 
-def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) one tensor at a time with plain reads (no mmap), so a shard never sits
-    in memory beside the tensors already loaded."""
+def _index_weight_map(folder: Path) -> Optional[dict[str, str]]:
+    """`weight_map` of model.safetensors.index.json (tensor name -> shard file), None without an index."""
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return None
+    weight_map = _read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index} has no weight_map object of tensor name -> shard file; re-download it.")
+    return weight_map
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a safetensors header: its byte range [start, end) in the data section."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    path: Path
+    data_start: int  # file offset of the data section (8 + header length)
+    entries: tuple[TensorEntry, ...]  # sorted by start
+
+    @property
+    def names(self) -> set[str]:
+        return {entry.name for entry in self.entries}
+
+
+def read_safetensors_header(path: Path) -> SafetensorsHeader:
+    """The header of a safetensors file, checked against the file before any tensor is read.
+
+    Why: a truncated download used to load without a word, with garbage in the tensors past the cut.
+    Checked: the 8-byte length and the JSON header fit in the file; every tensor has a known dtype,
+    a shape and a byte range whose length is numel * itemsize; the ranges tile the data section
+    exactly (no overlap, no gap, nothing missing at the end). Each failure names the file and the
+    tensor.
+
+    Example:
+        >>> [e.name for e in read_safetensors_header(Path("model.safetensors")).entries][:1]
+        ['model.transformer.blocks.0.attn_norm.weight']
+    """
+    size = path.stat().st_size
+
+    def corrupt(reason: str) -> ValueError:
+        return ValueError(f"{path} is not a complete safetensors file: {reason}. Re-download or re-save it.")
+
+    if size < 8:
+        raise corrupt("it is empty" if size == 0 else f"it has {size} bytes, fewer than the 8-byte header length")
     with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
-        header.pop("__metadata__", None)
-        base = 8 + header_len
-        for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
-            start, end = info["data_offsets"]
-            tensor = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
-            f.seek(base + start)
-            if end > start:
-                f.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy()))
-            yield name, tensor
-
-
-def _checkpoint_dtype(files: list[Path]) -> torch.dtype:
-    with open(files[0], "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
+        header_len = int.from_bytes(f.read(8), "little")
+        if header_len > min(size - 8, _MAX_HEADER_BYTES):
+            raise corrupt(f"its first 8 bytes announce a {header_len}-byte header, but the file has {size - 8} "
+                          "bytes after them (a cut file, or not safetensors at all)")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+    except ValueError as error:
+        raise corrupt(f"its {header_len}-byte header is not JSON ({error})") from None
+    if not isinstance(header, dict):
+        raise corrupt("its header is not a JSON object")
     header.pop("__metadata__", None)
-    floats = [_SAFETENSORS_DTYPES[v["dtype"]] for v in header.values() if v["dtype"].startswith(("F", "BF"))]
+    data_len = size - 8 - header_len
+    entries = sorted((_header_entry(name, info, data_len, corrupt) for name, info in header.items()),
+                     key=lambda entry: (entry.start, entry.end))
+    covered, previous = 0, None
+    for entry in entries:
+        if entry.start < covered:
+            raise corrupt(f"tensor {entry.name!r} (bytes {entry.start}..{entry.end}) overlaps tensor "
+                          f"{previous.name!r} (bytes {previous.start}..{previous.end})")
+        if entry.start > covered:
+            raise corrupt(f"data bytes {covered}..{entry.start}, before tensor {entry.name!r}, belong to no tensor")
+        if entry.end > entry.start:
+            covered, previous = entry.end, entry
+    if covered != data_len:
+        raise corrupt(f"its last {data_len - covered} data bytes belong to no tensor")
+    return SafetensorsHeader(path, 8 + header_len, tuple(entries))
+
+
+def _header_entry(name: str, info, data_len: int, corrupt) -> TensorEntry:
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        raise corrupt(f"tensor {name!r} lacks dtype / shape / data_offsets in the header")
+    if info["dtype"] not in _SAFETENSORS_DTYPES:
+        raise corrupt(f"tensor {name!r} has dtype {info['dtype']!r}, not one of {sorted(_SAFETENSORS_DTYPES)}")
+    shape, offsets = info["shape"], info["data_offsets"]
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        raise corrupt(f"tensor {name!r} has shape {shape!r}, not a list of sizes")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise corrupt(f"tensor {name!r} has data_offsets {offsets!r}, not [start, end] with 0 <= start <= end")
+    dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+    start, end = offsets
+    nbytes = prod(shape) * dtype.itemsize
+    if end - start != nbytes:
+        raise corrupt(f"tensor {name!r} is {info['dtype']} {shape} ({nbytes} bytes) but its data_offsets "
+                      f"span {end - start} bytes")
+    if end > data_len:
+        raise corrupt(f"tensor {name!r} ends at data byte {end}, but the file holds only {data_len} data bytes "
+                      "(the file is truncated)")
+    return TensorEntry(name, dtype, tuple(shape), start, end)
+
+
+def iter_safetensors(path: Path, header: Optional[SafetensorsHeader] = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) one tensor at a time with plain reads (no mmap), so a shard never sits
+    in memory beside the tensors already loaded. The header is checked first
+    (`read_safetensors_header`) and every read must return the tensor's full byte length."""
+    header = header or read_safetensors_header(path)
+    with open(path, "rb") as f:
+        for entry in header.entries:
+            tensor = torch.empty(entry.shape, dtype=entry.dtype)
+            buffer = memoryview(tensor.view(-1).view(torch.uint8).numpy())
+            f.seek(header.data_start + entry.start)
+            done = 0
+            while done < len(buffer):
+                n = f.readinto(buffer[done:done + _READ_CHUNK])
+                if not n:
+                    raise ValueError(
+                        f"{path}: reading tensor {entry.name!r} returned {done} of its {len(buffer)} bytes (the file "
+                        "was cut or changed while loading). Re-download or re-save it."
+                    )
+                done += n
+            yield entry.name, tensor
+
+
+def _check_shard_names(folder: Path, headers: list[SafetensorsHeader]) -> None:
+    """Every tensor is in exactly one shard, and the index (if any) points each name at the shard holding it."""
+    owner: dict[str, Path] = {}
+    for header in headers:
+        for name in header.names:
+            if name in owner:
+                raise ValueError(f"Tensor {name!r} is stored twice, in {owner[name]} and in {header.path}; "
+                                 "a checkpoint must hold each tensor once. Re-download or re-save it.")
+            owner[name] = header.path
+    weight_map = _index_weight_map(folder) or {}
+    wrong = [(name, shard) for name, shard in weight_map.items() if owner.get(name) != folder / shard]
+    if wrong:
+        name, shard = wrong[0]
+        actual = f"it is in {owner[name].name}" if name in owner else "no shard holds it"
+        raise ValueError(
+            f"{folder / 'model.safetensors.index.json'} points {len(wrong)} tensors at shards that do not hold them, "
+            f"e.g. {name!r} at {shard} ({actual}). Re-download the checkpoint or fix its index."
+        )
+
+
+def _checkpoint_dtype(headers: list[SafetensorsHeader]) -> torch.dtype:
+    floats = [entry.dtype for entry in headers[0].entries if entry.dtype.is_floating_point]
     return floats[0] if floats else torch.float32
+
+
+def _count_and_name(keys: list[str], kind: str, n: int = 5) -> str:
+    """'297 missing keys (a, b, c, d, e, ... 292 more)': an error about 300 keys stays a few lines long."""
+    shown = ", ".join(keys[:n]) + (f", ... {len(keys) - n} more" if len(keys) > n else "")
+    return f"{len(keys)} {kind} ({shown})"
 
 
 class _SkipInit(TorchFunctionMode):
@@ -117,12 +301,14 @@ class _SkipInit(TorchFunctionMode):
 
 
 def load_pretrained(model_cls, name_or_path, *, dtype=None, device="cpu", adapter=None, revision=None):
+    dtype = resolve_dtype(dtype)
     folder = resolve_checkpoint(name_or_path, revision)
     config_json = read_config(folder)
     family: ModelAdapter = get_adapter(adapter) if adapter else detect_adapter(config_json)
-    files = checkpoint_files(folder)
-    cfg = family.to_config(config_json)
-    cfg.dtype = dtype or _checkpoint_dtype(files)
+    cfg = _config_from(family, config_json, folder, forced=adapter is not None)
+    headers = [read_safetensors_header(file) for file in checkpoint_files(folder)]  # every shard, before any read
+    _check_shard_names(folder, headers)
+    cfg.dtype = dtype or _checkpoint_dtype(headers)
     cfg.model_name = str(name_or_path)
 
     with torch.device("meta"), _SkipInit():
@@ -131,9 +317,9 @@ def load_pretrained(model_cls, name_or_path, *, dtype=None, device="cpu", adapte
     if cfg.tie_word_embeddings:
         expected.pop("unembed.weight", None)
     loaded, unexpected, wrong_shape = set(), [], []
-    for file in files:
+    for header in headers:
         shard = {}
-        for key, tensor in iter_safetensors(file):
+        for key, tensor in iter_safetensors(header.path, header):
             internal = family.to_internal_key(key)
             if internal is None or internal not in expected:
                 if not family.is_ignored(key):
@@ -148,24 +334,61 @@ def load_pretrained(model_cls, name_or_path, *, dtype=None, device="cpu", adapte
         del shard
     missing = [family.to_checkpoint_key(k) for k in expected if k not in loaded]
     if missing or unexpected or wrong_shape:
-        problems = []
-        if missing:
-            problems.append(f"missing keys {missing}")
-        if unexpected:
-            problems.append(f"unexpected keys {unexpected}")
-        if wrong_shape:
-            problems.append(f"wrongly shaped keys {wrong_shape}")
+        problems = [_count_and_name(keys, kind) for keys, kind in
+                    ((missing, "missing keys"), (unexpected, "unexpected keys"), (wrong_shape, "wrongly shaped keys"))
+                    if keys]
         raise ValueError(
             f"Checkpoint {folder} does not fit the {family.name} adapter's model: " + "; ".join(problems)
             + ". Check that config.json belongs to these weights, or pass adapter=... to choose another family."
         )
     if cfg.tie_word_embeddings:
         model.unembed.weight = model.embed.weight
+    _apply_bias_sidecar(model, family, folder / BIAS_SIDECAR, device)
     model.adapter = family
     model.tokenizer = family.load_tokenizer(folder)
     family.on_loaded(model)
     model.checkpoint_folder = folder
     return model.eval().requires_grad_(False)
+
+
+def _config_from(family: ModelAdapter, config_json: dict, folder: Path, forced: bool):
+    """`family.to_config`, with config.json's path in the error and, for a forced adapter, the family
+    the config looks like."""
+    try:
+        return family.to_config(config_json)
+    except ValueError as error:
+        hint = ""
+        if forced:
+            try:
+                detected = detect_adapter(config_json).name
+            except ValueError:
+                detected = None
+            if detected not in (None, family.name):
+                hint = f" This config.json looks like a {detected} checkpoint, and adapter={family.name!r} was forced."
+        raise ValueError(f"{folder / 'config.json'}: {error}{hint}") from error
+
+
+def _apply_bias_sidecar(model, family: ModelAdapter, path: Path, device) -> None:
+    """Give each linear layer named in the sidecar written by `save_pretrained` its folded bias.
+
+    A sidecar tensor is named after the checkpoint key of the layer's weight, with ".bias" for
+    ".weight" (e.g. LLaDA `model.transformer.blocks.3.ff_out.bias`): y = W x + b for that W.
+    """
+    if not path.is_file():
+        return
+    for key, tensor in iter_safetensors(path):
+        weight = family.to_internal_key(key.removesuffix(".bias") + ".weight") if key.endswith(".bias") else None
+        try:
+            linear = model.get_submodule(weight.removesuffix(".weight")) if weight else None
+        except AttributeError:
+            linear = None
+        if not isinstance(linear, nn.Linear) or linear.bias is not None or tuple(tensor.shape) != (linear.out_features,):
+            raise ValueError(
+                f"{path}: {key!r} is not the bias of a bias-free linear layer of this {family.name} model "
+                f"(shape {tuple(tensor.shape)}). The sidecar holds folded biases for the checkpoint beside it; "
+                "delete it to load the checkpoint without them."
+            )
+        linear.bias = nn.Parameter(tensor.to(device=device, dtype=linear.weight.dtype), requires_grad=False)
 
 
 def load_tokenizer(folder: Path):
@@ -186,17 +409,88 @@ def load_tokenizer(folder: Path):
 
 
 def save_pretrained(model, path, *, max_shard_bytes: int = 4 * 2**30) -> Path:
+    """Write `model` in its family's original checkpoint format, atomically.
+
+    Weights the family's format has no key for (biases that `steering.fold` created, e.g. on
+    LLaDA's bias-free layers) go to a sidecar `diffusion_lens_biases.safetensors`, named after the
+    checkpoint key of the layer's weight with ".bias" (y = W x + b); `from_pretrained` applies it,
+    upstream code that reads only the checkpoint gets the model without those biases (a warning says so).
+
+    Atomic: everything is written into a temporary folder beside `path`, which then takes its place;
+    a failure leaves no `path` (or the old one untouched). An existing `path` is replaced only if it
+    is empty or holds a config.json (a checkpoint), never a folder of other files.
+
+    Example:
+        >>> fold(model, mean_act_map)                 # creates biases LLaDA's format cannot hold
+        >>> model.save_pretrained("steered-llada")    # model.safetensors + diffusion_lens_biases.safetensors
+    """
     if model.adapter is None:
         raise ValueError(
             "This model was not loaded through an adapter, so its original format is unknown; set "
             "model.adapter = diffusion_lens.adapters.get_adapter('llada') (or another family) first."
         )
     folder = Path(path)
-    folder.mkdir(parents=True, exist_ok=True)
+    if folder.exists() and not (folder.is_dir() and (not any(folder.iterdir()) or (folder / "config.json").is_file())):
+        raise FileExistsError(
+            f"{folder} exists and is not an empty folder or a checkpoint folder (no config.json); save_pretrained "
+            "replaces a folder as a whole, so pass a new path or an empty folder."
+        )
+    tensors, biases = _checkpoint_tensors(model)
+    config = model.adapter.to_checkpoint_config(model.cfg)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = _sibling(folder, "saving")
+    staging.mkdir()
+    try:
+        _write_checkpoint(model, staging, tensors, biases, config, max_shard_bytes)
+        _replace_folder(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if biases:
+        warnings.warn(
+            f"{len(biases)} folded biases have no key in the {model.adapter.name} checkpoint format; they were "
+            f"written to {folder / BIAS_SIDECAR}, which from_pretrained applies. Upstream code that reads only "
+            "the checkpoint loads the model without them.",
+            stacklevel=3,
+        )
+    return folder
+
+
+def _checkpoint_tensors(model) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(checkpoint key -> tensor, sidecar key -> bias), or a clear error for a weight neither can hold."""
     state = model.state_dict()
     if model.cfg.tie_word_embeddings:
         state.pop("unembed.weight", None)
-    tensors = {model.adapter.to_checkpoint_key(k): v.detach().contiguous().cpu() for k, v in state.items()}
+    adapter = model.adapter
+    tensors, biases, unmapped = {}, {}, []
+    for name, value in state.items():
+        value = value.detach().contiguous().cpu()
+        key = _checkpoint_key(adapter, name)
+        weight_key = None
+        if key is None and name.endswith(".bias"):
+            weight_key = _checkpoint_key(adapter, name.removesuffix(".bias") + ".weight")
+        if key is not None:
+            tensors[key] = value
+        elif weight_key is not None and weight_key.endswith(".weight"):
+            biases[weight_key.removesuffix(".weight") + ".bias"] = value
+        else:
+            unmapped.append(name)
+    if unmapped:
+        raise KeyError(
+            f"The {adapter.name} checkpoint format has no key for {_count_and_name(unmapped, 'weights')}, and they "
+            "are not biases of a mapped layer; nothing was written. Keep this model in memory, or remove them."
+        )
+    return tensors, biases
+
+
+def _checkpoint_key(adapter: ModelAdapter, name: str) -> Optional[str]:
+    try:
+        return adapter.to_checkpoint_key(name)
+    except KeyError:
+        return None
+
+
+def _write_checkpoint(model, folder: Path, tensors: dict, biases: dict, config: dict, max_shard_bytes: int) -> None:
     shards, current, size = [], {}, 0
     for key in sorted(tensors):
         nbytes = tensors[key].numel() * tensors[key].element_size()
@@ -217,11 +511,32 @@ def save_pretrained(model, path, *, max_shard_bytes: int = 4 * 2**30) -> Path:
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    config = model.adapter.to_checkpoint_config(model.cfg)
+    if biases:
+        note = "y = W x + b for the checkpoint weight named like each key with .weight for .bias"
+        save_file(biases, folder / BIAS_SIDECAR, metadata={"format": BIAS_SIDECAR_FORMAT, "applies": note})
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if model.tokenizer is not None:
         model.tokenizer.save_pretrained(str(folder))
     source = getattr(model, "checkpoint_folder", None)
     if source is not None and (Path(source) / "generation_config.json").is_file():
         (folder / "generation_config.json").write_text((Path(source) / "generation_config.json").read_text())
-    return folder
+
+
+def _replace_folder(staging: Path, folder: Path) -> None:
+    """Move the finished `staging` folder to `folder`; an existing `folder` is swapped out, then deleted."""
+    if not folder.exists():
+        os.rename(staging, folder)
+        return
+    old = _sibling(folder, "old")
+    os.rename(folder, old)
+    try:
+        os.rename(staging, folder)
+    except BaseException:
+        os.rename(old, folder)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _sibling(folder: Path, role: str) -> Path:
+    """An unused hidden path next to `folder`: on the same file system, so renames are atomic."""
+    return folder.parent / f".{folder.name}.{role}-{os.getpid()}-{uuid.uuid4().hex[:8]}"

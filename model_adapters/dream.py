@@ -49,6 +49,16 @@ class DreamAdapter(ModelAdapter):
 
     name = "dream"
     key_rules = hf_decoder_rules(qkv_bias=True) + hf_dense_mlp_rules()
+    config_defaults = CONFIG_CLASS_DEFAULTS
+    # DreamConfig's size defaults (hidden 4096, 32 layers...) match no published checkpoint.
+    required_config_keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                            "vocab_size", "rope_theta")
+    supported_config_values = {
+        "hidden_act": ("silu",),
+        "use_sliding_window": (False,),  # sliding_window / max_window_layers act only when this is true
+        "rope_scaling": (None, {"rope_type": "default"}, {"type": "default"}),
+    }
+    inert_config_values = {"attention_dropout": (0, 0.0), "use_mrope": (False,)}  # use_mrope: unused upstream
 
     def matches(self, config: dict) -> bool:
         return str(config.get("model_type", "")).lower() == "dream" or "DreamModel" in (
@@ -76,21 +86,14 @@ class DreamAdapter(ModelAdapter):
         return Qwen2TokenizerFast.from_pretrained(str(folder))
 
     def read(self, config: dict) -> dict:
-        """config.json with `DreamConfig`'s defaults for absent keys (num_key_value_heads None -> heads)."""
-        c = {**CONFIG_CLASS_DEFAULTS, **config}
+        """`ModelAdapter.read`, plus Qwen2's rule num_key_value_heads None -> num_attention_heads."""
+        c = super().read(config)
         if c["num_key_value_heads"] is None:
             c["num_key_value_heads"] = c["num_attention_heads"]
         return c
 
     def to_config(self, config: dict) -> DiffusionConfig:
         c = self.read(config)
-        if c["hidden_act"] != "silu":
-            raise unsupported(self.name, "hidden_act", c["hidden_act"], ("silu",))
-        if c["use_sliding_window"]:
-            raise unsupported(self.name, "use_sliding_window", c["use_sliding_window"], (False,))
-        scaling = c["rope_scaling"]
-        if scaling is not None and scaling.get("rope_type", scaling.get("type")) != "default":
-            raise unsupported(self.name, "rope_scaling", scaling, (None, {"rope_type": "default"}))
         if c["hidden_size"] % c["num_attention_heads"]:
             raise unsupported(self.name, "hidden_size / num_attention_heads",
                               (c["hidden_size"], c["num_attention_heads"]), "hidden_size divisible by heads")

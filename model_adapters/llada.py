@@ -27,8 +27,9 @@ CONFIG_CLASS_DEFAULTS = {
     "init_cutoff_factor": None, "precision": None,
 }
 
-# The values this library implements, for each key that changes the math.
-REQUIRED_VALUES = {
+# The values this library implements, for each key that changes the math. `rope_scaling` is not a
+# LLaDA key: a config that sets it comes with a modified modeling file this library does not run.
+SUPPORTED_VALUES = {
     "block_type": ("llama",),
     "activation_type": ("silu",),
     "layer_norm_type": ("rms",),
@@ -37,10 +38,18 @@ REQUIRED_VALUES = {
     "alibi": (False,),
     "block_group_size": (1,),
     "include_bias": (False,),
+    "bias_for_layer_norm": (False, None),
     "scale_logits": (False,),
     "input_emb_norm": (False,),
     "attention_layer_norm": (False,),
+    "rope_scaling": (None,),
 }
+# Keys whose class default would silently build another model (d_model 768, rope_theta 1e4, ...).
+REQUIRED_KEYS = ("d_model", "n_layers", "n_heads", ("mlp_hidden_size", "mlp_ratio"), "vocab_size",
+                 "rope_theta", "mask_token_id")
+# Dropout acts only in training; flash_attention picks a kernel for the same math.
+INERT_VALUES = {"attention_dropout": (0, 0.0), "residual_dropout": (0, 0.0), "embedding_dropout": (0, 0.0),
+                "flash_attention": (False,)}
 
 BLOCK = "model.transformer.blocks.{l}"
 EOT_TOKEN = "<|eot_id|>"  # end of turn; the chat template closes every message with it
@@ -66,26 +75,26 @@ class LLaDAAdapter(ModelAdapter):
         KeyRule("model.transformer.ln_f.weight", "ln_final.weight"),
         KeyRule("model.transformer.ff_out.weight", "unembed.weight"),  # LM head (not the block ff_out)
     )
+    config_defaults = CONFIG_CLASS_DEFAULTS
+    required_config_keys = REQUIRED_KEYS
+    supported_config_values = SUPPORTED_VALUES
+    inert_config_values = INERT_VALUES
     model_types = ("llada",)
     attention_mask_mode = "key_padding"  # current HF file: bidirectional, padded keys masked
 
     def matches(self, config: dict) -> bool:
         return config.get("model_type") in self.model_types and "num_experts" not in config
 
-    def read(self, config: dict) -> dict:
-        """config.json with the config class's defaults filled in for absent keys."""
-        return {**CONFIG_CLASS_DEFAULTS, **config}
-
     def to_config(self, config: dict) -> DiffusionConfig:
         c = self.read(config)
-        for key, allowed in REQUIRED_VALUES.items():
-            if c[key] not in allowed:
-                raise unsupported(self.name, key, c[key], allowed)
-        if c["bias_for_layer_norm"]:
-            raise unsupported(self.name, "bias_for_layer_norm", True, (False, None))
         n_kv = c["n_kv_heads"]
+        mqa = c["multi_query_attention"]
         if n_kv is None:
-            n_kv = 1 if c["multi_query_attention"] else c["n_heads"]
+            n_kv = 1 if mqa else c["n_heads"]
+        elif mqa is not None and n_kv != (1 if mqa else c["n_heads"]):
+            # upstream's effective_n_kv_heads raises on this contradiction
+            raise unsupported(self.name, "multi_query_attention", mqa,
+                              f"null, or {bool(not mqa)} with n_kv_heads={n_kv} (true means n_kv_heads 1 or null)")
         return DiffusionConfig(
             d_model=c["d_model"],
             n_layers=c["n_layers"],

@@ -42,6 +42,9 @@ CONFIG_CLASS_DEFAULTS = {
     "moe_router_enable_expert_bias": None, "moe_router_score_function": None, "routed_scaling_factor": 1,
     "router_num_group": -2, "router_topk_group": -2,
 }
+# Sizes the config class defaults to -1 ("must be given"): required, and positive.
+POSITIVE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_experts",
+                 "num_experts_per_tok", "expert_intermediate_size", "rope_theta", "partial_rotary_factor")
 PUBLISHED_MASK_TOKEN_ID = 156895  # `<|mdm_mask|>` in the LLaDA-MoE / LLaDA2 tokenizer
 
 _ARCHITECTURE = {
@@ -79,6 +82,19 @@ class LLaDAMoEAdapter(ModelAdapter):
         )
     )
 
+    config_defaults = CONFIG_CLASS_DEFAULTS
+    required_config_keys = POSITIVE_KEYS + ("moe_layer_freq",)
+    supported_config_values = {
+        "hidden_act": ("silu",),
+        "rope_scaling": (None, {"rope_type": "default"}, {"type": "default"}),
+    }
+    # Read by the config class, unused by upstream's forward (softmax top-k, no renormalisation, no scaling).
+    inert_config_values = {
+        "norm_topk_prob": (None, False), "moe_router_score_function": (None, "softmax"),
+        "routed_scaling_factor": (1, None), "router_num_group": (None, -2), "router_topk_group": (None, -2),
+        "attention_dropout": (0, 0.0),
+    }
+
     def matches(self, config: dict) -> bool:
         return (
             "LLaDAMoEModelLM" in (config.get("architectures") or [])
@@ -87,27 +103,18 @@ class LLaDAMoEAdapter(ModelAdapter):
         )
 
     def read(self, config: dict) -> dict:
-        """config.json with the MoE config class's defaults for absent keys."""
-        c = {**CONFIG_CLASS_DEFAULTS, **config}
+        """`ModelAdapter.read`, plus num_key_value_heads None -> num_attention_heads."""
+        c = super().read(config)
         if c["num_key_value_heads"] is None:
             c["num_key_value_heads"] = c["num_attention_heads"]
         return c
 
     def to_config(self, config: dict) -> DiffusionConfig:
         c = self.read(config)
-        required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_experts",
-                    "num_experts_per_tok", "expert_intermediate_size", "rope_theta", "partial_rotary_factor")
-        absent = [key for key in required if c[key] is None or c[key] <= 0]
-        if absent:
-            raise ValueError(
-                f"llada_moe config.json lacks a positive value for {absent} (the upstream config class "
-                "defaults them to -1, i.e. they must be given). Is this a complete LLaDA-MoE config.json?"
-            )
-        if c["hidden_act"] != "silu":
-            raise unsupported(self.name, "hidden_act", c["hidden_act"], ("silu",))
-        scaling = c["rope_scaling"]
-        if scaling is not None and scaling.get("rope_type", scaling.get("type")) != "default":
-            raise unsupported(self.name, "rope_scaling", scaling, (None, {"rope_type": "default"}))
+        sizes = [key for key in POSITIVE_KEYS if c[key] is None or c[key] <= 0]
+        if sizes:
+            raise ValueError(f"llada_moe config.json needs a positive value for {sizes}; got "
+                             f"{ {key: c[key] for key in sizes} }. Is this a complete LLaDA-MoE config.json?")
         n_layers = c["num_hidden_layers"]
         freq = c["moe_layer_freq"]
         if not isinstance(freq, list) or len(freq) != n_layers or any(f not in (0, 1) for f in freq):

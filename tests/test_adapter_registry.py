@@ -2,6 +2,7 @@
 defined in this file that registers and loads a checkpoint without touching `diffusion_lens/`."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -143,6 +144,13 @@ def test_toy_checkpoint_without_its_adapter_is_refused_with_a_pointer(tmp_path):
 
 
 def test_forcing_the_wrong_adapter_names_the_keys(tmp_path):
-    """A Qwen2-layout adapter forced onto an MoE checkpoint: the loader names what does not fit."""
-    with pytest.raises(ValueError, match=r"missing keys .*model\.layers\.0\.mlp\.gate_proj\.weight.*unexpected keys .*experts"):
+    """A Qwen2-layout adapter forced onto an MoE checkpoint: the loader names what does not fit,
+    first the config.json key Dream needs, then (with that key added) the weights."""
+    with pytest.raises(ValueError, match=r"lacks required keys \['intermediate_size'\].*looks like a llada_moe checkpoint"):
         HookedDiffusionTransformer.from_pretrained(FIXTURES / "llada-moe-tiny", adapter="dream")
+    folder = tmp_path / "moe"
+    shutil.copytree(FIXTURES / "llada-moe-tiny", folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "intermediate_size": 128}))
+    with pytest.raises(ValueError, match=r"missing keys .*model\.layers\.0\.mlp\.gate_proj\.weight.*unexpected keys .*experts"):
+        HookedDiffusionTransformer.from_pretrained(folder, adapter="dream")

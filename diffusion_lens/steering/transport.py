@@ -49,14 +49,14 @@ site                            linear layer               rule
 
 Residual-stream sites (`hook_resid_*`) and norm outputs are sums or nonlinear functions of many
 layers' outputs and are not foldable; use `as_hooks` there. A fold that needs a bias creates
-one (`nn.Linear` bias parameter); checkpoint formats without that bias key then cannot be
-written by `save_pretrained`, which fails with the adapter's "no checkpoint name" error (`fold`
-warns at fold time).
+one (`nn.Linear` bias parameter). `save_pretrained` writes a bias the family's checkpoint format
+has no key for (LLaDA, MMaDA and LLaDA-MoE layers, Dream's o_proj / MLP) to the sidecar
+`diffusion_lens_biases.safetensors` beside the original-format weights, and `from_pretrained`
+applies it: the saved folder reproduces the runtime map (docs/concepts.md, "Saving folded maps").
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -500,13 +500,14 @@ def fold(model, amap: AffineMap, strength: Optional[float] = None) -> list[str]:
     Each site is written into the linear layer that produces it (or, for `mlp.hook_post` and
     `attn.hook_z`, the one linear layer that consumes it); the module docstring lists the rules.
     Afterwards a plain forward equals a forward with `amap.as_hooks(strength)` (tested). Folding
-    twice applies the map twice. Biases are created where needed; see the module docstring about
-    saving them.
+    twice applies the map twice. Biases are created where needed; `save_pretrained` keeps those the
+    checkpoint format cannot hold in a sidecar file that `from_pretrained` applies.
 
     Example:
         >>> amap = fit_transport("linear", src, tgt)           # sites: blocks.{l}.hook_mlp_out
         >>> fold(model, amap, strength=0.6)
         >>> model.generate(prompt)                             # steered, no hooks
+        >>> model.save_pretrained("steered")                   # reloads to the same tokens
     """
     if not isinstance(amap, AffineMap):
         raise TypeError(f"fold needs an AffineMap; got {type(amap).__name__}.")
@@ -521,7 +522,6 @@ def fold(model, amap: AffineMap, strength: Optional[float] = None) -> list[str]:
     for site, plan in plans:
         omega, beta = amap.coefficients(site, strength)
         edited += plan(omega, beta)
-    _warn_unsaveable(model, edited)
     return edited
 
 
@@ -668,21 +668,3 @@ def _fold_routed(moe: nn.Module, omega: Tensor, beta: Tensor, name: str) -> list
     for e, expert in enumerate(moe.experts):
         edited += _fold_producer(expert.down_proj, omega, beta, f"{name}.{e}.down_proj")
     return edited
-
-
-def _warn_unsaveable(model, edited: list[str]) -> None:
-    adapter = getattr(model, "adapter", None)
-    if adapter is None:
-        return
-    unmapped = []
-    for name in edited:
-        try:
-            adapter.to_checkpoint_key(name)
-        except KeyError:
-            unmapped.append(name)
-    if unmapped:
-        warnings.warn(
-            f"fold created parameters the {adapter.name} checkpoint format has no key for ({unmapped}); "
-            "save_pretrained will refuse to write this model. Keep it in memory, or fold an omega-only map.",
-            stacklevel=3,
-        )
