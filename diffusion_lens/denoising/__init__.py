@@ -13,10 +13,11 @@ from diffusion_lens.denoising.cache import (
 )
 from diffusion_lens.denoising.generate import GenerationOutput, estimate_cache_bytes, generate, run_with_step_cache
 from diffusion_lens.denoising.samplers import DreamSampler, LLaDASampler, MMaDASampler, Sampler
+from diffusion_lens.denoising.samplers.base import DEFAULT_SEED
 from diffusion_lens.denoising.state import DenoisingState
 
 __all__ = [
-    "DEFAULT_MAX_CACHE_BYTES", "CacheRequest", "CacheTooLargeError", "DenoisingState", "DreamSampler",
+    "DEFAULT_MAX_CACHE_BYTES", "DEFAULT_SEED", "CacheRequest", "CacheTooLargeError", "DenoisingState", "DreamSampler",
     "GenerationOutput", "LLaDASampler", "MMaDASampler", "Sampler", "StepCache", "StreamingMean",
     "estimate_cache_bytes", "generate", "run_with_step_cache",
 ]

@@ -49,7 +49,9 @@ class LLaDASampler(Sampler):
     `mask_token_id` (upstream hard-codes 126081 / 126348 / 126336, the same ids for LLaDA-8B).
     Random numbers: one float64 uniform draw of the full [batch pos vocab] logits per step
     (temperature > 0), then one [batch pos] draw for random remasking, from `generator` (or the
-    global RNG), the order upstream uses, so seeded runs match it.
+    global RNG), the order upstream uses, so seeded runs match it. At temperature 0 the driver
+    passes a generator seeded with `DEFAULT_SEED` when none is given, so random remasking is
+    deterministic too.
 
     Example:
         >>> sampler = LLaDASampler(steps=64, gen_length=64, block_length=32)
