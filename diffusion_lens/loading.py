@@ -311,8 +311,7 @@ def load_pretrained(model_cls, name_or_path, *, dtype=None, device="cpu", adapte
     cfg.dtype = dtype or _checkpoint_dtype(headers)
     cfg.model_name = str(name_or_path)
 
-    with torch.device("meta"), _SkipInit():
-        model = model_cls(cfg)
+    model = _meta_model(model_cls, cfg)
     expected = {name: param for name, param in model.state_dict(keep_vars=True).items()}
     if cfg.tie_word_embeddings:
         expected.pop("unembed.weight", None)
@@ -349,6 +348,12 @@ def load_pretrained(model_cls, name_or_path, *, dtype=None, device="cpu", adapte
     family.on_loaded(model)
     model.checkpoint_folder = folder
     return model.eval().requires_grad_(False)
+
+
+def _meta_model(model_cls, cfg):
+    """The model `cfg` describes, on the meta device: its parameter names and shapes, no memory."""
+    with torch.device("meta"), _SkipInit():
+        return model_cls(cfg)
 
 
 def _config_from(family: ModelAdapter, config_json: dict, folder: Path, forced: bool):
@@ -457,18 +462,25 @@ def save_pretrained(model, path, *, max_shard_bytes: int = 4 * 2**30) -> Path:
 
 
 def _checkpoint_tensors(model) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """(checkpoint key -> tensor, sidecar key -> bias), or a clear error for a weight neither can hold."""
+    """(checkpoint key -> tensor, sidecar key -> bias), or a clear error for a weight neither can hold.
+
+    A weight goes to the checkpoint if the model that the written config.json describes has it
+    (e.g. LLaDA's v_proj.bias only with include_qkv_bias); a bias that `fold` added elsewhere goes
+    to the sidecar, named after its layer's checkpoint weight key.
+    """
     state = model.state_dict()
     if model.cfg.tie_word_embeddings:
         state.pop("unembed.weight", None)
+    architecture = set(_meta_model(type(model), model.cfg).state_dict())
     adapter = model.adapter
     tensors, biases, unmapped = {}, {}, []
     for name, value in state.items():
         value = value.detach().contiguous().cpu()
-        key = _checkpoint_key(adapter, name)
+        key = _checkpoint_key(adapter, name) if name in architecture else None
         weight_key = None
-        if key is None and name.endswith(".bias"):
-            weight_key = _checkpoint_key(adapter, name.removesuffix(".bias") + ".weight")
+        layer = name.removesuffix(".bias")
+        if name not in architecture and name != layer and isinstance(model.get_submodule(layer), nn.Linear):
+            weight_key = _checkpoint_key(adapter, layer + ".weight")
         if key is not None:
             tensors[key] = value
         elif weight_key is not None and weight_key.endswith(".weight"):
@@ -478,7 +490,7 @@ def _checkpoint_tensors(model) -> tuple[dict[str, torch.Tensor], dict[str, torch
     if unmapped:
         raise KeyError(
             f"The {adapter.name} checkpoint format has no key for {_count_and_name(unmapped, 'weights')}, and they "
-            "are not biases of a mapped layer; nothing was written. Keep this model in memory, or remove them."
+            "are not biases added to one of its linear layers; nothing was written. Keep this model in memory."
         )
     return tensors, biases
 
