@@ -630,16 +630,18 @@ class HookedDiffusionTransformer(KeepPropertyErrors, HookedRootModule):
         cls,
         name_or_path: Union[str, Path],
         *,
-        dtype: Optional[torch.dtype] = None,
+        dtype: Union[torch.dtype, str, None] = None,
         device: Union[str, torch.device] = "cpu",
         adapter: Optional[str] = None,
         revision: Optional[str] = None,
     ) -> "HookedDiffusionTransformer":
         """Load a checkpoint: an embedded name ("tiny-refusal"), a local folder or a hub id.
 
-        Weights are read shard by shard straight into `dtype` on `device` (default: the checkpoint's
-        dtype), so peak memory stays near one copy. The family adapter is detected from config.json
-        or forced with `adapter=`. No code from the checkpoint folder is ever run.
+        Weights are read shard by shard straight into `dtype` (a torch.dtype or a name such as
+        "bfloat16") on `device` (default: the checkpoint's dtype), so peak memory stays near one copy.
+        Files, config.json and key names are checked first (docs/installation.md, "Checks at load
+        time"). The family adapter is detected from config.json or forced with `adapter=`. No code
+        from the checkpoint folder is ever run.
 
         Example:
             >>> model = HookedDiffusionTransformer.from_pretrained("GSAI-ML/LLaDA-8B-Instruct",
