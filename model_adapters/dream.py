@@ -50,9 +50,10 @@ class DreamAdapter(ModelAdapter):
     name = "dream"
     key_rules = hf_decoder_rules(qkv_bias=True) + hf_dense_mlp_rules()
     config_defaults = CONFIG_CLASS_DEFAULTS
-    # DreamConfig's size defaults (hidden 4096, 32 layers...) match no published checkpoint.
+    # DreamConfig's size defaults (hidden 4096, 32 layers...) match no published checkpoint; absent
+    # constants (rope_theta, rms_norm_eps) take its defaults, as upstream does.
     required_config_keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                            "vocab_size", "rope_theta")
+                            "vocab_size")
     supported_config_values = {
         "hidden_act": ("silu",),
         "use_sliding_window": (False,),  # sliding_window / max_window_layers act only when this is true

@@ -44,9 +44,10 @@ SUPPORTED_VALUES = {
     "attention_layer_norm": (False,),
     "rope_scaling": (None,),
 }
-# Keys whose class default would silently build another model (d_model 768, rope_theta 1e4, ...).
-REQUIRED_KEYS = ("d_model", "n_layers", "n_heads", ("mlp_hidden_size", "mlp_ratio"), "vocab_size",
-                 "rope_theta", "mask_token_id")
+# Keys whose class default describes another model (d_model 768, 12 layers, ...). Constants such as
+# rope_theta follow upstream's class default when absent, as upstream does; the mask id does not,
+# because upstream's sampler hard-codes 126336 while ours reads config.json.
+REQUIRED_KEYS = ("d_model", "n_layers", "n_heads", ("mlp_hidden_size", "mlp_ratio"), "vocab_size", "mask_token_id")
 # Dropout acts only in training; flash_attention picks a kernel for the same math.
 INERT_VALUES = {"attention_dropout": (0, 0.0), "residual_dropout": (0, 0.0), "embedding_dropout": (0, 0.0),
                 "flash_attention": (False,)}

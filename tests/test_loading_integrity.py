@@ -163,9 +163,9 @@ DROP = object()
 
 
 @pytest.mark.parametrize("fixture, key", [
-    ("llada-tiny-mha", "d_model"), ("llada-tiny-mha", "rope_theta"), ("llada-tiny-mha", "mask_token_id"),
-    ("mmada-tiny", "n_heads"), ("dream-tiny", "hidden_size"), ("dream-tiny", "rope_theta"),
-    ("llada-moe-tiny", "num_hidden_layers"),
+    ("llada-tiny-mha", "d_model"), ("llada-tiny-mha", "n_layers"), ("llada-tiny-mha", "mask_token_id"),
+    ("mmada-tiny", "n_heads"), ("dream-tiny", "hidden_size"), ("dream-tiny", "num_attention_heads"),
+    ("llada-moe-tiny", "num_hidden_layers"), ("llada-moe-tiny", "rope_theta"),
 ])
 def test_missing_required_config_key_is_named(tmp_path, fixture, key):
     folder = with_config(tmp_path, fixture, **{key: DROP})
