@@ -5,7 +5,9 @@
    pre-instruction and post-instruction chat-template tokens and pooled over the response, from one
    forward per prompt on the step-0 canvas (prompt + fully masked response), 128 harmful vs 128
    harmless training prompts (both languages).
-2. Selection on a validation split (bypass / induce / KL scores and the Arditi filters).
+2. Selection on a validation split: one sweep over every (layer, position) candidate of the three
+   position kinds, with `select_direction`'s defaults (bypass / induce / KL scores, the Arditi
+   filters with the induce filter relative to the unsteered model, see its docstring).
 3. Per language, on two prompt sets never trained on nor used for selection: "held_out" (request
    templates and/or topics that no training prompt uses: generalisation) and "unseen" (training
    templates and topics, new prompts): refusal rate at baseline, with the direction ablated (every
@@ -29,10 +31,10 @@ import torch
 
 from diffusion_lens.evals import masked_kl, refusal_rate
 from diffusion_lens.model import HookedDiffusionTransformer
-from diffusion_lens.steering import ablate, add, mean_difference
+from diffusion_lens.steering import Directions, ablate, add, mean_difference
 from diffusion_lens.steering.selection import select_direction
 from diffusion_lens.steering.sensitivity import sensitivity
-from diffusion_lens.toy.data import REFUSALS, generate_dataset, prompts
+from diffusion_lens.toy.data import generate_dataset, prompts
 
 POSITION_TYPES = {"pre_instruction": "pre_instruction", "post_instruction": "post_instruction", "response_mean": "mean_response"}
 LANGS = ("en", "zh")
@@ -90,16 +92,26 @@ class Study:
     def refusal_by_lang(self, split: dict, kind: str, hooks=()) -> dict[str, float]:
         return {lang: self.refusal(split[kind][lang], hooks) for lang in LANGS}
 
-    def refusal_tokens(self) -> list[int]:
-        """The tokens the model's refusals open with (first token of each training refusal)."""
-        tokenizer = self.model.tokenizer
-        return sorted({tokenizer(text, add_special_tokens=False)["input_ids"][0] for lang in LANGS for text in REFUSALS[lang]})
-
     def directions(self, harmful: list[str], harmless: list[str], positions: str):
         return mean_difference(
             self.model, harmful, harmless, layers="all", positions=positions,
-            gen_length=self.size.gen_length, batch_size=self.size.batch_size,
+            gen_length=self.size.gen_length, batch_size=self.size.batch_size, progress=False,
         )
+
+
+def position_type(label) -> str:
+    """The position kind of a candidate's label ("pre_instruction[5]" -> "pre_instruction")."""
+    return next(kind for kind, spec in POSITION_TYPES.items() if str(label).startswith(spec))
+
+
+def best_per_type(selection) -> dict:
+    """The kept candidate with the lowest bypass score of each position kind (None if none was kept)."""
+    out = {position_type(label): None for label in selection.directions.positions}
+    for row in selection.table:
+        kind = position_type(row["position"])
+        if row["kept"] and (out[kind] is None or row["bypass"] < out[kind]["bypass"]):
+            out[kind] = {**row, "direction": selection.directions.unit(row["layer"], row["position"])}
+    return out
 
 
 def run_study(model: HookedDiffusionTransformer, size: DemoSize = DemoSize(), out_dir: str | Path = "demo_out",
@@ -117,24 +129,15 @@ def run_study(model: HookedDiffusionTransformer, size: DemoSize = DemoSize(), ou
     harmful_val, harmless_val = _both(study.val["harmful"]), _both(study.val["harmless"])
 
     log(f"1/6 candidate directions from {len(harmful_train)} harmful vs {len(harmless_train)} harmless prompts")
-    selections = {}
-    for label in size.position_types:
-        spec = POSITION_TYPES[label]
-        candidates = study.directions(harmful_train, harmless_train, spec)
-        # The induce filter is off: on tiny-refusal, adding the raw difference at one layer never
-        # raises the step-0 refusal score of harmless prompts at the first masked position (every
-        # candidate scores -3 to -5), although it does make generated answers refuse (reported
-        # below). The KL and layer filters of Arditi et al. stay on.
-        selections[label] = select_direction(
-            model, harmful_train, harmless_train, harmful_val, harmless_val, candidates=candidates,
-            refusal_tokens=study.refusal_tokens(), induce_threshold=float("-inf"),
-            gen_length=size.gen_length, batch_size=size.batch_size,
-        )
-    ranked = sorted((s.winner["bypass"], label) for label, s in selections.items() if s.winner is not None)
-    if not ranked:
-        raise RuntimeError("No candidate direction survived the selection filters; see the selection tables.")
-    best_label = ranked[0][1]
-    best = selections[best_label].winner
+    candidates = Directions.concat([study.directions(harmful_train, harmless_train, POSITION_TYPES[label])
+                                    for label in size.position_types])
+    selection = select_direction(model, harmful_train, harmless_train, harmful_val, harmless_val,
+                                 candidates=candidates, gen_length=size.gen_length, batch_size=size.batch_size,
+                                 progress=False)
+    if selection.winner is None:
+        raise RuntimeError("No candidate direction survived the selection filters; see the selection table.")
+    best = selection.winner
+    best_label = position_type(best["position"])
     direction = best["direction"]
     log(f"   selected layer {best['layer']} position {best['position']} (bypass score {best['bypass']:.2f})")
 
@@ -152,23 +155,23 @@ def run_study(model: HookedDiffusionTransformer, size: DemoSize = DemoSize(), ou
     results.update(results["held_out"])  # the headline keys are the held-out prompts' figures
     sens = None
     if size.full:
-        sens = _full_study(study, results, selections, best_label, ablation, log)
+        sens = _full_study(study, results, selection, best_label, ablation, log)
     results["best"] = {"layer": best["layer"], "position": str(best["position"]), "position_type": best_label}
-    results["selection"] = {label: s.table for label, s in selections.items()}
+    results["selection"] = selection.table
     results["seconds"] = round(time.time() - started, 1)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     if plots and sens is not None:
-        _plots(out, selections, best_label, sens, format_table(results))
+        _plots(out, selection, sens, format_table(results))
     return results
 
 
-def _full_study(study: Study, results: dict, selections: dict, best_label: str, ablation, log):
+def _full_study(study: Study, results: dict, selection, best_label: str, ablation, log):
     """KL, induction, per-position, cross-lingual and sensitivity measurements (fills `results`)."""
     model, size = study.model, study.size
-    best = selections[best_label].winner
+    best = selection.winner
     log("3/6 masked KL on harmless prompts and induced refusal")
     kl = masked_kl(model, _both(study.test["harmless"]), ablation, batch_size=size.batch_size,
                    generate_kwargs=study.generate_kwargs)
@@ -178,9 +181,9 @@ def _full_study(study: Study, results: dict, selections: dict, best_label: str, 
 
     log("4/6 best direction per position type (unseen prompts, where the model refuses)")
     results["by_position"] = {
-        label: {"harmful": study.refusal_by_lang(study.unseen, "harmful", ablate(model, s.winner["direction"]))}
-        if s.winner is not None else None
-        for label, s in selections.items()
+        label: {"harmful": study.refusal_by_lang(study.unseen, "harmful", ablate(model, w["direction"]))}
+        if w is not None else None
+        for label, w in best_per_type(selection).items()
     }
 
     log("5/6 cross-lingual transfer (direction from one language, ablated on the other; unseen prompts)")
@@ -203,7 +206,7 @@ def _full_study(study: Study, results: dict, selections: dict, best_label: str, 
     return sens
 
 
-def _plots(out: Path, selections: dict, best_label: str, sens, table: str) -> None:
+def _plots(out: Path, selection, sens, table: str) -> None:
     """PNG figures, and `report.html`: the table and the figures in one self-contained page."""
     import base64
     import html
@@ -211,8 +214,8 @@ def _plots(out: Path, selections: dict, best_label: str, sens, table: str) -> No
     from diffusion_lens import plot
 
     figures = {
-        "cosine_per_layer": plot.cosine_per_layer(selections[best_label].directions),
-        "selection_bypass": plot.selection_heatmap(selections[best_label], "bypass"),
+        "cosine_per_layer": plot.cosine_per_layer(selection.directions),
+        "selection_bypass": plot.selection_heatmap(selection, "bypass"),
         "sensitivity": plot.sensitivity_heatmap(sens, title="Harmful refusal rate, ablating one layer x step window"),
     }
     images = []

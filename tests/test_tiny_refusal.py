@@ -1,6 +1,7 @@
 """Issue 6: the embedded tiny-refusal model, its training script and the demo study."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -82,7 +83,10 @@ def test_reduced_demo_ablation_beats_random_control(tmp_path):
     from diffusion_lens.demo import QUICK, run_study
 
     model = HookedDiffusionTransformer.from_pretrained("tiny-refusal")
-    results = run_study(model, replace(QUICK, full=True, step_window=16), tmp_path, log=lambda *_: None)
+    with warnings.catch_warnings(record=True) as caught:  # the demo runs select_direction with its defaults
+        warnings.simplefilter("always")
+        results = run_study(model, replace(QUICK, full=True, step_window=16), tmp_path, log=lambda *_: None)
+    assert not [str(w.message) for w in caught if "select_direction" in str(w.message)]
     unseen = results["unseen"]
     for lang in ("en", "zh"):
         baseline = unseen["baseline"]["harmful"][lang]
