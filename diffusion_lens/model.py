@@ -304,7 +304,10 @@ class HookedDiffusionTransformer(KeepPropertyErrors, HookedRootModule):
     ) -> tuple[Optional[Tensor], ActivationCache]:
         """Run a forward and return (output, `ActivationCache`) of the hook points in `names_filter`.
 
-        With `step=k` the input is a prompt: the sampler runs up to denoising step k and the
+        `names_filter`: a name, a glob ("blocks.*.hook_resid_post"), a list of those or a callable
+        (see `hook_names`; one that selects no hook point raises instead of caching nothing).
+        With `step=k` the input is a prompt: the sampler runs up to denoising step k (negative =
+        from the end of the run: `step=-1` is the last) and the
         forward *at* step k is returned as (logits, ActivationCache); `step=[k, ...]` returns
         ({step: logits}, StepCache). Extra keywords then go to `generate` (steps, gen_length, ...);
         see `diffusion_lens.denoising.run_with_step_cache`.
