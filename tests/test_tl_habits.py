@@ -124,6 +124,16 @@ def test_moe_layers_explain_themselves():
     torch.testing.assert_close(per_mlp.sum(0), cache["blocks.1.hook_resid_post"], atol=1e-4, rtol=1e-4)
 
 
+def test_step_caches_explain_moe_layers_too():
+    model = load("llada-moe-tiny")
+    out = model.generate(toks(n_pos=4, batch=1), cache=dict(steps=[0, -1]), max_cache_bytes=None,
+                         steps=4, gen_length=8, mask_id=310, progress=False)  # this config has no mask id
+    with pytest.raises(ValueError, match=r"Block\(s\) \[0, 1\] have a mixture-of-experts MLP"):
+        out.cache[-1].get_full_resid_decomposition()
+    per_mlp = out.cache[0].get_full_resid_decomposition(expand_neurons=False)
+    torch.testing.assert_close(per_mlp.sum(0), out.cache[0]["blocks.1.hook_resid_post"], atol=1e-4, rtol=1e-4)
+
+
 # ------------------------------------------------------------------ transformer_lens.patching
 def test_transformer_lens_patching_runs_and_matches_a_hand_written_patch(llada):
     clean, corrupt = toks(n_pos=4, batch=1, seed=1), toks(n_pos=4, batch=1, seed=1)

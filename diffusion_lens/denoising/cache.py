@@ -20,8 +20,8 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformer_lens import ActivationCache
 
+from diffusion_lens.activation_cache import DiffusionActivationCache
 from diffusion_lens.denoising.hook_lists import name_filter
 from diffusion_lens.denoising.positions import (
     PositionScope,
@@ -252,12 +252,12 @@ class StepCache:
                            f"use one of the cached steps {self.steps}.")
         return step + self.n_steps
 
-    def __getitem__(self, step: int) -> ActivationCache:
+    def __getitem__(self, step: int) -> DiffusionActivationCache:
         resolved = self._step(step)
         if resolved not in self.store:
             which = f"Step {step}" + (f" (= step {resolved} of this {self.n_steps}-step run)" if resolved != step else "")
             raise KeyError(f"{which} was not cached; cached steps: {self.steps}.")
-        return ActivationCache(self.store[resolved], self.model, has_batch_dim=True)
+        return DiffusionActivationCache(self.store[resolved], self.model, has_batch_dim=True)
 
     def __contains__(self, step: int) -> bool:
         return (step >= 0 or self.n_steps is not None) and self._step(step) in self.store
