@@ -3,7 +3,7 @@ same weights in `transformers.LlamaForCausalLM` run bidirectionally as an indepe
 
 A LLaDA "llama" block is a Llama decoder layer (pre-norm RMSNorm, half-split RoPE, SwiGLU, no
 biases); the only difference is that LLaDA attention is bidirectional. LLaDA-V renames LLaDA
-checkpoints to Llama keys (shared/reference/llada_family.md sections 1.2 and 5); `LLADA_TO_LLAMA`
+checkpoints to Llama keys (docs/families/llada.md, section "Checkpoint keys"); `LLADA_TO_LLAMA`
 is that renaming. With an all-True 4D boolean attention mask, `LlamaForCausalLM` computes the
 LLaDA forward (see `BidirectionalReference`): it reproduces the golden logits that upstream LLaDA
 code recorded for tests/fixtures/llada-tiny-mha exactly, and matches our model to ~4e-6 in fp32.

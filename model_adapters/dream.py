@@ -1,6 +1,6 @@
 """Dream-v0 (Dream-org/Dream-v0-Instruct-7B, Dream-v0-Base-7B) and DiffuCoder (apple/DiffuCoder-7B-*).
 
-Spec: shared/reference/dream.md. A Qwen2.5 decoder with causal masking switched off:
+Reference: docs/families/dream.md. A Qwen2.5 decoder with causal masking switched off:
 
 - Qwen2 blocks: q/k/v biases (o_proj, MLP and LM head without), GQA, RMSNorm, half-split RoPE whose
   cos/sin tables are cast to the model dtype before rotating (`rope_in_fp32=False`).

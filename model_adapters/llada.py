@@ -1,8 +1,9 @@
 """LLaDA-8B Base / Instruct and LLaDA-1.5 (GSAI-ML): `LLaDAModelLM` checkpoints, "llama" blocks.
 
-Spec: shared/reference/llada_family.md section 1. The config class fills every missing key with an
-OLMo-era default (weight tying on, LayerNorm, no RoPE, dropout 0.1...), so `to_config` starts from
-those class defaults, never from ours, and rejects any value whose math we do not implement.
+Reference: docs/families/llada.md (config keys, checkpoint keys, attention mask, sampler). The
+upstream config class fills every missing key with an OLMo-era default (weight tying on, LayerNorm,
+no RoPE, dropout 0.1...), so `to_config` starts from those class defaults, never from ours, and
+rejects any value whose math we do not implement.
 """
 
 from __future__ import annotations

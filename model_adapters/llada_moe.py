@@ -1,6 +1,6 @@
 """LLaDA-MoE-7B-A1B Base / Instruct (inclusionAI): `LLaDAMoEModelLM` checkpoints, OLMoE-style blocks.
 
-Spec: shared/reference/llada_family.md section 4.
+Reference: docs/families/llada_moe.md (config keys, checkpoint keys, routing, sampler).
 
 - Detection: its config.json says `model_type: "llada"` like the dense LLaDA, so this adapter
   claims a config by `architectures` (`LLaDAMoEModelLM`) or by the presence of `num_experts`

@@ -1,6 +1,6 @@
 """MMaDA-8B (Gen-Verse/MMaDA-8B-Base, MMaDA-8B-MixCoT): the text path of `MMadaModelLM`.
 
-Spec: shared/reference/llada_family.md section 3. MMaDA subclasses LLaDA's model with the
+Reference: docs/families/llada.md, section MMaDA. MMaDA subclasses LLaDA's model with the
 *original* (Feb-2025) modeling file, so this adapter is the LLaDA adapter with three differences:
 
 - detection: `model_type` "mmada" / `architectures` ["MMadaModelLM"];

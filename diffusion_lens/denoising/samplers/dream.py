@@ -1,6 +1,6 @@
 """Dream's `diffusion_generate`: one fixed canvas, a linear time grid, four unmasking orders.
 
-Spec: shared/reference/dream.md section 6 (upstream `generation_utils.py` of
+Reference: docs/families/dream.md, section "Sampler" (upstream `generation_utils.py` of
 Dream-org/Dream-v0-Instruct-7B). Each step is one forward over the whole canvas; the logits the
 algorithm sees are already aligned to tokens (the driver applies `model.token_logits`, i.e. Dream's
 one-position shift), then `logits_hook` may edit them, then masked positions are filled:

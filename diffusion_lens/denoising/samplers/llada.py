@@ -1,6 +1,6 @@
 """LLaDA's reference sampler: semi-autoregressive blocks, low-confidence (or random) remasking.
 
-Spec: shared/reference/llada_family.md section 2 (upstream `ML-GSAI/LLaDA` `generate.py`). The
+Reference: docs/families/llada.md, section "Sampler" (upstream `ML-GSAI/LLaDA` `generate.py`). The
 loop below follows that algorithm step for step, including its quirks (listed on the class), so
 that every `golden_generate` run reproduces token for token, trajectory included.
 """

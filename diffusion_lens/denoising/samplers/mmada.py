@@ -1,6 +1,6 @@
 """MMaDA's text sampler (`MMadaModelLM.mmu_generate`, and `generate.py::generate` in Gen-Verse/MMaDA).
 
-Spec: shared/reference/llada_family.md section 3. It is LLaDA's older semi-autoregressive sampler,
+Reference: docs/families/llada.md, section MMaDA. It is LLaDA's older semi-autoregressive sampler,
 so this is `LLaDASampler` with MMaDA's differences as fixed options:
 
   * the low-confidence softmax runs in float64 (`confidence_dtype=torch.float64`);
