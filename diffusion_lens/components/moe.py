@@ -50,7 +50,7 @@ class Expert(GatedMLP):
         super().__init__(d_model, d_mlp, bias=bias)
         self.hook_out = HookPoint()  # [n_routed d_model]
 
-    def forward(self, x: Float[Tensor, "n_routed d_model"]) -> Float[Tensor, "n_routed d_model"]:
+    def forward(self, x: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch d_model"]:
         return self.hook_out(super().forward(x))
 
 

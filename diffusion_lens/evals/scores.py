@@ -10,7 +10,7 @@ p = sum of the probabilities of a few refusal-opening tokens, score = log(p) - l
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Union, no_type_check
 
 import torch
 from jaxtyping import Float, Int
@@ -246,6 +246,7 @@ def masked_kl(
     return MaskedKL(chosen, per_step, n, mean)
 
 
+@no_type_check  # checks its own input and explains a wrong one (the test suite's shape checks skip it)
 def count_left_masked(
     sequences: Int[Tensor, "batch pos"], mask_token_id: int, *, response_start: Optional[int] = None
 ) -> Int[Tensor, " batch"]:

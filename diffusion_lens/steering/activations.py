@@ -30,7 +30,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 # ... or a datasets.Dataset, whose prompt column is detected or named with column= (see prepare_prompts)
-PromptsInput = Union[Sequence[str], Int[Tensor, "n pos"], Sequence[Tensor], Sequence[Sequence[int]]]
+PromptsInput = Union[Sequence[str], Int[Tensor, "_n _pos"], Sequence[Tensor], Sequence[Sequence[int]], "datasets.Dataset"]
 PositionSpec = Union[int, Sequence[int], str, None]
 POOLED = ("mean_prompt", "mean_response", "mean_all")
 TEMPLATE = ("pre_instruction", "post_instruction")
