@@ -151,6 +151,14 @@ class TensorEntry:
 
 @dataclass(frozen=True)
 class SafetensorsHeader:
+    """A safetensors file's header, checked against the file: every tensor's byte range lies in the
+    data section, has the byte length its dtype and shape need, and the ranges tile the section.
+
+    Example:
+        >>> header = read_safetensors_header(Path("model.safetensors"))
+        >>> sorted(header.names)[:2], header.entries[0].end - header.entries[0].start   # names, bytes
+    """
+
     path: Path
     data_start: int  # file offset of the data section (8 + header length)
     entries: tuple[TensorEntry, ...]  # sorted by start
@@ -236,7 +244,12 @@ def _header_entry(name: str, info, data_len: int, corrupt) -> TensorEntry:
 def iter_safetensors(path: Path, header: Optional[SafetensorsHeader] = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) one tensor at a time with plain reads (no mmap), so a shard never sits
     in memory beside the tensors already loaded. The header is checked first
-    (`read_safetensors_header`) and every read must return the tensor's full byte length."""
+    (`read_safetensors_header`) and every read must return the tensor's full byte length.
+
+    Example:
+        >>> for name, tensor in iter_safetensors(Path("model.safetensors")):
+        ...     print(name, tuple(tensor.shape), tensor.dtype)
+    """
     header = header or read_safetensors_header(path)
     with open(path, "rb") as f:
         for entry in header.entries:

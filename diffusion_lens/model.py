@@ -468,7 +468,11 @@ class HookedDiffusionTransformer(KeepPropertyErrors, HookedRootModule):
     def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> Float[Tensor, " d_model"]:
         """Sum of the constant terms (attention `b_O`, MLP `b_out`) written to the residual stream
         before block `layer` (plus that block's `b_O` with `mlp_input=True`), as in TransformerLens;
-        `cache.get_full_resid_decomposition()` reads it."""
+        `cache.get_full_resid_decomposition()` reads it.
+
+        Example:
+            >>> model.accumulated_bias(2).shape   # [d_model]; zeros for bias-free families (LLaDA)
+        """
         if not 0 <= layer <= self.cfg.n_layers or (mlp_input and layer == self.cfg.n_layers):
             raise ValueError(f"layer={layer} must be in 0..{self.cfg.n_layers - (1 if mlp_input else 0)}.")
         total = torch.zeros(self.cfg.d_model, dtype=self.cfg.dtype, device=self.cfg.device)

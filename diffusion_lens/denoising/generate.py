@@ -265,7 +265,12 @@ def check_context(model: "HookedDiffusionTransformer", prompt_width: int, respon
 def check_hooks_fit(model, hooks: list, reducers: Sequence, n_steps: int, n_blocks: int, n_pos: int, batch: int) -> None:
     """Resolve every hook and reducer against the run before its first forward: names and globs
     must select hook points, `H.at` schedules (`fn.schedule`) must fit the steps, blocks and canvas,
-    reducer steps must be steps of the run. Each failure raises with what the run has."""
+    reducer steps must be steps of the run. Each failure raises with what the run has.
+
+    Example:
+        >>> check_hooks_fit(model, [H.at("blocks.0.hook_resid_post", fn, steps=9)], [], n_steps=8, n_blocks=1,
+        ...                 n_pos=22, batch=1)   # ValueError: ... This run has steps 0..7, 1 block ...
+    """
     for name, fn in hooks:
         model.hook_names(name)
         schedule = getattr(fn, "schedule", None)

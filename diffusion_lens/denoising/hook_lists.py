@@ -10,6 +10,7 @@ prints as its pattern, so that "matches no hook point" errors can name it.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import re
 from typing import Any, Callable, Union
@@ -20,7 +21,12 @@ _GLOB_CHARS = "*?["
 
 
 def is_glob(name: Any) -> bool:
-    """True for a string with fnmatch wildcards (`*`, `?`, `[`)."""
+    """True for a string with fnmatch wildcards (`*`, `?`, `[`).
+
+    Example:
+        >>> is_glob("blocks.*.hook_resid_post"), is_glob("blocks.3.hook_resid_post")
+        (True, False)
+    """
     return isinstance(name, str) and any(c in name for c in _GLOB_CHARS)
 
 
@@ -43,17 +49,25 @@ class GlobFilter:
 
 
 def name_filter(name: HookName) -> HookName:
-    """A glob becomes a `GlobFilter`; hook point names and callables are returned unchanged."""
+    """A glob becomes a `GlobFilter`; hook point names and callables are returned unchanged.
+
+    Example:
+        >>> name_filter("blocks.*.hook_resid_post")   # a GlobFilter, usable as a TransformerLens filter
+        'blocks.*.hook_resid_post'
+    """
     return GlobFilter(name) if is_glob(name) else name
 
 
 def no_match_message(name: HookName, hook_names) -> str:
-    """The error for a glob or filter that selects no hook point, with close globs when there are any."""
+    """The error for a glob or filter that selects no hook point, with close globs when there are any.
+
+    Example:
+        >>> no_match_message("blocks.*.hook_resid_pots", model.hook_dict)
+        "No hook point matches the glob 'blocks.*.hook_resid_pots' (did you mean 'blocks.*.hook_resid_post', ...?). ..."
+    """
     if isinstance(name, GlobFilter) or is_glob(name):
         pattern = name.pattern if isinstance(name, GlobFilter) else name
         generic = sorted({re.sub(r"\.\d+(?=\.|$)", ".*", n) for n in hook_names})
-        import difflib
-
         close = difflib.get_close_matches(pattern, generic, n=3, cutoff=0.6)
         hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
         return f"No hook point matches the glob {pattern!r}{hint}. See `model.hook_dict` for all names."
