@@ -19,6 +19,7 @@ demo: setup
 # a cell that raises fails CI), then the documentation site with warnings as errors.
 test: setup
 	$(PY) -m pytest --nbmake tests tutorials
+	.venv/bin/lint-imports --no-cache
 	$(MAKE) docs
 
 docs: setup

@@ -132,7 +132,7 @@ def llada_config_json(shape: ModelShape, *, mask_token_id: Optional[int] = None)
 def shape_from_llada_config(config: dict) -> ModelShape:
     """The `ModelShape` of an existing LLaDA config.json (e.g. a test fixture), read through our
     LLaDA adapter so absent keys get the upstream config-class defaults."""
-    from diffusion_lens.adapters import get_adapter
+    from diffusion_lens.checkpoints.adapters import get_adapter
 
     cfg = get_adapter("llada").to_config(config)
     if cfg.d_vocab != cfg.d_vocab_out or cfg.tie_word_embeddings or cfg.qkv_bias:
@@ -148,7 +148,7 @@ def read_llada_checkpoint(folder: Union[str, Path]) -> tuple[ModelShape, dict[st
     """(shape, LLaDA-keyed state dict) of a LLaDA checkpoint folder (single or sharded)."""
     from safetensors.torch import load_file
 
-    from diffusion_lens.loading import checkpoint_files, read_config
+    from diffusion_lens.checkpoints.loading import checkpoint_files, read_config
 
     folder = Path(folder)
     state_dict = {}
@@ -260,7 +260,7 @@ def build_model(
 ) -> HookedDiffusionTransformer:
     """Our model with `state_dict` (LLaDA keys; random from `seed` if None), built in memory the way
     `from_pretrained` would build it from a folder: same adapter config, same key mapping."""
-    from diffusion_lens.adapters import get_adapter
+    from diffusion_lens.checkpoints.adapters import get_adapter
 
     adapter = get_adapter("llada")
     state_dict = state_dict if state_dict is not None else random_llada_state_dict(shape, seed=seed)

@@ -84,8 +84,8 @@ def _load_naive(folder: Path):
     from safetensors.torch import load_file
 
     from diffusion_lens import HookedDiffusionTransformer
-    from diffusion_lens.adapters import get_adapter
-    from diffusion_lens.loading import checkpoint_files, read_config
+    from diffusion_lens.checkpoints.adapters import get_adapter
+    from diffusion_lens.checkpoints.loading import checkpoint_files, read_config
 
     adapter = get_adapter("llada")
     cfg = adapter.to_config(read_config(folder))
@@ -106,7 +106,7 @@ def _load_naive(folder: Path):
 
 def child(method: str, folder: Path) -> dict:
     """Load `folder` with `method` in this (fresh) process and measure; returns a result dict."""
-    import diffusion_lens.loading  # noqa: F401  (imports are not part of the measurement)
+    import diffusion_lens.checkpoints.loading  # noqa: F401  (imports are not part of the measurement)
     import model_adapters  # noqa: F401
     from diffusion_lens import HookedDiffusionTransformer
 

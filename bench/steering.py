@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from diffusion_lens import DiffusionConfig, HookedDiffusionTransformer  # noqa: E402
-from diffusion_lens.adapters import get_adapter  # noqa: E402
+from diffusion_lens.checkpoints.adapters import get_adapter  # noqa: E402
 from diffusion_lens.steering import AffineMap, ablate, fold, mean_difference, orthogonalize_weights  # noqa: E402
 
 

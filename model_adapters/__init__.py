@@ -1,6 +1,6 @@
 """One module per model family: each translates a checkpoint format onto the core model.
 
-Importing this package registers every shipped adapter with `diffusion_lens.adapters`.
+Importing this package registers every shipped adapter with `diffusion_lens.checkpoints.adapters`.
 """
 
 from model_adapters import llada  # noqa: F401

@@ -20,8 +20,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from diffusion_lens.adapters import ModelAdapter, register_adapter, unsupported
-from diffusion_lens.config import DiffusionConfig
+from diffusion_lens.checkpoints.adapters import ModelAdapter, register_adapter, unsupported
+from diffusion_lens.core.config import DiffusionConfig
 from diffusion_lens.denoising.samplers.dream import DreamSampler
 from model_adapters.hf_layout import hf_decoder_rules, hf_dense_mlp_rules
 

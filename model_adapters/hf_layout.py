@@ -7,7 +7,7 @@ differs. Adapters build their `key_rules` from these helpers so the shared part 
 
 from __future__ import annotations
 
-from diffusion_lens.adapters import KeyRule
+from diffusion_lens.checkpoints.adapters import KeyRule
 
 LAYER = "model.layers.{l}"
 

@@ -8,8 +8,8 @@ rejects any value whose math we do not implement.
 
 from __future__ import annotations
 
-from diffusion_lens.adapters import KeyRule, ModelAdapter, register_adapter, unsupported
-from diffusion_lens.config import DiffusionConfig
+from diffusion_lens.checkpoints.adapters import KeyRule, ModelAdapter, register_adapter, unsupported
+from diffusion_lens.core.config import DiffusionConfig
 from diffusion_lens.denoising.samplers import LLaDASampler
 
 # `LLaDAConfig` / `ModelConfig` defaults applied to keys absent from config.json.

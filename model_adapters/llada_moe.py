@@ -12,7 +12,7 @@ Reference: docs/families/llada_moe.md (config keys, checkpoint keys, routing, sa
   (`attention_mask_mode="ignored"`).
 - MLP: `moe_layer_freq[l]` picks a mixture of experts (1) or a dense SwiGLU (0) per layer; router
   softmax in fp32, expert bias added after the softmax, top-k without renormalisation, optional
-  shared expert (`diffusion_lens.components.moe`). `norm_topk_prob`, `moe_router_score_function`
+  shared expert (`diffusion_lens.core.components.moe`). `norm_topk_prob`, `moe_router_score_function`
   and `routed_scaling_factor` are read but, as upstream, have no effect.
 - The config has no mask id. The published tokenizer's `<|mdm_mask|>` is 156895, which we use when
   the vocab has that row; for other vocabularies set `model.cfg.mask_token_id` (or pass `mask_id=`
@@ -23,8 +23,8 @@ Reference: docs/families/llada_moe.md (config keys, checkpoint keys, routing, sa
 
 from __future__ import annotations
 
-from diffusion_lens.adapters import KeyRule, ModelAdapter, register_adapter, unsupported
-from diffusion_lens.config import DiffusionConfig
+from diffusion_lens.checkpoints.adapters import KeyRule, ModelAdapter, register_adapter, unsupported
+from diffusion_lens.core.config import DiffusionConfig
 from diffusion_lens.denoising.samplers import LLaDASampler
 from model_adapters.hf_layout import LAYER, hf_decoder_rules, hf_dense_mlp_rules
 

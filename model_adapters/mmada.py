@@ -22,8 +22,8 @@ confidence softmax, no EOS flags, CFG without an attention mask).
 
 from __future__ import annotations
 
-from diffusion_lens.adapters import register_adapter
-from diffusion_lens.config import DiffusionConfig
+from diffusion_lens.checkpoints.adapters import register_adapter
+from diffusion_lens.core.config import DiffusionConfig
 from diffusion_lens.denoising.samplers import MMaDASampler
 from model_adapters.llada import LLaDAAdapter
 

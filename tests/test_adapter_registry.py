@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffusion_lens import HookedDiffusionTransformer
-from diffusion_lens import adapters as adapter_registry
-from diffusion_lens.adapters import KeyRule, ModelAdapter, detect_adapter, register_adapter, registered_adapters
+from diffusion_lens.checkpoints import adapters as adapter_registry
+from diffusion_lens.checkpoints.adapters import KeyRule, ModelAdapter, detect_adapter, register_adapter, registered_adapters
 from tests.conftest import FIXTURES
 
 EXPECTED = {

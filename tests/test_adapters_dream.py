@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffusion_lens import HookedDiffusionTransformer
-from diffusion_lens.components import position_ids_for
+from diffusion_lens.core.components import position_ids_for
 from tests.adapter_parity import assert_pairs_close, ln_out
 from tests.conftest import FIXTURES
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from diffusion_lens import HookedDiffusionTransformer
-from diffusion_lens.components.moe import MixtureOfExperts
+from diffusion_lens.core.components.moe import MixtureOfExperts
 from tests.adapter_parity import assert_pairs_close, capture_module_outputs, ln_out
 from tests.conftest import FIXTURES
 

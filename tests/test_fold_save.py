@@ -6,9 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import diffusion_lens.loading as loading
+import diffusion_lens.checkpoints.loading as loading
 from diffusion_lens import HookedDiffusionTransformer
-from diffusion_lens.loading import BIAS_SIDECAR
+from diffusion_lens.checkpoints.loading import BIAS_SIDECAR
 from diffusion_lens.steering import AffineMap, fit_transport, fold
 from tests.conftest import FIXTURES
 

@@ -134,7 +134,7 @@ def test_reducer_names_and_steps_are_checked_before_the_run():
 
 
 def test_plain_forward_ignores_step_filters_but_checks_indices():
-    """Documented in diffusion_lens.hooks: no state, so steps / blocks do not apply; indices still must fit."""
+    """Documented in diffusion_lens.denoising.hooks: no state, so steps / blocks do not apply; indices still must fit."""
     model, prompt, _ = setup()
     fired = []
     model.run_with_hooks(prompt, fwd_hooks=H.at(RESID, lambda a, hook: fired.append(1), steps=-1, blocks=3))

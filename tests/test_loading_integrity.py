@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from diffusion_lens import HookedDiffusionTransformer
-from diffusion_lens.adapters import detect_adapter
+from diffusion_lens.checkpoints.adapters import detect_adapter
 from tests.conftest import FIXTURES
 
 N_CTX = {  # fixture -> its config.json context length (max_sequence_length / max_position_embeddings)
@@ -87,7 +87,7 @@ def test_corrupt_files_fail_with_the_file_name(tmp_path, content, reason):
     ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4, r"tensor 'a' has shape \[-1\]"),
 ])
 def test_header_must_describe_the_data_exactly(tmp_path, entries, data, reason):
-    from diffusion_lens.loading import read_safetensors_header
+    from diffusion_lens.checkpoints.loading import read_safetensors_header
 
     path = tmp_path / "x.safetensors"
     write_raw(path, entries, data)
@@ -97,7 +97,7 @@ def test_header_must_describe_the_data_exactly(tmp_path, entries, data, reason):
 
 def test_a_short_read_names_the_tensor(tmp_path):
     """The header was checked, then the file shrank before the tensors were read."""
-    from diffusion_lens.loading import iter_safetensors, read_safetensors_header
+    from diffusion_lens.checkpoints.loading import iter_safetensors, read_safetensors_header
 
     shard = copy_fixture(tmp_path) / "model.safetensors"
     header = read_safetensors_header(shard)

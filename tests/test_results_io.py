@@ -15,7 +15,7 @@ from safetensors import safe_open
 from diffusion_lens import HookedDiffusionTransformer
 from diffusion_lens import prompts as P
 from diffusion_lens.denoising.cache import StepCache
-from diffusion_lens.results_io import META, TENSORS
+from diffusion_lens.core.results_io import META, TENSORS
 from diffusion_lens.steering import (
     Directions,
     PatchingResult,

@@ -11,7 +11,7 @@ import torch
 from jaxtyping import TypeCheckError
 
 from diffusion_lens import HookedDiffusionTransformer
-from diffusion_lens.components.norm import RMSNorm
+from diffusion_lens.core.components.norm import RMSNorm
 from diffusion_lens.steering._common import orthonormal_rows, unit
 from tests.conftest import FIXTURES
 

@@ -1,4 +1,4 @@
-"""Issue 3: step-scheduled hooks (`diffusion_lens.hooks.at`) and the `DenoisingState` they see:
+"""Issue 3: step-scheduled hooks (`diffusion_lens.denoising.hooks.at`) and the `DenoisingState` they see:
 steps, blocks, position scopes per row of a padded batch, attention maps, CFG rows, plain forwards."""
 
 import pytest

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffusion_lens import HookedDiffusionTransformer
-from diffusion_lens.loading import EMBEDDED_DIR
+from diffusion_lens.checkpoints.loading import EMBEDDED_DIR
 from diffusion_lens.toy.data import corpus, generate_dataset
 from diffusion_lens.toy.tokenizer import special_token_ids, train_tokenizer
 from diffusion_lens.toy.train import TrainConfig, build_model, encode_split, sft_loss, train_stage

@@ -1,7 +1,7 @@
 """Denoising: samplers, the per-step `DenoisingState`, `generate`, and step-aware caches/reducers.
 
 `model.generate(...)`, `model.run_with_cache(..., step=k)` and `model.estimate_cache_bytes(...)`
-are thin entry points into this package; scheduled hooks live in `diffusion_lens.hooks`.
+are thin entry points into this package; scheduled hooks live in `diffusion_lens.denoising.hooks`.
 """
 
 from diffusion_lens.denoising.cache import (

@@ -21,8 +21,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from diffusion_lens.activation_cache import DiffusionActivationCache
-from diffusion_lens.denoising.hook_lists import name_filter
+from diffusion_lens.core.activation_cache import DiffusionActivationCache
+from diffusion_lens.core.hook_lists import name_filter
 from diffusion_lens.denoising.positions import (
     PositionScope,
     check_scope,
@@ -141,7 +141,7 @@ def activation_shape(model, name: str, rows: int, n_pos: int) -> Optional[tuple[
 
 def _is_expert(module) -> bool:
     """A routed expert: its hooks see only the tokens routed to it ([n_routed ...], data-dependent)."""
-    from diffusion_lens.components.moe import Expert
+    from diffusion_lens.core.components.moe import Expert
 
     return isinstance(module, Expert)
 
@@ -288,13 +288,13 @@ class StepCache:
 
     def save(self, path):
         """Write every cached activation to the folder `path` (safetensors + JSON, no pickle; see
-        `diffusion_lens.results_io`), so a long run's cache outlives the session. The model is not saved.
+        `diffusion_lens.core.results_io`), so a long run's cache outlives the session. The model is not saved.
 
         Example:
             >>> out.cache.save("runs/cache")
             >>> cache = StepCache.load("runs/cache", model)
         """
-        from diffusion_lens.results_io import save_result
+        from diffusion_lens.core.results_io import save_result
 
         tensors = {f"store.{step}.{name}": t for step, acts in self.store.items() for name, t in acts.items()}
         tensors["positions"] = torch.as_tensor(self.positions)
@@ -311,7 +311,7 @@ class StepCache:
             >>> cache = StepCache.load("runs/cache", model)
             >>> cache[5].accumulated_resid(apply_ln=True).shape
         """
-        from diffusion_lens.results_io import load_result
+        from diffusion_lens.core.results_io import load_result
 
         tensors, meta = load_result(path, "StepCache")
         store = {int(step): {name: tensors[f"store.{step}.{name}"] for name in names}

@@ -5,7 +5,7 @@ surrounds it and is the same for every family:
   * input: a string, a list of strings (chat template unless `chat=False`; left padding plus an
     attention mask) or token ids [batch pos] / [pos] with an optional attention mask;
   * `hooks`: installed once for the whole run (a TransformerLens `(name, fn)` pair, a list or
-    nested lists of them, e.g. from `diffusion_lens.hooks.at` or `steering.ablate`), removed on exit
+    nested lists of them, e.g. from `diffusion_lens.denoising.hooks.at` or `steering.ablate`), removed on exit
     even if a hook raises;
   * checks before the first forward: every hook name, every `H.at` schedule (steps, blocks, index
     positions), every reducer and cache request is resolved against the run, and the canvas must
@@ -24,12 +24,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import warnings
-from typing import TYPE_CHECKING, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from diffusion_lens.core.hook_lists import flatten_hooks
+from diffusion_lens.core.model import HookedDiffusionCore
 from diffusion_lens.denoising.cache import (
     DEFAULT_MAX_CACHE_BYTES,
     CacheRequest,
@@ -39,12 +41,8 @@ from diffusion_lens.denoising.cache import (
     estimate,
     resolve_steps,
 )
-from diffusion_lens.denoising.hook_lists import flatten_hooks
 from diffusion_lens.denoising.samplers.base import DEFAULT_SEED, Sampler
 from diffusion_lens.denoising.state import DenoisingState
-
-if TYPE_CHECKING:
-    from diffusion_lens.model import HookedDiffusionTransformer
 
 GenerateInput = Union[str, Sequence[str], Int[Tensor, "batch pos"], Int[Tensor, " pos"]]
 _UNSET = object()
@@ -78,7 +76,7 @@ class GenerationOutput:
         return self.sequences[:, self.response_start :]
 
 
-def resolve_sampler(model: "HookedDiffusionTransformer", sampler: Optional[Sampler], options: dict) -> Sampler:
+def resolve_sampler(model: HookedDiffusionCore, sampler: Optional[Sampler], options: dict) -> Sampler:
     """The sampler to run: `sampler`, else the adapter's (upstream defaults), with `options` applied.
 
     More steps than response positions is an error: every step commits at least one token, so
@@ -107,7 +105,7 @@ def resolve_sampler(model: "HookedDiffusionTransformer", sampler: Optional[Sampl
 
 
 def prepare_input(
-    model: "HookedDiffusionTransformer", input: GenerateInput, attention_mask: Optional[Tensor], chat: bool
+    model: HookedDiffusionCore, input: GenerateInput, attention_mask: Optional[Tensor], chat: bool
 ) -> tuple[Int[Tensor, "batch pos"], Optional[Int[Tensor, "batch pos"]]]:
     """Token ids and attention mask (None when no row is padded) for a generate input.
 
@@ -167,7 +165,7 @@ class _Run:
 
 
 def denoise(
-    model: "HookedDiffusionTransformer",
+    model: HookedDiffusionCore,
     input: GenerateInput,
     *,
     attention_mask: Optional[Tensor] = None,
@@ -247,7 +245,7 @@ def denoise(
     return out, run.logits
 
 
-def check_context(model: "HookedDiffusionTransformer", prompt_width: int, response_length: int) -> None:
+def check_context(model: HookedDiffusionCore, prompt_width: int, response_length: int) -> None:
     """Raise before the run when prompt + response is longer than the model's context (`cfg.n_ctx`).
 
     Example:
@@ -300,7 +298,7 @@ def resolve_generator(
 
 
 def generate(
-    model: "HookedDiffusionTransformer",
+    model: HookedDiffusionCore,
     input: GenerateInput,
     *,
     attention_mask: Optional[Tensor] = None,
@@ -344,7 +342,7 @@ def generate(
 
 
 def run_with_step_cache(
-    model: "HookedDiffusionTransformer",
+    model: HookedDiffusionCore,
     input: GenerateInput,
     *,
     step: Union[int, Sequence[int]],
@@ -393,7 +391,7 @@ _GENERATE_ARGS = {
 
 
 def estimate_cache_bytes(
-    model: "HookedDiffusionTransformer",
+    model: HookedDiffusionCore,
     input: Union[GenerateInput, tuple[int, int]],
     *,
     cache: Union[dict, CacheRequest],

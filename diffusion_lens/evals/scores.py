@@ -207,7 +207,7 @@ def masked_kl(
     gen_length / block_length, and driver arguments such as seed); the steered
     forwards are teacher-forced on its canvases (`diffusion_lens.steering.replay`), so both sides see
     the same input at every step and only the hooks differ. Step-scheduled hooks
-    (`diffusion_lens.hooks.at`) see the usual `hook.state`. Masked positions are those holding the
+    (`diffusion_lens.denoising.hooks.at`) see the usual `hook.state`. Masked positions are those holding the
     mask token in the canvas entering the step (response columns only unless `response_only=False`);
     predictions are per token (logit shift applied; conditional rows under CFG).
 

@@ -4,9 +4,9 @@ across denoising steps.
 
 Runtime interventions return TransformerLens hook lists for `model.run_with_hooks(fwd_hooks=...)`,
 `model.hooks(...)` and `model.generate(hooks=...)`; `steps=` / `blocks=` / `positions=` schedule them
-through `diffusion_lens.hooks.at`. Permanent edits change weights in place. Results (`Directions`,
+through `diffusion_lens.denoising.hooks.at`. Permanent edits change weights in place. Results (`Directions`,
 `Selection`, `Sensitivity`, `PatchingResult`) `.save(path)` / `.load(path)` as safetensors + JSON
-(`diffusion_lens.results_io`) and convert with `.to_pandas()`.
+(`diffusion_lens.core.results_io`) and convert with `.to_pandas()`.
 """
 
 from diffusion_lens.steering.activations import collect_activations, instruction_template, prepare_prompts

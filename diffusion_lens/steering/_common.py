@@ -1,6 +1,6 @@
 """Small shared helpers of the steering package: argument checks with clear messages, layer
 resolution, unit vectors / orthonormal bases, and the one call that delegates step / position
-scheduling to `diffusion_lens.hooks`.
+scheduling to `diffusion_lens.denoising.hooks`.
 
 Every check names what was expected and what was received, because these functions are called
 with tensors from many places (caches, directions, user code) and a silent broadcast is the
@@ -114,13 +114,13 @@ def check_hook_names(model, names: Sequence[str]) -> None:
 def schedule(hooks: list[Hook], steps: Any = None, positions: Any = None, blocks: Any = None) -> list[Hook]:
     """Restrict hook functions to denoising `steps`, semi-autoregressive `blocks` and `positions`.
 
-    The scheduling rules live in `diffusion_lens.hooks.at` (one place for them); this only
+    The scheduling rules live in `diffusion_lens.denoising.hooks.at` (one place for them); this only
     forwards. With all three None the hooks are returned unchanged and fire at every step and
     position. In a plain forward (no denoising state) step / block filters do not apply.
     """
     if steps is None and positions is None and blocks is None:
         return hooks
-    from diffusion_lens import hooks as H
+    from diffusion_lens.denoising import hooks as H
 
     return [H.at(name, fn, steps=steps, blocks=blocks, positions=positions) for name, fn in hooks]
 

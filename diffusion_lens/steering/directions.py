@@ -16,7 +16,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from diffusion_lens.results_io import load_result, require_pandas, save_result
+from diffusion_lens.core.results_io import load_result, require_pandas, save_result
 from diffusion_lens.steering._common import LayerSpec, progress_bar, resolve_layers, unit
 from diffusion_lens.steering.activations import (
     POOLED,
@@ -204,7 +204,7 @@ class Directions:
             "second_moment_positive"), **meta)
 
     def save(self, path) -> Path:
-        """Write to the folder `path` (safetensors + JSON, no pickle; see `diffusion_lens.results_io`).
+        """Write to the folder `path` (safetensors + JSON, no pickle; see `diffusion_lens.core.results_io`).
 
         Example:
             >>> dirs.save("runs/dirs")
@@ -286,7 +286,7 @@ class _Plan:
         if self.mode == "pre":
             index = _n_pad(state)[:, None] + torch.arange(len(self.reducers), device=act.device)[None, :]
             return act.gather(1, index[..., None].expand(-1, -1, act.shape[-1]))
-        from diffusion_lens import hooks as H
+        from diffusion_lens.denoising import hooks as H
 
         valid = H.position_mask(state, _POOLED_SCOPES[self.spec]) & ~state.is_pad
         return act[valid][:, None]
@@ -304,7 +304,7 @@ class _SecondMoments:
         self.counts: dict[str, int] = {}
 
     def hooks(self) -> list:
-        from diffusion_lens import hooks as H
+        from diffusion_lens.denoising import hooks as H
 
         def update(act, hook):
             x = self.plan.selected(act, hook.state).double()
@@ -382,7 +382,7 @@ def _class_means(model, prepared, sites, spec, *, step, sampler, batch_size, sec
 
 def _stop_hook(model, sites, step) -> list:
     """A hook that ends the forward of `step` once every site has been read (saves the later layers)."""
-    from diffusion_lens import hooks as H
+    from diffusion_lens.denoising import hooks as H
 
     layers = [int(s.split(".")[1]) for s in sites if s.startswith("blocks.")]
     if len(layers) != len(sites) or max(layers) + 1 >= model.cfg.n_layers:

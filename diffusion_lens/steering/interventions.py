@@ -3,7 +3,7 @@
 Every builder returns `list[(hook_name, fn)]`, usable with `model.hooks(fwd_hooks=...)`,
 `model.run_with_hooks(..., fwd_hooks=...)` and `model.generate(..., hooks=...)`. `steps=` and
 `positions=` restrict a hook to denoising steps / canvas positions; that scheduling is done by
-`diffusion_lens.hooks` (one place), these builders only forward the arguments.
+`diffusion_lens.denoising.hooks` (one place), these builders only forward the arguments.
 
 Builders take the model first (unlike the sketch in DESIGN.md) so that "all" layers resolve to
 real hook names and every shape / layer mistake is reported before a long generation starts.
@@ -108,7 +108,7 @@ def ablate(
 
     Applied (Arditi et al.) at every selected block's input (`hook_resid_pre`) and to every
     attention and MLP output (`hook_attn_out`, `hook_mlp_out`), at every position and denoising
-    step unless `steps` / `blocks` / `positions` restrict it (`diffusion_lens.hooks.at` semantics:
+    step unless `steps` / `blocks` / `positions` restrict it (`diffusion_lens.denoising.hooks.at` semantics:
     steps and blocks as int / range / list / callable of the state; positions as a scope such as
     "response", "masked", "prompt" or an index list). A [k d_model]
     `direction` ablates the k-dimensional subspace its rows span (orthonormalised by QR).

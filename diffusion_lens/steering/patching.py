@@ -26,7 +26,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from diffusion_lens.results_io import load_result, require_pandas, save_result
+from diffusion_lens.core.results_io import load_result, require_pandas, save_result
 from diffusion_lens.steering._common import progress_bar
 from diffusion_lens.steering.activations import PromptsInput, prepare_prompts
 
@@ -65,7 +65,7 @@ class PatchingResult:
         ])
 
     def save(self, path) -> Path:
-        """Write to the folder `path` (safetensors + JSON, no pickle; see `diffusion_lens.results_io`).
+        """Write to the folder `path` (safetensors + JSON, no pickle; see `diffusion_lens.core.results_io`).
 
         Example:
             >>> res.save("runs/patching")
@@ -167,7 +167,7 @@ def patch_across_steps(
         >>> res = patch_across_steps(model, clean, corrupt, names=["blocks.3.hook_resid_pre"], metric=m,
         ...                          positions=[[-1], "response"], generate_kwargs=opts)
     """
-    from diffusion_lens import hooks as H
+    from diffusion_lens.denoising import hooks as H
     from diffusion_lens.steering.replay import record_run, replay, split_generate_kwargs, with_prompt
 
     if mode not in ("generate", "teacher_forced"):

@@ -4,7 +4,7 @@ A replay re-runs the forwards of a recorded run on the *recorded* canvases, so a
 unsteered replay see exactly the same inputs at every step and differ only by their hooks. It is
 a `Sampler` (the denoising contract), so the generate driver publishes each step's
 `DenoisingState` to the hook points as usual and step / block / position scheduled hooks
-(`diffusion_lens.hooks.at`) behave as in the original run.
+(`diffusion_lens.denoising.hooks.at`) behave as in the original run.
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from diffusion_lens.results_io import load_result, prefixed, require_pandas, save_result, subset
+from diffusion_lens.core.results_io import load_result, prefixed, require_pandas, save_result, subset
 from diffusion_lens.steering._common import LayerSpec, progress_bar
 from diffusion_lens.steering.activations import (
     PositionSpec,
@@ -106,7 +106,7 @@ class Selection:
         return require_pandas("Selection.to_pandas()").DataFrame(self.table)
 
     def save(self, path) -> Path:
-        """Write to the folder `path` (safetensors + JSON, no pickle; see `diffusion_lens.results_io`).
+        """Write to the folder `path` (safetensors + JSON, no pickle; see `diffusion_lens.core.results_io`).
 
         Example:
             >>> sel.save("runs/selection")

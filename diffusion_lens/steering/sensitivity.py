@@ -4,7 +4,7 @@
 columns are denoising step windows or semi-autoregressive blocks (or "all") -- with
 `ablate(model, direction, layers=..., steps=... / blocks=...)`, and measures a metric of the
 outputs (by default the refusal rate of the decoded responses). Scheduling is done by
-`diffusion_lens.hooks.at` through `ablate`'s `steps=` / `blocks=` arguments.
+`diffusion_lens.denoising.hooks.at` through `ablate`'s `steps=` / `blocks=` arguments.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from diffusion_lens.results_io import load_result, require_pandas, save_result
+from diffusion_lens.core.results_io import load_result, require_pandas, save_result
 from diffusion_lens.steering._common import LayerSpec, check_vector, progress_bar, resolve_layers
 from diffusion_lens.steering.activations import PromptsInput, batch_indices, check_batch_size, left_pad, prepare_prompts
 from diffusion_lens.steering.interventions import ablate
@@ -68,7 +68,7 @@ class Sensitivity:
                             columns=pd.Index(self.col_labels, name=self.col_name))
 
     def save(self, path) -> Path:
-        """Write to the folder `path` (safetensors + JSON, no pickle; see `diffusion_lens.results_io`).
+        """Write to the folder `path` (safetensors + JSON, no pickle; see `diffusion_lens.core.results_io`).
 
         Example:
             >>> sens.save("runs/sensitivity")

@@ -219,7 +219,7 @@ class AffineMap:
         self, strength: Optional[float] = None, *, steps: Any = None, positions: Any = None, blocks: Any = None
     ) -> list[Hook]:
         """Hook list applying the map at every site (restricted to `steps` / `blocks` / `positions`
-        if given, with `diffusion_lens.hooks.at` semantics).
+        if given, with `diffusion_lens.denoising.hooks.at` semantics).
 
         Example:
             >>> hooks = amap.as_hooks(strength=0.4)

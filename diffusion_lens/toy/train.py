@@ -30,8 +30,8 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from diffusion_lens.adapters import get_adapter
-from diffusion_lens.config import DiffusionConfig
+from diffusion_lens.checkpoints.adapters import get_adapter
+from diffusion_lens.core.config import DiffusionConfig
 from diffusion_lens.model import HookedDiffusionTransformer
 from diffusion_lens.toy.data import corpus, generate_dataset
 from diffusion_lens.toy.tokenizer import encode_example, save_tokenizer, special_token_ids, train_tokenizer

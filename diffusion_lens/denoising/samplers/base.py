@@ -21,16 +21,14 @@ runs unchanged on every family.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from diffusion_lens.core.model import HookedDiffusionCore
 from diffusion_lens.denoising.state import DenoisingState
-
-if TYPE_CHECKING:
-    from diffusion_lens.model import HookedDiffusionTransformer
 
 #: The names of the response length: a sampler has one as a field, `with_options` maps the other onto it.
 RESPONSE_LENGTH_NAMES = ("gen_length", "max_new_tokens")
@@ -120,7 +118,7 @@ class Sampler:
 
     def run(
         self,
-        model: "HookedDiffusionTransformer",
+        model: HookedDiffusionCore,
         prompt: Int[Tensor, "batch prompt_pos"],
         attention_mask: Optional[Int[Tensor, "batch prompt_pos"]],
         forward: Forward,

@@ -39,7 +39,7 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor
 
-from diffusion_lens.denoising.hook_lists import HookName, name_filter
+from diffusion_lens.core.hook_lists import HookName, name_filter
 from diffusion_lens.denoising.positions import (
     PositionScope,
     broadcast_mask,

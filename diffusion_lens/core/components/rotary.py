@@ -8,7 +8,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from diffusion_lens.config import DiffusionConfig
+from diffusion_lens.core.config import DiffusionConfig
 
 
 def position_ids_for(

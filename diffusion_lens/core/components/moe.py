@@ -37,9 +37,9 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from diffusion_lens.components.errors import KeepPropertyErrors
-from diffusion_lens.components.mlp import GatedMLP
-from diffusion_lens.config import DiffusionConfig
+from diffusion_lens.core.components.errors import KeepPropertyErrors
+from diffusion_lens.core.components.mlp import GatedMLP
+from diffusion_lens.core.config import DiffusionConfig
 
 
 class Expert(GatedMLP):

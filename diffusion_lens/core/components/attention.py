@@ -16,10 +16,10 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from diffusion_lens.components.mlp import bias_or_zeros
-from diffusion_lens.components.norm import RMSNorm
-from diffusion_lens.components.rotary import Rotary
-from diffusion_lens.config import DiffusionConfig
+from diffusion_lens.core.components.mlp import bias_or_zeros
+from diffusion_lens.core.components.norm import RMSNorm
+from diffusion_lens.core.components.rotary import Rotary
+from diffusion_lens.core.config import DiffusionConfig
 
 AttentionMask = Optional[Bool[Tensor, "batch 1 _q_pos k_pos"]]  # broadcast over heads (and queries)
 

@@ -6,17 +6,17 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
-from diffusion_lens.components.attention import Attention, AttentionMask
-from diffusion_lens.components.mlp import GatedMLP
-from diffusion_lens.components.norm import RMSNorm
-from diffusion_lens.components.rotary import Rotary
-from diffusion_lens.config import DiffusionConfig
+from diffusion_lens.core.components.attention import Attention, AttentionMask
+from diffusion_lens.core.components.mlp import GatedMLP
+from diffusion_lens.core.components.norm import RMSNorm
+from diffusion_lens.core.components.rotary import Rotary
+from diffusion_lens.core.config import DiffusionConfig
 
 
 def build_mlp(cfg: DiffusionConfig, layer: int) -> nn.Module:
     """The block's MLP: a mixture of experts on `cfg.moe_layers`, a dense SwiGLU elsewhere."""
     if layer in cfg.moe_layers:
-        from diffusion_lens.components.moe import MixtureOfExperts
+        from diffusion_lens.core.components.moe import MixtureOfExperts
 
         return MixtureOfExperts(cfg)
     return GatedMLP(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)

@@ -10,9 +10,13 @@ from __future__ import annotations
 import re
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar, Optional, Union
 
-from diffusion_lens.config import DiffusionConfig
+from transformers import AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+from diffusion_lens.core.config import DiffusionConfig
 
 
 @dataclass(frozen=True)
@@ -112,9 +116,17 @@ class ModelAdapter:
         Example:
             >>> tokenizer = get_adapter("llada").load_tokenizer(Path("LLaDA-8B-Instruct"))
         """
-        from diffusion_lens.loading import load_tokenizer
-
-        return load_tokenizer(folder)
+        folder = Path(folder)
+        if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+            return None
+        # AutoTokenizer reads config.json too and warns that transformers does not know our
+        # model_type ("llada", ...); that is expected here, since only the tokenizer is wanted.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+        finally:
+            hf_logging.set_verbosity(verbosity)
 
     def sampler(self, model) -> "object":
         """The family's reference sampler with upstream defaults (see `diffusion_lens.denoising`)."""
@@ -165,8 +177,7 @@ def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
 
 
 def registered_adapters() -> dict[str, ModelAdapter]:
-    import model_adapters  # noqa: F401  (importing the package registers the shipped families)
-
+    """Every registered family by name (the shipped ones register when `diffusion_lens` is imported)."""
     return dict(_REGISTRY)
 
 

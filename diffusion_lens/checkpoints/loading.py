@@ -22,9 +22,9 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from diffusion_lens.adapters import ModelAdapter, detect_adapter, get_adapter
+from diffusion_lens.checkpoints.adapters import ModelAdapter, detect_adapter, get_adapter
 
-EMBEDDED_DIR = Path(__file__).parent / "pretrained"
+EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "pretrained"  # diffusion_lens/pretrained
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.md"]
 
 _SAFETENSORS_DTYPES = {
@@ -409,23 +409,6 @@ def _apply_bias_sidecar(model, family: ModelAdapter, path: Path, device) -> None
         linear.bias = nn.Parameter(tensor.to(device=device, dtype=linear.weight.dtype), requires_grad=False)
 
 
-def load_tokenizer(folder: Path):
-    """The checkpoint's tokenizer through `AutoTokenizer`, or None if the folder has none."""
-    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
-        return None
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    # AutoTokenizer reads config.json too and warns that transformers does not know our
-    # model_type ("llada", ...); that is expected here, since only the tokenizer is wanted.
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-
-
 def save_pretrained(model, path, *, max_shard_bytes: int = 4 * 2**30) -> Path:
     """Write `model` in its family's original checkpoint format, atomically.
 
@@ -445,7 +428,7 @@ def save_pretrained(model, path, *, max_shard_bytes: int = 4 * 2**30) -> Path:
     if model.adapter is None:
         raise ValueError(
             "This model was not loaded through an adapter, so its original format is unknown; set "
-            "model.adapter = diffusion_lens.adapters.get_adapter('llada') (or another family) first."
+            "model.adapter = diffusion_lens.checkpoints.adapters.get_adapter('llada') (or another family) first."
         )
     folder = Path(path)
     if folder.exists() and not (folder.is_dir() and (not any(folder.iterdir()) or (folder / "config.json").is_file())):

@@ -1,9 +1,0 @@
-"""Model components, one small class per concept; each names its hook points after what they carry."""
-
-from diffusion_lens.components.attention import Attention, attention_mask_for
-from diffusion_lens.components.block import TransformerBlock
-from diffusion_lens.components.mlp import GatedMLP
-from diffusion_lens.components.norm import RMSNorm
-from diffusion_lens.components.rotary import Rotary, position_ids_for
-
-__all__ = ["Attention", "GatedMLP", "RMSNorm", "Rotary", "TransformerBlock", "attention_mask_for", "position_ids_for"]
