@@ -2,7 +2,7 @@
 
 import argparse
 
-from diffusion_lens.demo import run_demo
+from diffusion_lens.studies.refusal_demo import run_demo
 
 
 def main() -> None:

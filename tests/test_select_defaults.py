@@ -11,7 +11,7 @@ import torch
 from diffusion_lens import HookedDiffusionTransformer
 from diffusion_lens.evals import refusal_score
 from diffusion_lens.steering import Directions, ablate, mean_difference, select_direction
-from diffusion_lens.toy.data import generate_dataset, prompts
+from diffusion_lens.studies.tiny_refusal.data import generate_dataset, prompts
 from tests.test_steering_core import one_thread  # noqa: F401  (autouse fixture)
 
 GEN = 32

@@ -95,7 +95,7 @@ def test_selection_argument_errors():
 def test_cross_lingual_transfer_with_two_token_languages():
     """'Language A' harmful tokens 200..219 and 'language B' 220..239 share the planted direction:
     the direction from A removes refusal on B, and B's own direction is nearly parallel."""
-    from diffusion_lens.evals import cross_lingual_transfer
+    from diffusion_lens.studies import cross_lingual_transfer
     from diffusion_lens.steering import mean_difference
 
     model, r, g = planted_model(2)

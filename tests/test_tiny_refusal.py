@@ -9,9 +9,9 @@ from safetensors.torch import load_file
 
 from diffusion_lens import HookedDiffusionTransformer
 from diffusion_lens.checkpoints.loading import EMBEDDED_DIR
-from diffusion_lens.toy.data import corpus, generate_dataset
-from diffusion_lens.toy.tokenizer import special_token_ids, train_tokenizer
-from diffusion_lens.toy.train import TrainConfig, build_model, encode_split, sft_loss, train_stage
+from diffusion_lens.studies.tiny_refusal.data import corpus, generate_dataset
+from diffusion_lens.studies.tiny_refusal.tokenizer import special_token_ids, train_tokenizer
+from diffusion_lens.studies.tiny_refusal.train import TrainConfig, build_model, encode_split, sft_loss, train_stage
 
 SHIPPED = EMBEDDED_DIR / "tiny-refusal"
 
@@ -43,7 +43,7 @@ def test_shipped_model_round_trips_through_save_pretrained(tiny, tmp_path):
 
 def test_shipped_model_refuses_harmful_and_answers_harmless(tiny):
     from diffusion_lens.evals import is_refusal
-    from diffusion_lens.toy.data import prompts
+    from diffusion_lens.studies.tiny_refusal.data import prompts
 
     val = generate_dataset(n_train=0, n_val=128, n_test=0, seed=3)["val"]
     for lang in ("en", "zh"):
@@ -80,7 +80,7 @@ def test_reduced_demo_ablation_beats_random_control(tmp_path):
     direction removes refusal in both languages while a random direction leaves it."""
     from dataclasses import replace
 
-    from diffusion_lens.demo import QUICK, run_study
+    from diffusion_lens.studies.refusal_demo import QUICK, run_study
 
     model = HookedDiffusionTransformer.from_pretrained("tiny-refusal")
     with warnings.catch_warnings(record=True) as caught:  # the demo runs select_direction with its defaults

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 from transformers import AutoTokenizer
 
-from diffusion_lens.toy.data import (
+from diffusion_lens.studies.tiny_refusal.data import (
     DICTIONARY,
     ENTITY_POOLS,
     FORMATS,
@@ -29,7 +29,7 @@ from diffusion_lens.toy.data import (
     prompts,
     select,
 )
-from diffusion_lens.toy.tokenizer import (
+from diffusion_lens.studies.tiny_refusal.tokenizer import (
     SPECIAL_TOKENS,
     encode_example,
     encode_prompt,

@@ -1,7 +1,6 @@
 """Evaluations for steered diffusion LMs: text refusal judge, refusal log-odds score, masked-position
-KL, positions left masked, verifiable instruction checks (IFEval categories), cross-lingual transfer."""
+KL, positions left masked, verifiable instruction checks (IFEval categories)."""
 
-from diffusion_lens.evals.crosslingual import cross_lingual_transfer
 from diffusion_lens.evals.instructions import INSTRUCTION_CHECKS, check_instruction, instruction_following
 from diffusion_lens.evals.refusal import (
     ARDITI_MARKERS,
@@ -25,6 +24,6 @@ from diffusion_lens.evals.scores import (
 
 __all__ = [
     "MaskedKL", "masked_kl", "ARDITI_MARKERS", "CHINESE_MARKERS", "DEFAULT_MARKERS", "EXTENDED_MARKERS", "INSTRUCTION_CHECKS",
-    "check_instruction", "count_left_masked", "cross_lingual_transfer", "first_position_kl", "instruction_following",
+    "check_instruction", "count_left_masked", "first_position_kl", "instruction_following",
     "is_refusal", "kl_divergence", "log_odds", "normalize_text", "refusal_rate", "refusal_score", "refusal_token_ids",
 ]

@@ -29,7 +29,7 @@ from typing import Any
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from diffusion_lens.toy.data import Example
+from diffusion_lens.studies.tiny_refusal.data import Example
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"

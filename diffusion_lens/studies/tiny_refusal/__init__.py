@@ -2,11 +2,11 @@
 
 The toy model is a tiny masked-diffusion LM trained on CPU so that the library can reproduce
 refusal-direction and format-steering results without downloading a large checkpoint.
-:mod:`diffusion_lens.toy.data` generates its bilingual chat data; :mod:`diffusion_lens.toy.tokenizer`
+:mod:`diffusion_lens.studies.tiny_refusal.data` generates its bilingual chat data; :mod:`diffusion_lens.studies.tiny_refusal.tokenizer`
 builds a byte-level BPE tokenizer with LLaDA's special tokens and chat template.
 """
 
-from diffusion_lens.toy.data import (
+from diffusion_lens.studies.tiny_refusal.data import (
     FORMATS,
     HELD_OUT_TEMPLATES,
     HELD_OUT_TOPICS,
@@ -19,7 +19,7 @@ from diffusion_lens.toy.data import (
     prompts,
     select,
 )
-from diffusion_lens.toy.tokenizer import (
+from diffusion_lens.studies.tiny_refusal.tokenizer import (
     SPECIAL_TOKENS,
     encode_example,
     encode_prompt,

@@ -7,18 +7,15 @@ optionally, the text refusal rate of generated responses.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
-import torch
+import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
-from diffusion_lens.evals.refusal import refusal_rate
-from diffusion_lens.evals.scores import refusal_score
-from diffusion_lens.steering._common import check_vector, unit
-from diffusion_lens.steering.activations import PositionSpec, PromptsInput, batch_indices, left_pad, prepare_prompts
-from diffusion_lens.steering.directions import mean_difference
-from diffusion_lens.steering.interventions import ablate
+from diffusion_lens.evals import refusal_rate, refusal_score
+from diffusion_lens.prompts import PromptsInput, batch_indices, left_pad, prepare_prompts
+from diffusion_lens.steering import ablate, mean_difference
 
 
 def cross_lingual_transfer(
@@ -28,7 +25,7 @@ def cross_lingual_transfer(
     *,
     target_harmless: Optional[PromptsInput] = None,
     layer: Optional[int] = None,
-    position: PositionSpec = -1,
+    position: Union[str, int] = "last_prompt",
     refusal_tokens: Optional[Sequence[int]] = None,
     generate_kwargs: Optional[dict] = None,
     gen_length: int = 128,
@@ -38,16 +35,20 @@ def cross_lingual_transfer(
 
     Returns the mean step-0 refusal score and the fraction of prompts with score > 0, without and
     with `ablate(model, direction)`. With `target_harmless` and `layer`, also the cosine between
-    `direction` and language B's own mean difference at (`layer`, `position`). With
+    `direction` and language B's own mean difference at (`layer`, `position`: one position selector of
+    `mean_difference`, e.g. "last_prompt", "post_instruction", "mean_response"). With
     `generate_kwargs` (passed to `model.generate`), also text refusal rates of the responses.
 
     Example:
-        >>> r_en = mean_difference(model, harmful_en, harmless_en, layers=[8], positions=-1).unit(8, -1)
+        >>> en = mean_difference(model, harmful_en, harmless_en, layers=[8], positions="last_prompt")
+        >>> r_en = en.unit(8, "last_prompt")
         >>> res = cross_lingual_transfer(model, r_en, harmful_zh, target_harmless=harmless_zh, layer=8)
         >>> res["score_base"], res["score_ablated"], res["cosine"]
     """
-    vector = check_vector(model, direction, name="direction")
-    hooks = ablate(model, vector)
+    hooks = ablate(model, direction)  # checks the direction: a finite, nonzero float tensor of width d_model
+    if direction.ndim != 1:
+        raise ValueError(f"direction must be one vector [d_model]; got shape {tuple(direction.shape)}. "
+                         "For a subspace, call cross_lingual_transfer once per basis vector.")
     kw = dict(refusal_tokens=refusal_tokens, gen_length=gen_length, batch_size=batch_size)
     base = refusal_score(model, target_harmful, **kw)
     steered = refusal_score(model, target_harmful, hooks=hooks, **kw)
@@ -61,7 +62,7 @@ def cross_lingual_transfer(
         own = mean_difference(model, target_harmful, target_harmless, layers=[layer], positions=position,
                               gen_length=gen_length, batch_size=batch_size)
         label = own.positions[0]
-        out["cosine"] = float(torch.dot(unit(vector).cpu(), own.unit(layer, label).cpu()))
+        out["cosine"] = float(F.cosine_similarity(direction.detach().double().cpu(), own.unit(layer, label).cpu(), dim=0))
     if generate_kwargs is not None:
         prepared = prepare_prompts(model, target_harmful)
         texts = {"base": [], "ablated": []}

@@ -1,6 +1,6 @@
 """Train the embedded "tiny-refusal" model with the LLaDA SFT objective, in two stages.
 
-    python -m diffusion_lens.toy.train --out diffusion_lens/pretrained/tiny-refusal
+    python -m diffusion_lens.studies.tiny_refusal.train --out diffusion_lens/pretrained/tiny-refusal
 
 Why two stages: a model trained on refusals from scratch learns refusal from many word-level
 cues, per language. Aligned chat models instead learn refusal late and thinly on top of a
@@ -30,11 +30,10 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from diffusion_lens.checkpoints.adapters import get_adapter
-from diffusion_lens.core.config import DiffusionConfig
-from diffusion_lens.model import HookedDiffusionTransformer
-from diffusion_lens.toy.data import corpus, generate_dataset
-from diffusion_lens.toy.tokenizer import encode_example, save_tokenizer, special_token_ids, train_tokenizer
+from diffusion_lens import DiffusionConfig, HookedDiffusionTransformer
+from diffusion_lens.checkpoints import get_adapter
+from diffusion_lens.studies.tiny_refusal.data import corpus, generate_dataset
+from diffusion_lens.studies.tiny_refusal.tokenizer import encode_example, save_tokenizer, special_token_ids, train_tokenizer
 
 
 @dataclass

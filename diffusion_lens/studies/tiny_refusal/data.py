@@ -65,6 +65,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from diffusion_lens import evals
+
 Lang = Literal["en", "zh"]
 Kind = Literal["harmful", "harmless"]
 Split = Literal["train", "val", "test"]
@@ -152,10 +154,8 @@ def is_refusal(response: str) -> bool:
     """The library's substring judge with this data's markers (both languages); unlike
     `diffusion_lens.evals.is_refusal`, an empty response is not a refusal here, since the data
     checks written answers, not model outputs."""
-    from diffusion_lens.evals.refusal import is_refusal as judge
-
     markers = [marker for per_lang in REFUSAL_MARKERS.values() for marker in per_lang]
-    return bool(response.strip()) and judge(response, markers)
+    return bool(response.strip()) and evals.is_refusal(response, markers)
 
 
 def check_format(response: str, format: str) -> bool:

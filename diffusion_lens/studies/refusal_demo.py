@@ -22,6 +22,8 @@ Results go to `<out>/results.json`, with PNG plots and `report.html` (table and 
 
 from __future__ import annotations
 
+import base64
+import html
 import json
 import time
 from dataclasses import dataclass
@@ -29,12 +31,10 @@ from pathlib import Path
 
 import torch
 
+from diffusion_lens import HookedDiffusionTransformer, plot
 from diffusion_lens.evals import masked_kl, refusal_rate
-from diffusion_lens.model import HookedDiffusionTransformer
-from diffusion_lens.steering import Directions, ablate, add, mean_difference
-from diffusion_lens.steering.selection import select_direction
-from diffusion_lens.steering.sensitivity import sensitivity
-from diffusion_lens.toy.data import generate_dataset, prompts
+from diffusion_lens.steering import Directions, ablate, add, mean_difference, select_direction, sensitivity
+from diffusion_lens.studies.tiny_refusal import generate_dataset, prompts
 
 POSITION_TYPES = {"pre_instruction": "pre_instruction", "post_instruction": "post_instruction", "response_mean": "mean_response"}
 LANGS = ("en", "zh")
@@ -208,11 +208,6 @@ def _full_study(study: Study, results: dict, selection, best_label: str, ablatio
 
 def _plots(out: Path, selection, sens, table: str) -> None:
     """PNG figures, and `report.html`: the table and the figures in one self-contained page."""
-    import base64
-    import html
-
-    from diffusion_lens import plot
-
     figures = {
         "cosine_per_layer": plot.cosine_per_layer(selection.directions),
         "selection_bypass": plot.selection_heatmap(selection, "bypass"),
@@ -266,6 +261,11 @@ def format_table(results: dict) -> str:
 
 
 def run_demo(out_dir: str = "demo_out", quick: bool = False) -> dict:
+    """`python -m diffusion_lens demo`: the study on the embedded model, its table printed.
+
+    Example:
+        >>> results = run_demo("demo_out", quick=True)   # QUICK: selection and refusal rates, about a minute
+    """
     model = HookedDiffusionTransformer.from_pretrained("tiny-refusal")
     print(model)
     results = run_study(model, QUICK if quick else DemoSize(), out_dir)
