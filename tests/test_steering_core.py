@@ -381,7 +381,7 @@ def test_pooled_positions_and_template_positions_with_a_chat_tokenizer():
     pooled = mean_difference(model, pos, neg, layers="all", positions="mean_prompt", gen_length=4)
     assert pooled.positions == ["mean_prompt"] and pooled.shape == (3, 1, 64)
     # token prompts have no template: a clear error
-    with pytest.raises(ValueError, match="explicit offsets"):
+    with pytest.raises(ValueError, match="Name the positions instead"):
         mean_difference(model, torch.randint(0, 300, (3, 5)), torch.randint(0, 300, (3, 5)), positions="post_instruction")
 
 

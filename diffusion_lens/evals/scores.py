@@ -5,6 +5,9 @@ the score reads the prediction at the *first masked response position* of the ca
 sampler starts from (prompt + all-mask response, denoising step 0):
 p = sum of the probabilities of a few refusal-opening tokens, score = log(p) - log(1 - p)
 (float64, computed stably from log-probabilities). This adaptation is the project's choice.
+
+Every score reaches the canvas through `generate` (`CanvasProbe` for the step-0 canvas,
+`record=True` / `replay=` for later steps), so hooks see the usual `hook.state`.
 """
 
 from __future__ import annotations
@@ -16,12 +19,17 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from diffusion_lens.steering.activations import (
+from diffusion_lens.denoising import generate
+from diffusion_lens.denoising.generate import split_generate_kwargs
+from diffusion_lens.denoising.samplers import CanvasProbe
+from diffusion_lens.prompts.batching import (
+    PreparedPrompts,
     PromptsInput,
-    first_response_logits,
+    batch_indices,
+    check_batch_size,
     in_prompt_order,
+    left_pad,
     prepare_prompts,
-    step0_canvases,
 )
 
 #: Words whose first token opens a refusal ("I cannot...", "As an AI...", "Sorry", Chinese openers).
@@ -88,6 +96,28 @@ def log_odds(logits: Float[Tensor, "batch vocab"], token_ids: Int[Tensor, " k"])
 
 
 @torch.no_grad()
+def first_response_logits(
+    model, prompts: PreparedPrompts, *, hooks: Sequence = (), gen_length: int = 128, batch_size: int = 16
+) -> Float[Tensor, "n vocab"]:
+    """Prediction for the first response (masked) position of every prompt's step-0 canvas, logit
+    shift applied (float64, CPU, prompt order): one `generate` forward per batch (`CanvasProbe`).
+
+    Example:
+        >>> logits = first_response_logits(model, prepare_prompts(model, harmful), hooks=ablate(model, r))
+        >>> log_odds(logits, resolve_refusal_tokens(model, None))      # the refusal score
+    """
+    _check_gen_length(gen_length)
+    probe = CanvasProbe(gen_length=gen_length)
+    out, order = [], []
+    for indices in batch_indices(model, prompts, batch_size):
+        tokens, mask, _ = left_pad(model, [prompts.tokens[i] for i in indices])
+        run = generate(model, tokens, attention_mask=mask, sampler=probe, hooks=list(hooks), capture_logits=[0],
+                       return_trajectory=False, progress=False)
+        out.append(model.token_logits(run.logits[0])[:, run.response_start].double().cpu())
+        order.append(indices)
+    return in_prompt_order(out, order)
+
+
 def refusal_score(
     model,
     prompts: PromptsInput,
@@ -112,13 +142,8 @@ def refusal_score(
     ids = resolve_refusal_tokens(model, refusal_tokens)
     _check_gen_length(gen_length)
     prepared = prepare_prompts(model, prompts, chat=chat)
-    scores, order = [], []
-    with model.hooks(fwd_hooks=list(hooks)):
-        for batch in step0_canvases(model, prepared, gen_length=gen_length, batch_size=batch_size):
-            logits = model(batch.tokens, batch.attention_mask)
-            scores.append(log_odds(first_response_logits(model, logits, batch.response_start), ids).cpu())
-            order.append(batch.indices)
-    return in_prompt_order(scores, order)
+    logits = first_response_logits(model, prepared, hooks=hooks, gen_length=gen_length, batch_size=batch_size)
+    return log_odds(logits, ids)
 
 
 def _check_gen_length(gen_length) -> None:
@@ -160,14 +185,10 @@ def first_position_kl(
     """
     _check_gen_length(gen_length)
     prepared = prepare_prompts(model, prompts, chat=chat)
-    out, order = [], []
-    for batch in step0_canvases(model, prepared, gen_length=gen_length, batch_size=batch_size):
-        base = first_response_logits(model, model(batch.tokens, batch.attention_mask), batch.response_start)
-        with model.hooks(fwd_hooks=list(hooks)):
-            steered = first_response_logits(model, model(batch.tokens, batch.attention_mask), batch.response_start)
-        out.append(kl_divergence(base, steered).cpu())
-        order.append(batch.indices)
-    return in_prompt_order(out, order)
+    options = dict(gen_length=gen_length, batch_size=batch_size)
+    base = first_response_logits(model, prepared, **options)
+    steered = first_response_logits(model, prepared, hooks=hooks, **options)
+    return kl_divergence(base, steered)
 
 
 @dataclass
@@ -205,7 +226,7 @@ def masked_kl(
 
     The unsteered run is generated once (`generate_kwargs`: sampler options such as steps /
     gen_length / block_length, and driver arguments such as seed); the steered
-    forwards are teacher-forced on its canvases (`diffusion_lens.steering.replay`), so both sides see
+    forwards are teacher-forced on its canvases (`generate(..., replay=run)`), so both sides see
     the same input at every step and only the hooks differ. Step-scheduled hooks
     (`diffusion_lens.denoising.hooks.at`) see the usual `hook.state`. Masked positions are those holding the
     mask token in the canvas entering the step (response columns only unless `response_only=False`);
@@ -216,27 +237,31 @@ def masked_kl(
         >>> res = masked_kl(model, harmless, ablate(model, r), steps=range(0, 64, 8), generate_kwargs=opts)
         >>> res.per_step, res.mean
     """
-    from diffusion_lens.steering.activations import batch_indices, check_batch_size, left_pad
-    from diffusion_lens.steering.replay import record_run, replay, split_generate_kwargs
-
     check_batch_size(batch_size)
     sampler, driver = split_generate_kwargs(model, generate_kwargs)
+    for reserved in ("stop_after", "capture_logits", "record", "replay", "attention_mask"):
+        if reserved in driver:
+            raise ValueError(f"generate_kwargs may not set {reserved!r}; masked_kl controls it.")
     n_steps = sampler.n_steps()
     chosen = list(range(n_steps)) if steps is None else sorted({int(s) for s in steps})
     bad = [s for s in chosen if not 0 <= s < n_steps]
     if bad or not chosen:
         raise ValueError(f"steps {bad or '[]'} are outside the run's 0..{n_steps - 1}.")
+    driver.setdefault("progress", False)
     prepared = prepare_prompts(model, prompts, chat=chat)
     totals: dict[int, Tensor] = {}
     counts: dict[int, int] = {}
     for indices in batch_indices(model, prepared, batch_size):
         tokens, mask, _ = left_pad(model, [prepared.tokens[i] for i in indices])
-        run = record_run(model, tokens, mask, stop_after=max(chosen), capture_logits=chosen, sampler=sampler, **driver)
-        steered = replay(model, run, hooks=hooks, steps=chosen)
+        run = generate(model, tokens, attention_mask=mask, sampler=sampler, record=True, stop_after=max(chosen),
+                       capture_logits=chosen, **driver)
+        steered = generate(model, tokens, attention_mask=mask, replay=run, hooks=list(hooks), stop_after=max(chosen),
+                           capture_logits=chosen, return_trajectory=False, progress=False)
         for s in chosen:
             state = run.states[s]
             where = state.is_masked & (state.is_response if response_only else ~state.is_pad)
-            kl = kl_divergence(run.logits[s][where], steered[s][where])
+            base_logits, steered_logits = model.token_logits(run.logits[s]), model.token_logits(steered.logits[s])
+            kl = kl_divergence(base_logits[where], steered_logits[where])
             totals[s] = totals.get(s, torch.zeros((), dtype=torch.float64)) + kl.sum().cpu()
             counts[s] = counts.get(s, 0) + int(where.sum())
     n = torch.tensor([counts[s] for s in chosen])
@@ -269,6 +294,7 @@ def count_left_masked(
 
 
 __all__ = [
-    "MaskedKL", "REFUSAL_WORDS", "count_left_masked", "masked_kl", "first_position_kl", "kl_divergence", "log_odds",
+    "MaskedKL", "REFUSAL_WORDS", "count_left_masked", "masked_kl", "first_position_kl", "first_response_logits",
+    "kl_divergence", "log_odds",
     "refusal_score", "refusal_token_ids", "resolve_refusal_tokens",
 ]

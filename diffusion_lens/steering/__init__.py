@@ -9,7 +9,8 @@ through `diffusion_lens.denoising.hooks.at`. Permanent edits change weights in p
 (`diffusion_lens.core.results_io`) and convert with `.to_pandas()`.
 """
 
-from diffusion_lens.steering.activations import collect_activations, instruction_template, prepare_prompts
+from diffusion_lens.prompts import instruction_template, prepare_prompts
+from diffusion_lens.steering.collect import collect_activations
 from diffusion_lens.steering.directions import Directions, PCAResult, class_pca, mean_difference
 from diffusion_lens.steering.interventions import ABLATION_SITES, ablate, add, project_coefficient
 from diffusion_lens.steering.patching import PatchingResult, patch_across_steps

@@ -17,22 +17,14 @@ from jaxtyping import Float
 from torch import Tensor
 
 from diffusion_lens.core.results_io import load_result, require_pandas, save_result
+from diffusion_lens.denoising import StreamingMean, generate
+from diffusion_lens.denoising import hooks as H
+from diffusion_lens.denoising.samplers import CanvasProbe
+from diffusion_lens.prompts.batching import PromptsInput, batch_indices, check_batch_size, left_pad, prepare_prompts
 from diffusion_lens.steering._common import LayerSpec, progress_bar, resolve_layers, unit
-from diffusion_lens.steering.activations import (
-    POOLED,
-    TEMPLATE,
-    PositionSpec,
-    PromptsInput,
-    _offsets,
-    _StopForward,
-    batch_indices,
-    check_batch_size,
-    check_position_spec,
-    collect_activations,
-    left_pad,
-    position_labels,
-    prepare_prompts,
-)
+from diffusion_lens.steering.collect import StopForward, collect_activations, stop_after_sites
+from diffusion_lens.steering.positions import POOLED, PositionSpec, Positions, check_positions, parse_positions
+from diffusion_lens.steering.replay import split_generate_kwargs
 
 
 @dataclass
@@ -41,8 +33,9 @@ class Directions:
 
     `directions` (= `mean_positive - mean_negative`) are raw, unnormalised differences;
     `norms` [layer pos] their norms; `cosine` [layer pos] the cosine between the two class means.
-    `layers` are model layer indices, `positions` the position labels (offsets such as -1, or
-    names such as "post_instruction[-2]" / "mean_prompt"). `site` is the block hook read
+    `layers` are model layer indices, `positions` the position labels (the selectors asked for, such
+    as "last_prompt" / "response[0]" / "mean_prompt", and "post_instruction[-2]" for template tokens;
+    ints such as -1 in results of the deprecated int spelling). `site` is the block hook read
     (`hook_resid_pre`, the block input, by default).
 
     Example:
@@ -92,7 +85,7 @@ class Directions:
         """The raw mean difference at (layer, position label); float64.
 
         Example:
-            >>> v = dirs.vector(6, -1)
+            >>> v = dirs.vector(6, "last_prompt")
             >>> hooks = add(model, v, alpha=1.0, layers=6)
         """
         i, j = self._index(layer, pos)
@@ -102,7 +95,7 @@ class Directions:
         """The normalised mean difference at (layer, position label).
 
         Example:
-            >>> r = dirs.unit(6, -1)
+            >>> r = dirs.unit(6, "last_prompt")
             >>> hooks = ablate(model, r)
         """
         return unit(self.vector(layer, pos))
@@ -115,8 +108,8 @@ class Directions:
         spread away from the negative mean. Needs `mean_difference(..., subspace=True)`.
 
         Example:
-            >>> dirs = mean_difference(model, pos, neg, layers=[6], positions=-1, subspace=True)
-            >>> basis = dirs.subspace(6, -1, k=3)
+            >>> dirs = mean_difference(model, pos, neg, layers=[6], positions="last_prompt", subspace=True)
+            >>> basis = dirs.subspace(6, "last_prompt", k=3)
             >>> hooks = ablate(model, basis)
         """
         if self.second_moment_positive is None:
@@ -131,8 +124,8 @@ class Directions:
         """The only direction, when a single (layer, position) was computed (lets `ablate` take a Directions).
 
         Example:
-            >>> dirs = mean_difference(model, pos, neg, layers=[6], positions=-1)
-            >>> hooks = ablate(model, dirs)            # same as ablate(model, dirs.vector(6, -1))
+            >>> dirs = mean_difference(model, pos, neg, layers=[6], positions="last_prompt")
+            >>> hooks = ablate(model, dirs)            # same as ablate(model, dirs.vector(6, "last_prompt"))
         """
         if self.directions.shape[:2] != (1, 1):
             raise ValueError(
@@ -241,28 +234,27 @@ def difference_subspace(second_moment, mean_pos, mean_neg, k: int) -> Float[Tens
 
 
 class _Plan:
-    """Streaming reducers (`diffusion_lens.denoising.StreamingMean`) for one position spec.
+    """Streaming reducers (`diffusion_lens.denoising.StreamingMean`) for one `Positions`.
 
-    Offsets and post-instruction tokens are the same columns in every row and batch when counted
-    from the end of the canvas (the response length is fixed), so one per-position reducer reads
-    them all; pre-instruction tokens sit after each row's left padding, so each of them gets a
-    pooled reducer over a per-row scope; pooled specs use the state scopes "prompt" / "response"
+    Named offsets and post-instruction tokens are the same columns in every row and batch when
+    counted from the end of the canvas (the response length is fixed), so one per-position reducer
+    reads them all; pre-instruction tokens sit after each row's left padding, so each of them gets
+    a pooled reducer over a per-row scope; pooled names use the state scopes "prompt" / "response"
     / "all" (token-weighted means; pads never count).
     """
 
-    def __init__(self, sites, spec, template, response_length: int, step: int, second_moment: bool):
-        from diffusion_lens.denoising import StreamingMean
-
-        self.sites, self.spec, self.step = list(sites), spec, step
-        if isinstance(spec, str) and spec in POOLED:
-            self.reducers = [StreamingMean(self.sites, positions=_POOLED_SCOPES[spec], steps=step)]
+    def __init__(self, sites, positions: Positions, template, response_length: int, step: int, second_moment: bool):
+        self.sites, self.positions, self.step = list(sites), positions, step
+        kind = positions.kind
+        if kind in POOLED:
+            self.reducers = [StreamingMean(self.sites, positions=_POOLED_SCOPES[kind], steps=step)]
             self.mode = "pooled"
-        elif isinstance(spec, str) and spec == "pre_instruction":
+        elif kind == "pre_instruction":
             n_pre = len(template.prefix)
             self.reducers = [StreamingMean(self.sites, positions=_pre_scope(i), steps=step) for i in range(n_pre)]
             self.mode = "pre"
         else:
-            offsets = list(range(-len(template.suffix), 0)) if spec == "post_instruction" else _offsets(spec)
+            offsets = list(range(-len(template.suffix), 0)) if kind == "post_instruction" else list(positions.offsets)
             self.columns = [o - response_length for o in offsets]  # negative: counted from the canvas end
             self.reducers = [StreamingMean(self.sites, positions=self.columns, per_position=True, steps=step)]
             self.mode = "columns"
@@ -286,9 +278,7 @@ class _Plan:
         if self.mode == "pre":
             index = _n_pad(state)[:, None] + torch.arange(len(self.reducers), device=act.device)[None, :]
             return act.gather(1, index[..., None].expand(-1, -1, act.shape[-1]))
-        from diffusion_lens.denoising import hooks as H
-
-        valid = H.position_mask(state, _POOLED_SCOPES[self.spec]) & ~state.is_pad
+        valid = H.position_mask(state, _POOLED_SCOPES[self.positions.kind]) & ~state.is_pad
         return act[valid][:, None]
 
 
@@ -304,8 +294,6 @@ class _SecondMoments:
         self.counts: dict[str, int] = {}
 
     def hooks(self) -> list:
-        from diffusion_lens.denoising import hooks as H
-
         def update(act, hook):
             x = self.plan.selected(act, hook.state).double()
             outer = torch.einsum("bpd,bpe->pde", x, x)
@@ -319,9 +307,7 @@ class _SecondMoments:
 
 
 def _n_pad(state) -> Tensor:
-    if state.attention_mask is None:
-        return torch.zeros(state.batch, dtype=torch.long, device=state.canvas.device)
-    return (state.attention_mask[:, : state.response_start] == 0).sum(1)
+    return state.is_pad.sum(1)
 
 
 def _pre_scope(i: int):
@@ -334,64 +320,49 @@ def _pre_scope(i: int):
     return scope
 
 
-def _check_prompts_against_spec(prepared, spec, response_length: int, argument: str) -> None:
-    """Template tokens present in every prompt; offsets inside every canvas."""
-    if isinstance(spec, str) and spec in TEMPLATE:
-        part = prepared.template.prefix if spec == "pre_instruction" else prepared.template.suffix
+def _check_prompts_against_positions(prepared, positions: Positions, response_length: int, argument: str) -> None:
+    """Template tokens present in every prompt; named offsets inside every canvas."""
+    kind = positions.kind
+    if kind in ("pre_instruction", "post_instruction"):
+        part = positions.template_tokens(prepared.template)
         ref = torch.tensor(part)
         bad = []
         for i, t in enumerate(prepared.tokens):
-            piece = t[: len(part)] if spec == "pre_instruction" else t[t.numel() - len(part):]
+            piece = t[: len(part)] if kind == "pre_instruction" else t[t.numel() - len(part):]
             if t.numel() < len(part) or not torch.equal(piece.cpu(), ref):
                 bad.append(i)
         if bad:
             raise ValueError(
-                f"{argument} prompts {bad[:10]} do not {'start' if spec == 'pre_instruction' else 'end'} with the chat "
-                f"template's {spec} tokens {part}; use explicit offsets for them."
+                f"{argument} prompts {bad[:10]} do not {'start' if kind == 'pre_instruction' else 'end'} with the chat "
+                f"template's {kind} tokens {part}; name explicit positions for them."
             )
-    elif not (isinstance(spec, str) and spec in POOLED):
-        offsets = _offsets(spec)
+    elif kind == "offsets":
         shortest = min(t.numel() for t in prepared.tokens)
-        bad = [o for o in offsets if not -shortest <= o < response_length]
+        bad = [label for o, label in zip(positions.offsets, positions.labels) if not -shortest <= o < response_length]
         if bad:
             raise ValueError(
-                f"positions {bad} reach outside a canvas: offsets must be in -{shortest}..{response_length - 1} (the "
-                f"shortest {argument} prompt has {shortest} tokens, the response {response_length} positions)."
+                f"positions {bad} reach outside a canvas: the shortest {argument} prompt has {shortest} tokens "
+                f"(prompt[-{shortest}] at most), the response {response_length} positions "
+                f"(response[{response_length - 1}] at most)."
             )
 
 
-def _class_means(model, prepared, sites, spec, *, step, sampler, batch_size, second_moment, generate_kwargs, argument,
-                 bar):
-    from diffusion_lens.denoising.generate import denoise
-
+def _class_means(model, prepared, sites, positions, *, step, sampler, batch_size, second_moment, generate_kwargs,
+                 argument, bar):
     response_length = sampler.response_length()
-    _check_prompts_against_spec(prepared, spec, response_length, argument)
-    plan = _Plan(sites, spec, prepared.template, response_length, step, second_moment)
-    stop = _stop_hook(model, sites, step)
+    _check_prompts_against_positions(prepared, positions, response_length, argument)
+    plan = _Plan(sites, positions, prepared.template, response_length, step, second_moment)
+    stop = stop_after_sites(model, sites, step)
     for indices in batch_indices(model, prepared, batch_size):
         bar.update()
         tokens, mask, _ = left_pad(model, [prepared.tokens[i] for i in indices])
         try:
-            denoise(model, tokens, attention_mask=mask, sampler=sampler, reducers=plan.reducers,
-                    hooks=plan.hooks() + stop, stop_after=step, return_trajectory=False, progress=False,
-                    **generate_kwargs)
-        except _StopForward:
+            generate(model, tokens, attention_mask=mask, sampler=sampler, reducers=plan.reducers,
+                     hooks=plan.hooks() + stop, stop_after=step, return_trajectory=False, progress=False,
+                     **generate_kwargs)
+        except StopForward:
             pass
     return plan.means(), (None if plan.moments is None else plan.moments.means())
-
-
-def _stop_hook(model, sites, step) -> list:
-    """A hook that ends the forward of `step` once every site has been read (saves the later layers)."""
-    from diffusion_lens.denoising import hooks as H
-
-    layers = [int(s.split(".")[1]) for s in sites if s.startswith("blocks.")]
-    if len(layers) != len(sites) or max(layers) + 1 >= model.cfg.n_layers:
-        return []
-
-    def stop(act, hook):
-        raise _StopForward
-
-    return [H.at(f"blocks.{max(layers) + 1}.hook_resid_pre", stop, steps=step)]
 
 
 def mean_difference(
@@ -413,16 +384,16 @@ def mean_difference(
 ) -> Directions:
     """Difference of class means of `site` activations per layer and position (float64, streaming).
 
-    One forward per prompt (batches of `batch_size`) through the generate driver, accumulated by
+    One forward per prompt (batches of `batch_size`) through `generate`, accumulated by
     `diffusion_lens.denoising.StreamingMean` (float64 running sums: memory independent of the
     number of prompts). `step=0` reads the canvas every sampler starts from (prompt +
-    `gen_length` masks; no sampler options needed); `step=s > 0` runs the model's sampler with
-    `generate_kwargs` (its options, e.g. steps / gen_length / block_length, and seed) up to step s
-    and reads that step's forward (the response length is then the sampler's).
+    `gen_length` masks, `CanvasProbe`; no sampler options needed); `step=s > 0` runs the model's
+    sampler with `generate_kwargs` (its options, e.g. steps / gen_length / block_length, and seed)
+    up to step s and reads that step's forward (the response length is then the sampler's).
 
-    `positions`: offsets from the prompt / response boundary (-1 = last prompt token, 0 = first
-    response position), "pre_instruction" / "post_instruction" (chat-template tokens around the
-    user text; string prompts only), or pooled "mean_prompt" / "mean_response" / "mean_all"
+    `positions` (`diffusion_lens.steering.positions`): "last_prompt", "prompt[-k]", "response[i]"
+    or a list of those; "pre_instruction" / "post_instruction" (chat-template tokens around the
+    user text; string prompts only); pooled "mean_prompt" / "mean_response" / "mean_all"
     (token-weighted means over those positions of all prompts of a class; pads excluded).
     `subspace=True` also streams the positive class's second moment (d_model^2 floats per layer
     and position) for `Directions.subspace`. `positive` / `negative` may be `datasets.Dataset`s:
@@ -434,8 +405,7 @@ def mean_difference(
         >>> dirs.cosine[:, -1]                           # cosine of class means per layer
         >>> r = dirs.unit(layer=14, pos="post_instruction[-1]")
     """
-    from diffusion_lens.steering.replay import CanvasProbe, split_generate_kwargs
-
+    positions = parse_positions(positions)
     if not isinstance(site, str) or not site.startswith("hook_"):
         raise ValueError(f"site must be a block hook name such as 'hook_resid_pre'; got {site!r}.")
     layer_list = resolve_layers(model, layers)
@@ -447,7 +417,7 @@ def mean_difference(
     pos_prompts = prepare_prompts(model, positive, chat=chat, argument="positive", column=column)
     neg_prompts = prepare_prompts(model, negative, chat=chat, argument="negative", column=column)
     for prepared in (pos_prompts, neg_prompts):
-        check_position_spec(positions, prepared)
+        check_positions(positions, prepared)
     options = dict(generate_kwargs or {})
     for reserved in ("reducers", "stop_after", "return_trajectory", "attention_mask"):
         if reserved in options:
@@ -465,7 +435,7 @@ def mean_difference(
         common = dict(step=step, sampler=sampler, batch_size=batch_size, generate_kwargs=options, bar=bar)
         mp, sp = _class_means(model, pos_prompts, sites, positions, second_moment=subspace, argument="positive", **common)
         mn, _ = _class_means(model, neg_prompts, sites, positions, second_moment=False, argument="negative", **common)
-    labels = position_labels(positions, pos_prompts.template or neg_prompts.template)
+    labels = positions.position_labels(pos_prompts.template or neg_prompts.template)
     return Directions(
         mean_positive=mp, mean_negative=mn, layers=layer_list, positions=labels, site=site, step=step,
         n_positive=len(pos_prompts), n_negative=len(neg_prompts), second_moment_positive=sp,
@@ -478,7 +448,7 @@ class PCAResult:
     variance ratio [k], and each class's coordinates [n k] (centred on the pooled mean).
 
     Example:
-        >>> res = class_pca(model, harmful, harmless, layer=10, position=-1)
+        >>> res = class_pca(model, harmful, harmless, layer=10, position="last_prompt")
         >>> res.positive[:, 0].mean() - res.negative[:, 0].mean()   # separation along PC1
     """
 
@@ -497,7 +467,7 @@ def class_pca(
     negative: PromptsInput,
     *,
     layer: int,
-    position: PositionSpec = -1,
+    position: PositionSpec = "last_prompt",
     k: int = 2,
     site: str = "hook_resid_pre",
     gen_length: int = 128,
@@ -510,19 +480,19 @@ def class_pca(
     single position (one offset or a pooled name).
 
     Example:
-        >>> res = class_pca(model, harmful, harmless, layer=10, position=-1)
+        >>> res = class_pca(model, harmful, harmless, layer=10, position="last_prompt")
         >>> fig = diffusion_lens.plot.pca_scatter(res)
         >>> res.explained_variance_ratio
     """
+    parsed = parse_positions(position, argument="position")
+    if parsed.kind not in POOLED and not (parsed.kind == "offsets" and len(parsed.offsets) == 1):
+        raise ValueError(f"class_pca needs one position ('last_prompt', 'prompt[-k]', 'response[i]' or a pooled name); "
+                         f"got {position!r}.")
     (layer,) = resolve_layers(model, [layer], argument="layer")
     name = f"blocks.{layer}.{site}"
-    if isinstance(position, (list, tuple)) and len(position) != 1:
-        raise ValueError(f"class_pca needs one position; got {position!r}.")
-    if isinstance(position, str) and position not in ("mean_prompt", "mean_response", "mean_all"):
-        raise ValueError("class_pca needs one position: an offset or 'mean_prompt' / 'mean_response' / 'mean_all'.")
     acts = []
     for prompts, argument in ((positive, "positive"), (negative, "negative")):
-        x = collect_activations(model, prompts, sites=[name], pooling=position, gen_length=gen_length,
+        x = collect_activations(model, prompts, sites=[name], pooling=parsed, gen_length=gen_length,
                                 batch_size=batch_size, chat=chat)[name]
         acts.append(x.reshape(x.shape[0], -1))
     xp, xn = acts

@@ -42,17 +42,12 @@ from jaxtyping import Float
 from torch import Tensor
 
 from diffusion_lens.core.results_io import load_result, prefixed, require_pandas, save_result, subset
+from diffusion_lens.evals.scores import first_response_logits, kl_divergence, log_odds, resolve_refusal_tokens
+from diffusion_lens.prompts.batching import PromptsInput, prepare_prompts
 from diffusion_lens.steering._common import LayerSpec, progress_bar
-from diffusion_lens.steering.activations import (
-    PositionSpec,
-    PromptsInput,
-    first_response_logits,
-    in_prompt_order,
-    prepare_prompts,
-    step0_canvases,
-)
 from diffusion_lens.steering.directions import Directions, mean_difference
 from diffusion_lens.steering.interventions import ablate, add
+from diffusion_lens.steering.positions import PositionSpec, parse_positions
 
 
 @dataclass
@@ -138,21 +133,8 @@ class Selection:
                    tensors["induce"], tensors["kl"], tensors["kept"], meta["reasons"], winner, meta["baseline"])
 
 
-@torch.no_grad()
-def _first_logits(model, prompts, hooks, gen_length, batch_size) -> Tensor:
-    out, order = [], []
-    with model.hooks(fwd_hooks=list(hooks)):
-        for batch in step0_canvases(model, prompts, gen_length=gen_length, batch_size=batch_size):
-            logits = model(batch.tokens, batch.attention_mask)
-            out.append(first_response_logits(model, logits, batch.response_start).double().cpu())
-            order.append(batch.indices)
-    return in_prompt_order(out, order)
-
-
-def _filter_by_score(model, prepared, ids, keep_positive: bool, gen_length, batch_size, name):
-    from diffusion_lens.evals.scores import log_odds
-
-    scores = log_odds(_first_logits(model, prepared, (), gen_length, batch_size), ids)
+def _filter_by_score(model, prepared, ids, keep_positive: bool, fwd: dict, name):
+    scores = log_odds(first_response_logits(model, prepared, **fwd), ids)
     keep = (scores > 0) if keep_positive else (scores < 0)
     if not bool(keep.any()):
         raise ValueError(f"Filtering {name} by refusal score left no prompt; pass filter_prompts=False.")
@@ -198,9 +180,9 @@ def select_direction(
         >>> r = sel.winner["direction"]
         >>> out = model.generate(harmful_test, hooks=ablate(model, r))
     """
-    from diffusion_lens.evals.scores import kl_divergence, log_odds, resolve_refusal_tokens  # evals imports steering
-
+    positions = parse_positions(positions)
     ids = resolve_refusal_tokens(model, refusal_tokens)
+    fwd = dict(gen_length=gen_length, batch_size=batch_size)
     if isinstance(induce_threshold, str) and induce_threshold != "baseline":
         raise ValueError(f"induce_threshold must be 'baseline' or a number; got {induce_threshold!r}.")
     numbers = [("kl_threshold", kl_threshold), ("max_layer_fraction", max_layer_fraction)]
@@ -216,7 +198,7 @@ def select_direction(
     }
     if filter_prompts:
         for name in sets:
-            sets[name] = _filter_by_score(model, sets[name], ids, name.startswith("harmful"), gen_length, batch_size, name)
+            sets[name] = _filter_by_score(model, sets[name], ids, name.startswith("harmful"), fwd, name)
     if candidates is None:
         candidates = mean_difference(model, sets["harmful_train"], sets["harmless_train"], layers=layers,
                                      positions=positions, gen_length=gen_length, batch_size=batch_size,
@@ -225,8 +207,8 @@ def select_direction(
         raise TypeError(f"candidates must be a Directions object; got {type(candidates).__name__}.")
     harmful_val_p, harmless_val_p = sets["harmful_val"], sets["harmless_val"]
 
-    base_harmless = _first_logits(model, harmless_val_p, (), gen_length, batch_size)
-    base_harmful = _first_logits(model, harmful_val_p, (), gen_length, batch_size)
+    base_harmless = first_response_logits(model, harmless_val_p, **fwd)
+    base_harmful = first_response_logits(model, harmful_val_p, **fwd)
     baseline = {"harmful": float(log_odds(base_harmful, ids).mean()), "harmless": float(log_odds(base_harmless, ids).mean())}
     if induce_threshold == "baseline":
         induce_limit, induce_label = baseline["harmless"], f"the unsteered harmless score {baseline['harmless']:.3g}"
@@ -244,10 +226,10 @@ def select_direction(
             if not bool(raw.norm() > 0):
                 continue
             ablation = ablate(model, raw)
-            bypass[i, j] = log_odds(_first_logits(model, harmful_val_p, ablation, gen_length, batch_size), ids).mean()
-            steered = _first_logits(model, harmless_val_p, ablation, gen_length, batch_size)
+            bypass[i, j] = log_odds(first_response_logits(model, harmful_val_p, hooks=ablation, **fwd), ids).mean()
+            steered = first_response_logits(model, harmless_val_p, hooks=ablation, **fwd)
             kl[i, j] = kl_divergence(base_harmless, steered).mean()
-            added = _first_logits(model, harmless_val_p, add(model, raw.float(), 1.0, layers=layer), gen_length, batch_size)
+            added = first_response_logits(model, harmless_val_p, hooks=add(model, raw.float(), 1.0, layers=layer), **fwd)
             induce[i, j] = log_odds(added, ids).mean()
     bar.close()
 
