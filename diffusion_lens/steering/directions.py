@@ -19,12 +19,12 @@ from torch import Tensor
 from diffusion_lens.core.results_io import load_result, require_pandas, save_result
 from diffusion_lens.denoising import StreamingMean, generate
 from diffusion_lens.denoising import hooks as H
+from diffusion_lens.denoising.generate import split_generate_kwargs
 from diffusion_lens.denoising.samplers import CanvasProbe
 from diffusion_lens.prompts.batching import PromptsInput, batch_indices, check_batch_size, left_pad, prepare_prompts
 from diffusion_lens.steering._common import LayerSpec, progress_bar, resolve_layers, unit
 from diffusion_lens.steering.collect import StopForward, collect_activations, stop_after_sites
 from diffusion_lens.steering.positions import POOLED, PositionSpec, Positions, check_positions, parse_positions
-from diffusion_lens.steering.replay import split_generate_kwargs
 
 
 @dataclass
