@@ -62,13 +62,13 @@ def test_names_filters_accept_globs_and_refuse_empty_matches_in_plain_forwards()
     assert no_hooks_left(model)
 
 
-# ------------------------------------------------------------------ item 2: steps, blocks, positions
+# ------------------------------------------------------------------ item 2: steps, denoising blocks, positions
 @pytest.mark.parametrize("schedule, shown", [
     (dict(steps=8), "steps=8"),
     (dict(steps=[0, 9, -9]), r"steps \[-9, 9\]"),
     (dict(steps=range(4, 12)), r"steps=range\(4, 12\)"),
     (dict(steps=[]), "selects nothing"),
-    (dict(blocks=2), "blocks=2"),
+    (dict(denoise_blocks=2), "denoise_blocks=2"),
     (dict(positions=[0, 22]), "outside a canvas of 22 positions"),
     (dict(positions=torch.ones(21, dtype=torch.bool)), "does not fit a canvas"),
 ])
@@ -76,15 +76,15 @@ def test_schedule_outside_the_run_fails_before_the_first_forward(schedule, shown
     model, prompt, kwargs = setup()
     counter = ForwardCounter()
     hook = H.at(RESID, lambda a, hook: a * 0, **schedule)
-    with pytest.raises(ValueError, match=shown + r".*This run has steps 0\.\.7, blocks 0\.\.1 and 22 canvas positions"):
+    with pytest.raises(ValueError, match=shown + r".*This run has steps 0\.\.7, denoising blocks 0\.\.1 and 22 canvas positions"):
         model.generate(prompt, hooks=[counter.pair, hook], **kwargs)
     assert counter.n == 0 and no_hooks_left(model)
 
 
 def test_one_block_runs_say_so():
     model, prompt, _ = setup()
-    with pytest.raises(ValueError, match=r"This run has steps 0\.\.3, 1 block and 14 canvas positions"):
-        model.generate(prompt, hooks=[H.at(RESID, lambda a, hook: a, blocks=1)], steps=4, gen_length=8, progress=False)
+    with pytest.raises(ValueError, match=r"This run has steps 0\.\.3, 1 denoising block and 14 canvas positions"):
+        model.generate(prompt, hooks=[H.at(RESID, lambda a, hook: a, denoise_blocks=1)], steps=4, gen_length=8, progress=False)
 
 
 def test_steering_builders_are_checked_too():
@@ -98,9 +98,9 @@ def test_steering_builders_are_checked_too():
     (dict(steps=-1), [7]),
     (dict(steps=[-2, 0]), [0, 6]),
     (dict(steps=range(-3, 0)), [5, 6, 7]),
-    (dict(blocks=-1), [4, 5, 6, 7]),
+    (dict(denoise_blocks=-1), [4, 5, 6, 7]),
 ])
-def test_negative_steps_and_blocks_count_from_the_end(schedule, fired):
+def test_negative_steps_and_denoising_blocks_count_from_the_end(schedule, fired):
     model, prompt, kwargs = setup()
     seen = []
     model.generate(prompt, hooks=H.at(RESID, lambda a, hook: seen.append(hook.state.step), **schedule), **kwargs)
@@ -134,10 +134,10 @@ def test_reducer_names_and_steps_are_checked_before_the_run():
 
 
 def test_plain_forward_ignores_step_filters_but_checks_indices():
-    """Documented in diffusion_lens.denoising.hooks: no state, so steps / blocks do not apply; indices still must fit."""
+    """Documented in diffusion_lens.denoising.hooks: no state, so steps / denoise_blocks do not apply; indices still must fit."""
     model, prompt, _ = setup()
     fired = []
-    model.run_with_hooks(prompt, fwd_hooks=H.at(RESID, lambda a, hook: fired.append(1), steps=-1, blocks=3))
+    model.run_with_hooks(prompt, fwd_hooks=H.at(RESID, lambda a, hook: fired.append(1), steps=-1, denoise_blocks=3))
     assert fired == [1]
     with pytest.raises(IndexError, match="outside a canvas of 6 positions"):
         model.run_with_hooks(prompt, fwd_hooks=H.at(RESID, lambda a, hook: a, positions=[6]))

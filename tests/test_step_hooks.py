@@ -1,5 +1,5 @@
 """Issue 3: step-scheduled hooks (`diffusion_lens.denoising.hooks.at`) and the `DenoisingState` they see:
-steps, blocks, position scopes per row of a padded batch, attention maps, CFG rows, plain forwards."""
+steps, denoising blocks, position scopes per row of a padded batch, attention maps, guidance rows, plain forwards."""
 
 import pytest
 import torch
@@ -32,7 +32,7 @@ def test_hook_fires_exactly_at_scheduled_steps_with_matching_state():
         assert torch.equal(state.canvas, golden["trajectory"][step - 1])
         assert state.n_steps == 8 and state.block == 0 and state.step_in_block == step
         assert torch.equal(state.newly_unmasked, mask_entering(golden, step - 1) & ~mask_entering(golden, step))
-        assert state.response_start == 6 and not state.cfg
+        assert state.response_start == 6 and not state.guidance
         pads = torch.cat([golden["attention_mask"].eq(0), torch.zeros(2, 16, dtype=torch.bool)], 1)
         assert torch.equal(state.is_pad, pads) and pads.any()
         assert state.prompt_len.tolist() == golden["attention_mask"].sum(1).tolist()
@@ -51,10 +51,10 @@ def test_step_specs(spec, expected):
     assert fired == expected
 
 
-def test_block_filter_and_glob_names():
+def test_denoise_block_filter_and_glob_names():
     model, golden, kwargs = padded()
     fired = []
-    hook = H.at("blocks.*.hook_resid_pre", lambda a, hook: fired.append((hook.state.step, hook.name)), blocks=1)
+    hook = H.at("blocks.*.hook_resid_pre", lambda a, hook: fired.append((hook.state.step, hook.name)), denoise_blocks=1)
     model.generate(golden["prompt"], hooks=[hook], **kwargs)
     assert [s for s, _ in fired] == [s for s in range(4, 8) for _ in range(3)]
     assert {n for _, n in fired} == {f"blocks.{l}.hook_resid_pre" for l in range(3)}
@@ -132,24 +132,24 @@ def test_attention_pattern_scoped_on_query_positions():
     assert torch.equal(hooked[:, :, :6], base[:, :, :6])
 
 
-def test_cfg_state_rows_and_cfg_filter():
+def test_guidance_state_rows_and_guidance_filter():
     model, golden = load_model(NAME), golden_run(NAME, "gen_cfg")
     kwargs = dict(attention_mask=golden["attention_mask"], progress=False, **golden["kwargs"])
     rows = []
     out = model.generate(golden["prompt"], hooks=[
-        H.at(RESID, lambda a, hook: rows.append((a.shape[0], hook.state.cfg, hook.state.n_copies)), steps=0)], **kwargs)
+        H.at(RESID, lambda a, hook: rows.append((a.shape[0], hook.state.guidance, hook.state.n_copies)), steps=0)], **kwargs)
     assert torch.equal(out.sequences, golden["output"])
     assert rows == [(4, True, 2)]
     spec = dict(names=[RESID], steps=[2], include_unconditional=True)
     base = model.generate(golden["prompt"], cache=spec, **kwargs).cache[2][RESID]
     assert base.shape[0] == 4
-    for cfg_rows, touched_rows in [("conditional", [0, 1]), ("unconditional", [2, 3]), ("both", [0, 1, 2, 3])]:
-        hook = H.at(RESID, lambda a, hook: a + 1.0, steps=2, positions="response", cfg=cfg_rows)
+    for guidance_rows, touched_rows in [("conditional", [0, 1]), ("unconditional", [2, 3]), ("both", [0, 1, 2, 3])]:
+        hook = H.at(RESID, lambda a, hook: a + 1.0, steps=2, positions="response", guidance=guidance_rows)
         hooked = model.generate(golden["prompt"], hooks=[hook], cache=spec, **kwargs).cache[2][RESID]
         changed = (hooked - base).abs().amax(-1) > 0  # [4 pos]
         expected = torch.zeros(4, 22, dtype=torch.bool)
         expected[touched_rows, 6:] = True
-        assert torch.equal(changed, expected), cfg_rows
+        assert torch.equal(changed, expected), guidance_rows
 
 
 def test_plain_forward_semantics():

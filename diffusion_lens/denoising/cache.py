@@ -7,6 +7,7 @@ columns [response_start, pos). "prompt" stores columns [0, response_start), pads
 shorter prompts (`out.attention_mask` tells which are real). Index lists store the same columns in
 every row. Ragged scopes ("masked", per-row masks) cannot be a tensor: use a reducer. Attention
 maps [batch head q_pos k_pos] keep the selected query positions and every key position.
+`positions=` takes the canvas-column scopes of `diffusion_lens.denoising.positions`, as `H.at` does.
 Under classifier-free guidance only the conditional rows are stored, unless
 `include_unconditional=True` (then rows are [conditional; unconditional]).
 """
@@ -340,7 +341,7 @@ class StepRecorder:
         if self.routed and (n_stored(self.index, n_pos) != n_pos or (n_copies > 1 and not request.include_unconditional)):
             raise ValueError(
                 f"{sorted(self.routed)[0]!r} holds only the tokens routed to that expert ([n_routed ...]), so it "
-                "can be cached only whole: positions='all' (and include_unconditional=True under CFG)."
+                "can be cached only whole: positions='all' (and include_unconditional=True under classifier-free guidance)."
             )
         self.wanted = set(request.steps)
         self.cache = StepCache(model, request.steps, request.names, index_tensor(self.index, n_pos), n_steps=n_steps)
@@ -356,7 +357,7 @@ class StepRecorder:
         state = hook.state
         if hook.name in self.routed:
             pass  # [n_routed ...]: whole (see __init__)
-        elif state.cfg and not self.request.include_unconditional:
+        elif state.guidance and not self.request.include_unconditional:
             act = act[: self.batch]
         axis = position_axis(hook, act.ndim)
         if hook.name in self.routed:
@@ -429,7 +430,7 @@ class StreamingMean:
         state = getattr(hook, "state", None)
         if state is not None and not self.wants(state):
             return
-        if state is not None and state.cfg and not self.include_unconditional:
+        if state is not None and state.guidance and not self.include_unconditional:
             act = act[: state.batch]
         axis = position_axis(hook, act.ndim)
         n_rows, n_pos = act.shape[0], act.shape[axis]
@@ -511,7 +512,7 @@ class StreamingMean:
 
 # ---------------------------------------------------------------------------------- helpers
 def _tile(mask: Tensor, n_rows: int) -> Tensor:
-    """Repeat a [batch pos] mask over CFG copies to `n_rows` rows."""
+    """Repeat a [batch pos] mask over the classifier-free guidance copies to `n_rows` rows."""
     return mask if mask.shape[0] == n_rows else mask.repeat(n_rows // mask.shape[0], 1)
 
 

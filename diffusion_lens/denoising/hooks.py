@@ -1,33 +1,40 @@
 """Denoising-aware scheduling of TransformerLens hook functions (`from diffusion_lens import hooks as H`).
 
-`H.at(name, fn, steps=..., blocks=..., positions=...)` wraps an ordinary hook function
-`fn(act, hook)` so that it runs only at some denoising steps / blocks and changes only some
-positions. It returns a `(name, hook_fn)` pair for `model.generate(hooks=[...])`,
-`model.run_with_hooks(fwd_hooks=[...])` or `model.hooks(...)`.
+`H.at(name, fn, steps=..., denoise_blocks=..., positions=..., guidance=...)` wraps an ordinary hook
+function `fn(act, hook)` so that it runs only at some denoising steps / denoising blocks and
+changes only some canvas positions. It returns a `(name, hook_fn)` pair for
+`model.generate(hooks=[...])`, `model.run_with_hooks(fwd_hooks=[...])` or `model.hooks(...)`.
+
+Vocabulary: a *denoising block* is a semi-autoregressive block of the response (`denoise_blocks=`,
+`hook.state.block`); a *layer* is a transformer block (`blocks.3.hook_resid_post` is layer 3's
+hook point; `layers=` elsewhere); *positions* are canvas columns; *guidance* is classifier-free
+guidance. The old keywords `blocks=` and `cfg=` still work for one release, with a
+DeprecationWarning.
 
 Design (position scopes on padded batches): `fn` always sees the full activation (all rows, all
 positions) and `hook.state`; what it returns is merged back only at the scoped positions of each
 row (`torch.where(mask, fn(act), act)`), so a scoped hook can never touch another position. `fn`
 may also modify its argument in place and return None: it is given a copy when a scope is set.
-Scopes are listed in `diffusion_lens.denoising.positions`; per-row scopes ("masked", "prompt"
-with left padding, ...) are evaluated per row. Attention maps [batch head q_pos k_pos] are scoped
-on their query positions. Under classifier-free guidance (`hook.state.cfg`) the forward has
-[conditional; unconditional] rows; scopes are computed on the conditional canvas and applied to
-both halves unless `cfg="conditional"` or `"unconditional"`.
+Scopes are listed in `diffusion_lens.denoising.positions` (the one position vocabulary); per-row
+scopes ("masked", "prompt" with left padding, ...) are evaluated per row. Attention maps
+[batch head q_pos k_pos] are scoped on their query positions. Under classifier-free guidance
+(`hook.state.guidance`) the forward has [conditional; unconditional] rows; scopes are computed on
+the conditional canvas and applied to both halves unless `guidance="conditional"` or
+`"unconditional"`.
 
 Checked before the run: `model.generate` resolves every scheduled hook against the run it is
-about to start (`HookSchedule.check`): a name or glob that matches no hook point, a step or block
-the run does not have, or an index list outside the canvas raises with what the run has ("this
-run has steps 0..7, 1 block and 22 canvas positions") before the first forward. Negative steps and
-blocks count from the end of the run (`steps=-1` is the last step), as in `cache=dict(steps=...)`,
-`run_with_cache(step=-1)` and `StepCache[-1]`. Callable schedules are the caller's logic and are
-not checked.
+about to start (`HookSchedule.check`): a name or glob that matches no hook point, a step or
+denoising block the run does not have, or an index list outside the canvas raises with what the
+run has ("this run has steps 0..7, 1 denoising block and 22 canvas positions") before the first
+forward. Negative steps and denoising blocks count from the end of the run (`steps=-1` is the last
+step), as in `cache=dict(steps=...)`, `run_with_cache(step=-1)` and `StepCache[-1]`. Callable
+schedules are the caller's logic and are not checked.
 
-Outside generation (a plain forward: `hook.state is None`) there is no step: `steps` / `blocks`
-filters do not apply (the hook runs, as it would at every step), because steering builders use
-the same hooks to score single forwards; scopes that need the state ("response", "masked", a
-callable) raise; index tensors and bool masks work everywhere, and an index outside the
-activation raises. A glob or callable name that matches no hook point raises there too.
+Outside generation (a plain forward: `hook.state is None`) there is no step: `steps` /
+`denoise_blocks` filters do not apply (the hook runs, as it would at every step), because steering
+builders use the same hooks to score single forwards; scopes that need the state ("response",
+"masked", a callable) raise; index tensors and bool masks work everywhere, and an index outside
+the activation raises. A glob or callable name that matches no hook point raises there too.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import torch
 from jaxtyping import Bool
 from torch import Tensor
 
+from diffusion_lens.core.deprecation import no_keywords_left, renamed_attribute, renamed_keyword
 from diffusion_lens.core.hook_lists import HookName, name_filter
 from diffusion_lens.denoising.positions import (
     PositionScope,
@@ -60,9 +68,9 @@ class HookSchedule:
     """What `H.at` was asked for, kept on the hook function it returns (`fn.schedule`).
 
     Why: the generate driver checks every scheduled hook against the run before the first
-    forward, so a step, block or position the run does not have is an error, not a silent no-op.
-    `steps` / `blocks` are None (all), an int, a range, a frozenset of ints (negative = from the
-    end of the run) or a callable of the `DenoisingState`.
+    forward, so a step, denoising block or position the run does not have is an error, not a
+    silent no-op. `steps` / `denoise_blocks` are None (all), an int, a range, a frozenset of ints
+    (negative = from the end of the run) or a callable of the `DenoisingState`.
 
     Example:
         >>> name, fn = H.at("blocks.1.hook_resid_post", f, steps=[0, -1])
@@ -72,28 +80,36 @@ class HookSchedule:
 
     name: HookName
     steps: Schedule = None
-    blocks: Schedule = None
+    denoise_blocks: Schedule = None
     positions: PositionScope = None
-    cfg: str = "both"
+    guidance: str = "both"
+
+    blocks = renamed_attribute("blocks", "denoise_blocks", "HookSchedule")
+    cfg = renamed_attribute("cfg", "guidance", "HookSchedule")
 
     def check(self, n_steps: int, n_blocks: int, n_pos: int, batch: int) -> None:
-        """Raise a ValueError naming what the run has when this schedule could never fire as asked."""
-        problems = [p for p in (_outside(self.steps, n_steps, "steps"), _outside(self.blocks, n_blocks, "blocks")) if p]
+        """Raise a ValueError naming what the run has when this schedule could never fire as asked.
+
+        `n_blocks` is the run's number of denoising blocks (`DenoisingState.n_blocks`).
+        """
+        problems = [_outside(self.steps, n_steps, "steps"), _outside(self.denoise_blocks, n_blocks, "denoise_blocks")]
+        problems = [p for p in problems if p]
         try:
             check_scope_fits(self.positions, n_pos, batch)
         except (IndexError, ValueError) as error:
             problems.append(str(error).rstrip("."))
         if problems:
-            blocks = "1 block" if n_blocks == 1 else f"blocks 0..{n_blocks - 1}"
+            blocks = "1 denoising block" if n_blocks == 1 else f"denoising blocks 0..{n_blocks - 1}"
             raise ValueError(
                 f"H.at({self.name!r}, ...) does not fit this run: {'; '.join(problems)}. This run has steps "
-                f"0..{n_steps - 1}, {blocks} and {n_pos} canvas positions (negative steps and blocks count from the end)."
+                f"0..{n_steps - 1}, {blocks} and {n_pos} canvas positions (negative steps and denoising blocks "
+                "count from the end)."
             )
 
     def matches(self, state: DenoisingState) -> bool:
-        """Whether the hook runs at this state's step and block."""
+        """Whether the hook runs at this state's step and denoising block."""
         return _selected(self.steps, state.step, state.n_steps, state) and _selected(
-            self.blocks, state.block, state.n_blocks, state
+            self.denoise_blocks, state.block, state.n_blocks, state
         )
 
 
@@ -102,32 +118,43 @@ def at(
     fn: HookFn,
     *,
     steps: Schedule = None,
-    blocks: Schedule = None,
+    denoise_blocks: Schedule = None,
     positions: PositionScope = None,
-    cfg: str = "both",
+    guidance: str = "both",
+    **deprecated,
 ) -> tuple[HookName, HookFn]:
-    """Schedule hook function `fn` by denoising step, block and position scope.
+    """Schedule hook function `fn` by denoising step, denoising block and canvas positions.
 
     Why: steering or patching "only the response, only in the first 8 steps" is one line, with
     the same `fn(act, hook)` you would give TransformerLens.
-    `name` is a hook point name, a glob ("blocks.*.hook_resid_pre") or a name filter callable.
-    `steps` / `blocks`: an int, a range, a list/set of ints (negative = from the end of the run:
-    `steps=-1` is the last step) or a callable of the `DenoisingState` (None = all). `positions`:
-    see the module docstring. `cfg`: "both" | "conditional" | "unconditional". The returned
-    function carries the request as `.schedule` (a `HookSchedule`); `model.generate` checks it
-    against the run before the first forward.
+    `name` is a hook point name, a glob ("blocks.*.hook_resid_pre": `blocks.3` is layer 3) or a
+    name filter callable. `steps` / `denoise_blocks` (the semi-autoregressive blocks of the
+    response, not layers): an int, a range, a list/set of ints (negative = from the end of the
+    run: `steps=-1` is the last step) or a callable of the `DenoisingState` (None = all).
+    `positions`: canvas positions, see `diffusion_lens.denoising.positions`. `guidance`: which rows
+    under classifier-free guidance, "both" | "conditional" | "unconditional". The old keywords
+    `blocks=` / `cfg=` warn and still work for one release. The returned function carries the
+    request as `.schedule` (a `HookSchedule`); `model.generate` checks it against the run before
+    the first forward.
 
     Example:
         >>> h = H.at("blocks.1.hook_resid_post", lambda x, hook: x * 0, steps=range(0, 8), positions="response")
         >>> out = model.generate(tokens, hooks=[h], steps=16, gen_length=16, block_length=8)
         >>> last = H.at("blocks.*.hook_resid_post", fn, steps=-1)              # the last step, any run length
+        >>> second = H.at("blocks.*.hook_resid_post", fn, denoise_blocks=1)    # the 2nd semi-AR block
+        >>> cond = H.at("blocks.1.hook_resid_post", fn, guidance="conditional") # conditional rows only
         >>> logits = model.run_with_hooks(tokens, fwd_hooks=[H.at("hook_embed", fn, positions=[0, 1])])
     """
+    denoise_blocks = renamed_keyword(deprecated, "blocks", "denoise_blocks", denoise_blocks, where="H.at")
+    guidance = renamed_keyword(deprecated, "cfg", "guidance", guidance, where="H.at", default="both")
+    no_keywords_left(deprecated, "H.at")
     check_scope(positions)
-    if cfg not in ("both", "conditional", "unconditional"):
-        raise ValueError(f"cfg={cfg!r} must be 'both', 'conditional' or 'unconditional'.")
-    schedule = HookSchedule(name, _normalise(steps, "steps"), _normalise(blocks, "blocks"), positions, cfg)
-    scoped = not (positions is None or (isinstance(positions, str) and positions == "all")) or cfg != "both"
+    if guidance not in ("both", "conditional", "unconditional"):
+        raise ValueError(f"guidance={guidance!r} must be 'both', 'conditional' or 'unconditional'.")
+    schedule = HookSchedule(
+        name, _normalise(steps, "steps"), _normalise(denoise_blocks, "denoise_blocks"), positions, guidance
+    )
+    scoped = not (positions is None or (isinstance(positions, str) and positions == "all")) or guidance != "both"
 
     def scheduled_hook(act: Tensor, hook) -> Optional[Tensor]:
         state = getattr(hook, "state", None)
@@ -137,7 +164,8 @@ def at(
             return fn(act, hook)
         axis = position_axis(hook, act.ndim)
         n_pos = act.shape[axis]
-        mask = rows_mask(scope_mask(positions, state, n_pos, act.device), state, act.shape[0], n_pos, cfg, act.device)
+        selected = scope_mask(positions, state, n_pos, act.device)
+        mask = rows_mask(selected, state, act.shape[0], n_pos, guidance, act.device)
         if mask is None:
             return fn(act, hook)
         copy = act.clone()
@@ -181,7 +209,7 @@ def _normalise(spec: Schedule, what: str) -> Schedule:
 
 
 def _outside(spec: Schedule, n: int, what: str) -> Optional[str]:
-    """What in a step / block spec the run does not have (None when everything fits or it is a callable)."""
+    """What in a step / denoising block spec the run does not have (None when everything fits or it is a callable)."""
     if spec is None or callable(spec):
         return None
     if isinstance(spec, int):

@@ -1,18 +1,30 @@
-"""Position scopes shared by scheduled hooks, step caches and streaming reducers.
+"""The position vocabulary of the denoising layer: which canvas columns a hook, cache or mask touches.
 
-A scope names canvas positions:
+Positions are always columns of the canvas `[left pads | prompt | response]` (`hook.state.canvas`,
+[batch pos]); the same scopes work in `H.at(positions=...)`, `generate(cache=dict(positions=...))`,
+`StreamingMean(positions=...)` and `H.position_mask(state, ...)`:
   * `None` / "all": every position;
-  * "prompt": real prompt tokens (left pads excluded); "response": the generated positions,
-    `state.response_start` onwards (the same columns in every row, because prompts are
-    left-padded); "masked" / "unmasked" / "newly_unmasked": from the canvas entering the step;
-  * an index tensor or list of ints (the same canvas positions in every row, negative = from
-    the end), a bool tensor [pos] or [batch pos];
+  * "prompt": real prompt tokens (left pads excluded); "last_prompt": the last prompt token (column
+    `state.response_start - 1` in every row, because prompts are left-padded); "response": the
+    generated positions, `state.response_start` onwards; "masked" / "unmasked" /
+    "newly_unmasked": from the canvas entering the step;
+  * an int, a list of ints or an index tensor: the same canvas columns in every row (negative =
+    from the end of the canvas, not from the prompt / response boundary); a bool tensor [pos] or
+    [batch pos];
   * a callable `f(state)` returning any of the tensors above.
+
+Steering readers add selectors that need more than the canvas ("pre_instruction" /
+"post_instruction" need the chat template, "mean_prompt" pools): they live in
+`diffusion_lens.steering.positions` and use the same names for the same columns.
 
 The position axis of an activation is dim 1 ([batch pos ...]); for attention scores / patterns
 [batch head q_pos k_pos] it is the query axis, and a HookPoint's own `pos_dim` (TransformerLens)
 overrides both. Under classifier-free guidance a [batch pos] scope is computed on the conditional
-canvas and repeated over the forward's copies (`DenoisingState.rows`).
+canvas and repeated over the forward's copies (`DenoisingState.rows`); `guidance=` picks the rows.
+
+Example:
+    >>> H.at("blocks.3.hook_resid_post", fn, positions="last_prompt")    # layer 3, one column per row
+    >>> model.generate(tokens, cache=dict(names="hook_embed", positions="response"))
 """
 
 from __future__ import annotations
@@ -26,10 +38,11 @@ from torch import Tensor
 from diffusion_lens.denoising.state import DenoisingState
 
 PositionScope = Union[None, str, Tensor, Sequence[int], Callable[[DenoisingState], Any]]
-CfgRows = str  # "both" | "conditional" | "unconditional"
+GuidanceRows = str  # "both" | "conditional" | "unconditional": rows under classifier-free guidance
 
 _STATE_SCOPES = {
     "prompt": "is_prompt",
+    "last_prompt": "is_last_prompt",
     "response": "is_response",
     "masked": "is_masked",
     "unmasked": "is_unmasked",
@@ -115,14 +128,14 @@ def position_axis(hook, ndim: int) -> int:
 
 
 def rows_mask(
-    mask: Optional[Tensor], state: Optional[DenoisingState], n_rows: int, n_pos: int, cfg_rows: CfgRows = "both",
+    mask: Optional[Tensor], state: Optional[DenoisingState], n_rows: int, n_pos: int, guidance: GuidanceRows = "both",
     device: Optional[torch.device] = None,
 ) -> Optional[Bool[Tensor, "rows pos"]]:
-    """A scope mask expanded to the rows of the forward batch (and restricted to CFG rows); None = all.
+    """A scope mask expanded to the rows of the forward batch (and restricted to guidance rows); None = all.
 
     Example:
-        >>> rows_mask(state.is_response, state, n_rows=2 * state.batch, n_pos=state.n_pos, cfg_rows="conditional")
-        >>> # under CFG: response columns of the conditional rows only
+        >>> rows_mask(state.is_response, state, n_rows=2 * state.batch, n_pos=state.n_pos, guidance="conditional")
+        >>> # under classifier-free guidance: response columns of the conditional rows only
     """
     if mask is not None:
         if mask.ndim == 1:
@@ -131,17 +144,17 @@ def rows_mask(
             mask = state.rows(mask)
         elif mask.shape[0] != n_rows:
             raise ValueError(f"A [batch pos] position mask has {mask.shape[0]} rows; the activation has {n_rows}.")
-    if cfg_rows == "both" or state is None or not state.cfg:
-        if cfg_rows == "unconditional" and (state is None or not state.cfg):
+    if guidance == "both" or state is None or not state.guidance:
+        if guidance == "unconditional" and (state is None or not state.guidance):
             return torch.zeros(n_rows, n_pos, dtype=torch.bool, device=device)
         return mask
     keep = torch.zeros(n_rows, 1, dtype=torch.bool, device=device if mask is None else mask.device)
-    if cfg_rows == "conditional":
+    if guidance == "conditional":
         keep[: state.batch] = True
-    elif cfg_rows == "unconditional":
+    elif guidance == "unconditional":
         keep[state.batch :] = True
     else:
-        raise ValueError(f"cfg={cfg_rows!r} must be 'both', 'conditional' or 'unconditional'.")
+        raise ValueError(f"guidance={guidance!r} must be 'both', 'conditional' or 'unconditional'.")
     return keep.expand(n_rows, n_pos) if mask is None else mask & keep
 
 
@@ -167,8 +180,8 @@ def stored_positions(
 ) -> Union[slice, Int[Tensor, " n_kept"]]:
     """The canvas columns a cache keeps for an *aligned* scope (the same columns in every row).
 
-    "all", "prompt" (columns before `response_start`, pads included for shorter prompts) and
-    "response" are slices; index lists / tensors and [pos] bool masks become index tensors.
+    "all", "prompt" (columns before `response_start`, pads included for shorter prompts),
+    "last_prompt" and "response" are slices; index lists / tensors and [pos] bool masks become index tensors.
     Ragged scopes ("masked", a [batch pos] mask, a callable) have no common columns: use a
     streaming reducer, or cache "response" and select with the trajectory.
 
@@ -184,6 +197,10 @@ def stored_positions(
             return slice(response_start, n_pos)
         if positions == "prompt":
             return slice(0, response_start)
+        if positions == "last_prompt":
+            if response_start == 0:
+                raise ValueError("positions='last_prompt' needs a prompt; this canvas has none (response_start 0).")
+            return slice(response_start - 1, response_start)
         raise ValueError(
             f"positions={positions!r} selects different positions in each row and step, so it cannot be "
             "stored as a tensor; cache positions='response' and index it with out.trajectory, or use a "

@@ -20,13 +20,16 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from diffusion_lens.core.deprecation import renamed_attribute
+
 
 @dataclass(eq=False)
 class DenoisingState:
     """The denoising step a forward belongs to (published as `hook.state` during generation).
 
     Why: a hook that steers or records "the response positions still masked at steps 0-7" needs
-    the step, the block and the canvas; this object carries them, computed lazily.
+    the step, the denoising block and the canvas; this object carries them, computed lazily.
+    Position masks are [batch pos] over canvas columns (`diffusion_lens.denoising.positions`).
 
     Example:
         >>> def fn(act, hook):
@@ -36,8 +39,8 @@ class DenoisingState:
 
     step: int  # global step, 0-based
     n_steps: int  # total steps of the run
-    block: int  # semi-autoregressive block, 0-based
-    n_blocks: int
+    block: int  # denoising (semi-autoregressive) block of the response, 0-based; not a layer
+    n_blocks: int  # denoising blocks of the run
     step_in_block: int
     steps_in_block: int
     canvas: Int[Tensor, "batch pos"]  # conditional canvas entering this step
@@ -47,7 +50,7 @@ class DenoisingState:
     previous_canvas: Optional[Int[Tensor, "batch pos"]] = None  # canvas entering the previous step
     model_input: Optional[Int[Tensor, "rows pos"]] = None  # what the forward gets: canvas, or [canvas; uncond]
     model_attention_mask: Optional[Int[Tensor, "rows pos"]] = None
-    n_copies: int = 1  # 2 under classifier-free guidance (conditional rows first)
+    n_copies: int = 1  # 2 under classifier-free guidance (`guidance`; conditional rows first)
     _is_masked: Optional[Bool[Tensor, "batch pos"]] = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ shapes
@@ -60,9 +63,12 @@ class DenoisingState:
         return self.canvas.shape[1]
 
     @property
-    def cfg(self) -> bool:
-        """True when this step's forward runs the conditional and unconditional batches together."""
+    def guidance(self) -> bool:
+        """True under classifier-free guidance: this step's forward runs the conditional and
+        unconditional rows together (`n_copies == 2`)."""
         return self.n_copies > 1
+
+    cfg = renamed_attribute("cfg", "guidance", "DenoisingState")
 
     @property
     def prompt_width(self) -> int:
@@ -95,6 +101,15 @@ class DenoisingState:
         return ~self.is_response & ~self.is_pad
 
     @cached_property
+    def is_last_prompt(self) -> Bool[Tensor, "batch pos"]:
+        """The last prompt token: column `response_start - 1` in every row (prompts are left-padded)."""
+        if self.response_start == 0:
+            raise ValueError("positions='last_prompt' needs a prompt; this canvas has none (response_start 0).")
+        out = torch.zeros_like(self.canvas, dtype=torch.bool)
+        out[:, self.response_start - 1] = True
+        return out
+
+    @cached_property
     def is_unmasked(self) -> Bool[Tensor, "batch pos"]:
         """Real positions (prompt or response) that do not hold the mask token."""
         return ~self.is_masked & ~self.is_pad
@@ -119,20 +134,20 @@ class DenoisingState:
 
     # ------------------------------------------------------------------ rows of the forward batch
     def rows(self, mask: Bool[Tensor, "batch pos"]) -> Bool[Tensor, "rows pos"]:
-        """A [batch pos] mask repeated over the CFG copies, to line up with the forward's rows.
+        """A [batch pos] mask repeated over the guidance copies, to line up with the forward's rows.
 
         Example:
-            >>> m = hook.state.rows(hook.state.is_masked)   # [2*batch pos] under CFG
+            >>> m = hook.state.rows(hook.state.is_masked)   # [2*batch pos] under guidance
             >>> act[m]                                       # the masked positions' activations
         """
         return mask if self.n_copies == 1 else mask.repeat(self.n_copies, 1)
 
     def __repr__(self) -> str:
-        cfg = ", cfg" if self.cfg else ""
+        guidance = ", guidance" if self.guidance else ""
         return (
             f"DenoisingState(step {self.step}/{self.n_steps}, block {self.block}/{self.n_blocks}, "
             f"step_in_block {self.step_in_block}/{self.steps_in_block}, canvas {tuple(self.canvas.shape)}, "
-            f"response_start {self.response_start}{cfg})"
+            f"response_start {self.response_start}{guidance})"
         )
 
 
