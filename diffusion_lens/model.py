@@ -64,28 +64,11 @@ class HookedDiffusionTransformer(HookedDiffusionCore):
             remove_batch_dim=remove_batch_dim, **model_kwargs,
         )
 
-    def generate(self, input, **kwargs):
-        """Denoise responses with the family's sampler; hooks see `hook.state` (a DenoisingState).
-
-        Returns a `GenerationOutput(sequences, texts, trajectory, cache)`. Keywords: hooks, cache,
-        reducers, return_trajectory, progress, chat, seed, generator, sampler, max_cache_bytes,
-        attention_mask, and sampler options (steps, gen_length, block_length, temperature, ...);
-        see `diffusion_lens.denoising.generate`.
-
-        Example:
-            >>> out = model.generate("Tell me a joke", steps=64, gen_length=64, block_length=32)
-            >>> out.texts[0], out.trajectory.shape  # [steps batch pos]
-        """
-        return generate(self, input, **kwargs)
-
-    def estimate_cache_bytes(self, input, **kwargs) -> int:
-        """Exact bytes `generate(input, cache=..., **options)` would store, without running anything.
-
-        Example:
-            >>> model.estimate_cache_bytes(tokens, cache=dict(names="blocks.*.hook_resid_post", steps=[0, 5]),
-            ...                            steps=8, gen_length=16, block_length=8)
-        """
-        return estimate_cache_bytes(self, input, **kwargs)
+    # `diffusion_lens.denoising.generate` / `estimate_cache_bytes` as methods: one signature, so
+    # `inspect.signature(model.generate)` lists the driver options (`DRIVER_OPTIONS`) and
+    # `help(model.generate)` shows the driver's docstring; sampler options pass through **sampler_options.
+    generate = generate
+    estimate_cache_bytes = estimate_cache_bytes
 
     @classmethod
     def from_pretrained(

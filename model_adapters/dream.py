@@ -127,7 +127,7 @@ class DreamAdapter(ModelAdapter):
             extra={"checkpoint_config": dict(config)},
         )
 
-    def sampler(self, model) -> DreamSampler:
+    def sampler(self, cfg: DiffusionConfig) -> DreamSampler:
         """`diffusion_generate` with the documented upstream defaults (512 steps, temperature 0,
         alg "origin"; `DreamSampler` lists them and the transformers-4.46 effective defaults);
         override per call: `model.generate(..., max_new_tokens=64, steps=64, alg="entropy")`."""

@@ -121,7 +121,7 @@ class LLaDAAdapter(ModelAdapter):
             extra={"checkpoint_config": dict(config)},
         )
 
-    def sampler(self, model) -> LLaDASampler:
+    def sampler(self, cfg: DiffusionConfig) -> LLaDASampler:
         """Upstream `generate.py` defaults: 128 steps, gen_length 128, one block, temperature 0,
         low-confidence remasking (override per call: `model.generate(..., steps=64)`)."""
         return LLaDASampler()

@@ -160,7 +160,7 @@ class LLaDAMoEAdapter(ModelAdapter):
             extra={"checkpoint_config": dict(config)},
         )
 
-    def sampler(self, model) -> LLaDASampler:
+    def sampler(self, cfg: DiffusionConfig) -> LLaDASampler:
         """LLaDA's `generate` (the model card ships it): upstream defaults 128 steps, gen_length 128,
         one block, temperature 0; the card's demo uses block_length 32. Without a mask id in
         config.json, pass `mask_id=...` or set `model.cfg.mask_token_id` for non-published vocabularies."""

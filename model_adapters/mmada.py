@@ -39,7 +39,7 @@ class MMaDAAdapter(LLaDAAdapter):
     def matches(self, config: dict) -> bool:
         return config.get("model_type") in self.model_types or "MMadaModelLM" in (config.get("architectures") or [])
 
-    def sampler(self, model) -> MMaDASampler:
+    def sampler(self, cfg: DiffusionConfig) -> MMaDASampler:
         """`mmu_generate` with upstream defaults (128 steps, 128 new tokens = `gen_length`, one block,
         temperature 0, float64 confidence); override per call: `model.generate(..., temperature=1.0)`."""
         return MMaDASampler()

@@ -302,7 +302,7 @@ def test_step_scheduled_activation_hooks_see_dream_states(dream_models):
 
 def test_sampler_defaults_are_the_documented_upstream_ones(dream_models):
     model, _ = dream_models["dream-tiny"]
-    options = model.adapter.sampler(model).options()
+    options = model.adapter.sampler(model.cfg).options()
     assert {k: options[k] for k in ("steps", "eps", "temperature", "top_p", "top_k", "alg", "alg_temp")} == dict(
         steps=512, eps=1e-3, temperature=0.0, top_p=None, top_k=None, alg="origin", alg_temp=None)
     with pytest.raises(ValueError, match="alg="):

@@ -119,7 +119,7 @@ def test_mmada_sampler_is_llada_with_float64_confidence_and_refuses_padding(mmad
     from diffusion_lens.denoising.samplers import LLaDASampler, MMaDASampler
 
     model, _ = mmada
-    sampler = model.adapter.sampler(model)
+    sampler = model.adapter.sampler(model.cfg)
     assert isinstance(sampler, MMaDASampler) and sampler.confidence_dtype == torch.float64
     assert (sampler.steps, sampler.gen_length, sampler.block_size(), sampler.temperature) == (128, 128, 128, 0.0)
     assert sampler.block_length is None and sampler.n_blocks() == 1  # one block: follows gen_length

@@ -206,7 +206,7 @@ def test_llada_sampler_goldens_token_exact(name, run):
     model = HookedDiffusionTransformer.from_pretrained(folder)
     golden = load_file(folder / "golden_generate.safetensors")
     meta = run_metadata(folder / "golden_generate.safetensors")
-    assert type(model.adapter.sampler(model)).__name__ == "LLaDASampler"
+    assert type(model.adapter.sampler(model.cfg)).__name__ == "LLaDASampler"
     out = model.generate(golden[f"{run}.prompt"], attention_mask=golden.get(f"{run}.attention_mask"),
                          mask_id=int(meta["mask_id"]), progress=False, **meta[f"{run}.kwargs"])
     assert torch.equal(out.trajectory, golden[f"{run}.trajectory"])

@@ -52,7 +52,7 @@ def test_block_length_follows_the_response_length_and_keeps_upstream_defaults():
     assert golden["kwargs"] == dict(steps=16, gen_length=16, block_length=16)
     out = model.generate(golden["prompt"], steps=16, gen_length=16, progress=False)  # was "multiple of block_length=128"
     assert torch.equal(out.trajectory, golden["trajectory"]) and torch.equal(out.sequences, golden["output"])
-    default = model.adapter.sampler(model)
+    default = model.adapter.sampler(model.cfg)
     assert (default.gen_length, default.block_size(), default.n_blocks()) == (128, 128, 1)  # upstream's one block
     assert LLaDASampler(steps=32, gen_length=64, block_length=32).n_blocks() == 2
 

@@ -128,8 +128,15 @@ class ModelAdapter:
         finally:
             hf_logging.set_verbosity(verbosity)
 
-    def sampler(self, model) -> "object":
-        """The family's reference sampler with upstream defaults (see `diffusion_lens.denoising`)."""
+    def sampler(self, cfg: DiffusionConfig) -> "object":
+        """The family's reference sampler with upstream defaults (see `diffusion_lens.denoising`).
+
+        Why: `generate` runs it when no `sampler=` is given; samplers see only the config (token ids).
+
+        Example:
+            >>> model.adapter.sampler(model.cfg)
+            LLaDASampler(steps=128, gen_length=128, ...)
+        """
         raise NotImplementedError(f"The {self.name} adapter does not define a sampler.")
 
     def on_loaded(self, model) -> None:

@@ -1,7 +1,10 @@
-"""Denoising: samplers, the per-step `DenoisingState`, `generate`, and step-aware caches/reducers.
+"""Denoising: samplers, the step-0 canvas, the per-step `DenoisingState`, `generate`, and step-aware caches/reducers.
 
-`model.generate(...)`, `model.run_with_cache(..., step=k)` and `model.estimate_cache_bytes(...)`
-are thin entry points into this package; scheduled hooks live in `diffusion_lens.denoising.hooks`.
+`generate` is the one entry point for per-step work (observe with hooks / caches / reducers,
+`stop_after=`, `capture_logits=`, `record=True`, `replay=`); `model.generate` *is* it,
+`model.run_with_cache(..., step=k)` and `model.estimate_cache_bytes(...)` are built on it.
+`build_canvas` makes the canvas every run starts from; scheduled hooks live in
+`diffusion_lens.denoising.hooks`.
 """
 
 from diffusion_lens.denoising.cache import (
@@ -11,13 +14,23 @@ from diffusion_lens.denoising.cache import (
     StepCache,
     StreamingMean,
 )
-from diffusion_lens.denoising.generate import GenerationOutput, estimate_cache_bytes, generate, run_with_step_cache
-from diffusion_lens.denoising.samplers import DreamSampler, LLaDASampler, MMaDASampler, Sampler
+from diffusion_lens.denoising.canvas import build_canvas
+from diffusion_lens.denoising.generate import (
+    DRIVER_OPTIONS,
+    GenerationOutput,
+    estimate_cache_bytes,
+    generate,
+    run_with_step_cache,
+    split_generate_kwargs,
+)
+from diffusion_lens.denoising.replay import with_prompt
+from diffusion_lens.denoising.samplers import CanvasProbe, DreamSampler, LLaDASampler, MMaDASampler, Sampler
 from diffusion_lens.denoising.samplers.base import DEFAULT_SEED
 from diffusion_lens.denoising.state import DenoisingState
 
 __all__ = [
-    "DEFAULT_MAX_CACHE_BYTES", "DEFAULT_SEED", "CacheRequest", "CacheTooLargeError", "DenoisingState", "DreamSampler",
-    "GenerationOutput", "LLaDASampler", "MMaDASampler", "Sampler", "StepCache", "StreamingMean",
-    "estimate_cache_bytes", "generate", "run_with_step_cache",
+    "DEFAULT_MAX_CACHE_BYTES", "DEFAULT_SEED", "DRIVER_OPTIONS", "CacheRequest", "CacheTooLargeError", "CanvasProbe",
+    "DenoisingState", "DreamSampler", "GenerationOutput", "LLaDASampler", "MMaDASampler", "Sampler", "StepCache",
+    "StreamingMean", "build_canvas", "estimate_cache_bytes", "generate", "run_with_step_cache",
+    "split_generate_kwargs", "with_prompt",
 ]

@@ -17,13 +17,22 @@ surrounds it and is the same for every family:
     want (so other steps pay nothing), after the user's hooks (they see steered activations);
   * the step's `DenoisingState` is published as `hook.state` on every hook point before each
     forward and reset to None at the end, even on exceptions;
-  * a tqdm bar over steps (`progress=False` turns it off; it is off anyway outside a TTY).
+  * a tqdm bar over steps (`progress=False` turns it off; it is off anyway outside a TTY);
+  * per-step work as options of the one door, `generate`: `stop_after=s` ends the run after step
+    s's forward, `capture_logits=[...]` keeps raw logits (`out.logits`), `record=True` keeps every
+    step's `DenoisingState` (`out.states`) and `replay=recorded` re-runs a recorded run's forwards
+    on its canvases (teacher forcing, `diffusion_lens.denoising.replay`).
+
+The driver's options are `generate`'s keyword-only parameters, listed once there
+(`DRIVER_OPTIONS` is read from its signature); every other keyword is a sampler option.
+`model.generate` is this function, so `inspect.signature(model.generate)` shows them all.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
 import warnings
+from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 import torch
@@ -41,6 +50,7 @@ from diffusion_lens.denoising.cache import (
     estimate,
     resolve_steps,
 )
+from diffusion_lens.denoising.replay import ReplaySampler, with_prompt, write_prompt
 from diffusion_lens.denoising.samplers.base import DEFAULT_SEED, Sampler
 from diffusion_lens.denoising.state import DenoisingState
 
@@ -55,7 +65,10 @@ class GenerationOutput:
     `sequences` [batch pos]: the full final canvas (prompt, left pads included, then response);
     `texts`: the decoded responses (None without a tokenizer); `trajectory` [steps batch pos]:
     the canvas after every step (None with `return_trajectory=False`); `cache`: the `StepCache`
-    when one was requested; `response_start`: the column where every response starts.
+    when one was requested; `response_start`: the column where every response starts;
+    `logits`: {step: raw forward output [batch pos vocab]} for the steps in `capture_logits`
+    (conditional rows; `model.token_logits` aligns them to tokens); `states`: the `DenoisingState`
+    entering every step run, with `record=True` (what `replay=` takes).
 
     Example:
         >>> out = model.generate(tokens, steps=8, gen_length=16, block_length=8)
@@ -69,6 +82,8 @@ class GenerationOutput:
     cache: Optional[StepCache]
     response_start: int
     attention_mask: Optional[Int[Tensor, "batch pos"]] = None
+    logits: dict = field(default_factory=dict)
+    states: Optional[list[DenoisingState]] = None
 
     @property
     def responses(self) -> Int[Tensor, "batch gen"]:
@@ -78,6 +93,9 @@ class GenerationOutput:
 
 def resolve_sampler(model: HookedDiffusionCore, sampler: Optional[Sampler], options: dict) -> Sampler:
     """The sampler to run: `sampler`, else the adapter's (upstream defaults), with `options` applied.
+
+    An option the sampler does not have raises a TypeError naming the sampler's options and
+    generate's own (`DRIVER_OPTIONS`).
 
     More steps than response positions is an error: every step commits at least one token, so
     the extra forwards could only change nothing.
@@ -92,8 +110,12 @@ def resolve_sampler(model: HookedDiffusionCore, sampler: Optional[Sampler], opti
                 "This model has no adapter, so its sampler is unknown; pass one, e.g. "
                 "generate(..., sampler=diffusion_lens.denoising.LLaDASampler(steps=64, gen_length=64))."
             )
-        sampler = model.adapter.sampler(model)
-    sampler = sampler.with_options(**options) if options else sampler
+        sampler = model.adapter.sampler(model.cfg)
+    if options:
+        try:
+            sampler = sampler.with_options(**options)
+        except TypeError as error:  # name both kinds of keyword, so a typo of either is found
+            raise TypeError(f"{error} generate's own options are {list(DRIVER_OPTIONS)}.") from None
     n_steps, length = sampler.n_steps(), sampler.response_length()
     if n_steps > length:
         raise ValueError(
@@ -136,14 +158,15 @@ def prepare_input(
 
 
 class _Run:
-    """One denoising run: publishes states, installs per-step observer hooks, captures logits."""
+    """One denoising run: publishes states, installs per-step observer hooks, captures logits and states."""
 
-    def __init__(self, model, observers: Sequence, capture_logits: Sequence[int]):
+    def __init__(self, model, observers: Sequence, capture_logits: Sequence[int], record: bool):
         self.model = model
         self.points = tuple(model.hook_dict.values())
         self.observers = list(observers)
         self.capture = set(capture_logits)
         self.logits: dict[int, Tensor] = {}
+        self.states: Optional[list[DenoisingState]] = [] if record else None
 
     def publish(self, state: Optional[DenoisingState]) -> None:
         for point in self.points:
@@ -151,6 +174,8 @@ class _Run:
 
     def forward(self, state: DenoisingState) -> Float[Tensor, "rows pos vocab"]:
         self.publish(state)
+        if self.states is not None:
+            self.states.append(state)
         model = self.model
         step_hooks = [pair for obs in self.observers if obs.wants(state) for pair in obs.hook_pairs]
         if step_hooks:
@@ -162,87 +187,6 @@ class _Run:
             # conditional rows only; cloned because the sampler may edit logits in place
             self.logits[state.step] = logits[: state.batch].clone()
         return model.token_logits(logits)
-
-
-def denoise(
-    model: HookedDiffusionCore,
-    input: GenerateInput,
-    *,
-    attention_mask: Optional[Tensor] = None,
-    hooks=(),
-    cache: Optional[Union[dict, CacheRequest]] = None,
-    reducers: Sequence = (),
-    return_trajectory: bool = True,
-    progress: bool = True,
-    chat: bool = True,
-    seed: Optional[int] = None,
-    generator: Optional[torch.Generator] = None,
-    sampler: Optional[Sampler] = None,
-    max_cache_bytes: Optional[int] = DEFAULT_MAX_CACHE_BYTES,
-    stop_after: Optional[int] = None,
-    capture_logits: Sequence[int] = (),
-    **sampler_options,
-) -> tuple[GenerationOutput, dict[int, Tensor]]:
-    """`generate` plus two internal knobs: stop after a step, and capture raw logits at some steps."""
-    sampler = resolve_sampler(model, sampler, sampler_options)
-    tokens, attention_mask = prepare_input(model, input, attention_mask, chat)
-    batch, response_start = tokens.shape
-    n_pos = response_start + sampler.response_length()
-    n_steps = sampler.n_steps()
-    check_context(model, response_start, sampler.response_length())
-    hooks = flatten_hooks(hooks)
-    check_hooks_fit(model, hooks, reducers, n_steps, sampler.n_blocks(), n_pos, batch)
-    if attention_mask is not None and model.cfg.attention_mask_mode == "ignored":
-        warnings.warn(
-            "This model ignores the attention mask (cfg.attention_mask_mode='ignored', as upstream), so the "
-            "left pads of shorter prompts take part in attention and each row's result depends on its batch-mates. "
-            "Generate prompts of different lengths one at a time to get unbatched results.",
-            stacklevel=3,
-        )
-    observers = list(reducers)
-    recorder = None
-    if cache is not None:
-        request = CacheRequest.build(model, cache, n_steps)
-        if max_cache_bytes is not None:  # (estimating refuses data-dependent MoE expert hooks)
-            check_budget(estimate(model, request, batch, n_pos, response_start, sampler.n_copies()), request, max_cache_bytes)
-        recorder = StepRecorder(model, request, response_start, n_pos, batch, sampler.n_copies(), n_steps)
-        observers.append(recorder)
-    generator = resolve_generator(sampler, seed, generator, tokens.device)
-    last = n_steps - 1 if stop_after is None else stop_after
-    run = _Run(model, observers, capture_logits)
-
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=last + 1, desc="denoising", unit="step", disable=None if progress else True, leave=False)
-    canvases: list[Tensor] = []
-    canvas = tokens
-    try:
-        with torch.no_grad(), model.hooks(fwd_hooks=hooks):
-            for state, canvas in sampler.run(model, tokens, attention_mask, run.forward, generator):
-                if return_trajectory:
-                    canvases.append(canvas)
-                bar.update()
-                if state.step >= last:
-                    break
-    finally:
-        run.publish(None)
-        bar.close()
-
-    texts = None
-    if model.tokenizer is not None:
-        texts = model.to_string(canvas[:, response_start:], skip_special_tokens=True)
-    full_mask = None
-    if attention_mask is not None:
-        full_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, canvas.shape[1] - response_start)], 1)
-    out = GenerationOutput(
-        sequences=canvas,
-        texts=texts,
-        trajectory=torch.stack(canvases) if return_trajectory and canvases else None,
-        cache=recorder.cache if recorder is not None else None,
-        response_start=response_start,
-        attention_mask=full_mask,
-    )
-    return out, run.logits
 
 
 def check_context(model: HookedDiffusionCore, prompt_width: int, response_length: int) -> None:
@@ -312,14 +256,20 @@ def generate(
     generator: Optional[torch.Generator] = None,
     sampler: Optional[Sampler] = None,
     max_cache_bytes: Optional[int] = DEFAULT_MAX_CACHE_BYTES,
+    stop_after: Optional[int] = None,
+    capture_logits: Sequence[int] = (),
+    record: bool = False,
+    replay: Optional[GenerationOutput] = None,
     **sampler_options,
 ) -> GenerationOutput:
     """Denoise a response for each prompt with the family's sampler, hooks and step caches.
 
-    Why: one call runs the reference sampler while hooks steer / record with `hook.state`.
+    Why: the one entry point for per-step work: one call runs the reference sampler while hooks
+    steer / record with `hook.state`, and the options below observe, record, replay or cut the run.
     `sampler_options` override the sampler's (e.g. steps, gen_length or max_new_tokens,
     block_length, temperature, cfg_scale, remasking for LLaDA); the same names work for every
-    family (`Sampler.with_options`). `hooks`: a `(name, fn)` pair, a list or nested lists of them;
+    family (`Sampler.with_options`); an unknown keyword raises a TypeError naming both the
+    sampler's options and these. `hooks`: a `(name, fn)` pair, a list or nested lists of them;
     each is checked against the run before the first forward (a typo, a step or block the run does
     not have, an index outside the canvas: ValueError / KeyError). `seed` makes sampling
     reproducible without touching the global RNG (`generator` gives a generator directly). With
@@ -327,18 +277,145 @@ def generate(
     and sampled runs draw from the global RNG, as upstream.
     `cache=dict(names=, steps=, positions=, device=, dtype=, include_unconditional=)` -> `out.cache`
     (refused before the run if predicted over `max_cache_bytes`). `reducers=[StreamingMean(...)]`.
+    `stop_after=s`: end the run after step s's forward (`out.sequences` is the canvas after it).
+    `capture_logits=[s, ...]`: raw logits of those steps in `out.logits`. `record=True`: every
+    step's `DenoisingState` in `out.states`. `replay=recorded` (an output made with `record=True`):
+    re-run its forwards on its canvases, with `input` (the recorded prompt, or another of the same
+    token shape) in the prompt columns; sampler options and `sampler=` do not apply then.
 
     Example:
         >>> out = model.generate("Tell me a joke", gen_length=64, steps=64, block_length=32)
         >>> out.texts[0], out.sequences.shape, out.trajectory.shape   # [steps batch pos]
         >>> out = model.generate(tokens, hooks=[H.at("blocks.1.hook_resid_post", fn, steps=[2, 3])])
+        >>> first = model.generate(tokens, stop_after=0, capture_logits=[0]).logits[0]   # one forward
+        >>> clean = model.generate(tokens, record=True, steps=8, gen_length=16)
+        >>> steered = model.generate(tokens, replay=clean, hooks=ablate(model, r), capture_logits=[3])
     """
-    out, _ = denoise(
-        model, input, attention_mask=attention_mask, hooks=hooks, cache=cache, reducers=reducers,
-        return_trajectory=return_trajectory, progress=progress, chat=chat, seed=seed, generator=generator,
-        sampler=sampler, max_cache_bytes=max_cache_bytes, **sampler_options,
+    tokens, attention_mask = prepare_input(model, input, attention_mask, chat)
+    if replay is not None:
+        sampler, attention_mask = _replay_sampler(replay, tokens, attention_mask, sampler, sampler_options)
+    else:
+        sampler = resolve_sampler(model, sampler, sampler_options)
+    batch, response_start = tokens.shape
+    n_pos = response_start + sampler.response_length()
+    n_steps = sampler.n_steps()
+    last = _check_steps(stop_after, capture_logits, n_steps)
+    check_context(model, response_start, sampler.response_length())
+    hooks = flatten_hooks(hooks)
+    check_hooks_fit(model, hooks, reducers, n_steps, sampler.n_blocks(), n_pos, batch)
+    if attention_mask is not None and model.cfg.attention_mask_mode == "ignored":
+        warnings.warn(
+            "This model ignores the attention mask (cfg.attention_mask_mode='ignored', as upstream), so the "
+            "left pads of shorter prompts take part in attention and each row's result depends on its batch-mates. "
+            "Generate prompts of different lengths one at a time to get unbatched results.",
+            stacklevel=3,
+        )
+    observers = list(reducers)
+    recorder = None
+    if cache is not None:
+        request = CacheRequest.build(model, cache, n_steps)
+        if max_cache_bytes is not None:  # (estimating refuses data-dependent MoE expert hooks)
+            check_budget(estimate(model, request, batch, n_pos, response_start, sampler.n_copies()), request, max_cache_bytes)
+        recorder = StepRecorder(model, request, response_start, n_pos, batch, sampler.n_copies(), n_steps)
+        observers.append(recorder)
+    generator = resolve_generator(sampler, seed, generator, tokens.device)
+    run = _Run(model, observers, capture_logits, record)
+
+    from tqdm.auto import tqdm  # lazy: tqdm.auto probes for notebooks at import
+
+    bar = tqdm(total=last + 1, desc="denoising", unit="step", disable=None if progress else True, leave=False)
+    canvases: list[Tensor] = []
+    canvas = tokens
+    try:
+        with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+            for state, canvas in sampler.run(model.cfg, tokens, attention_mask, run.forward, generator):
+                if return_trajectory:
+                    canvases.append(canvas)
+                bar.update()
+                if state.step >= last:
+                    break
+    finally:
+        run.publish(None)
+        bar.close()
+
+    texts = None
+    if model.tokenizer is not None:
+        texts = model.to_string(canvas[:, response_start:], skip_special_tokens=True)
+    full_mask = None
+    if attention_mask is not None:
+        full_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, canvas.shape[1] - response_start)], 1)
+    return GenerationOutput(
+        sequences=canvas,
+        texts=texts,
+        trajectory=torch.stack(canvases) if return_trajectory and canvases else None,
+        cache=recorder.cache if recorder is not None else None,
+        response_start=response_start,
+        attention_mask=full_mask,
+        logits=run.logits,
+        states=run.states,
     )
-    return out
+
+
+#: The generate driver's own options (its keyword-only parameters); any other keyword is a sampler option.
+DRIVER_OPTIONS: tuple[str, ...] = tuple(
+    name for name, p in inspect.signature(generate).parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
+)
+
+
+def _check_steps(stop_after: Optional[int], capture_logits: Sequence[int], n_steps: int) -> int:
+    """The last step to run; `stop_after` and `capture_logits` must name steps this run reaches."""
+    if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int)
+                                   or not 0 <= stop_after < n_steps):
+        raise ValueError(f"stop_after={stop_after!r} is not a step of this run: pass an int in 0..{n_steps - 1}.")
+    last = n_steps - 1 if stop_after is None else stop_after
+    bad = sorted(s for s in capture_logits if not 0 <= s <= last)
+    if bad:
+        raise ValueError(f"capture_logits steps {bad} are not run: this run has steps 0..{last}"
+                         f"{' (stop_after)' if stop_after is not None else ''}.")
+    return last
+
+
+def _replay_sampler(
+    recorded: GenerationOutput,
+    tokens: Int[Tensor, "batch prompt_pos"],
+    attention_mask: Optional[Int[Tensor, "batch prompt_pos"]],
+    sampler: Optional[Sampler],
+    sampler_options: dict,
+) -> tuple[ReplaySampler, Optional[Int[Tensor, "batch prompt_pos"]]]:
+    """The replay of `recorded` with `tokens` in the prompt columns, and the recorded prompt mask."""
+    if sampler is not None or sampler_options:
+        given = ["sampler"] * (sampler is not None) + sorted(sampler_options)
+        raise ValueError(f"replay= re-runs the recorded steps, so {given} cannot apply; drop them.")
+    if not isinstance(recorded, GenerationOutput) or recorded.states is None:
+        raise ValueError("replay= takes the output of generate(..., record=True) (its `states`).")
+    states = recorded.states
+    width = recorded.response_start
+    recorded_mask = states[0].attention_mask
+    recorded_mask = None if recorded_mask is None else recorded_mask[:, :width]
+    if tuple(tokens.shape) != (states[0].batch, width):
+        raise ValueError(f"replay= needs a prompt of the recorded shape {(states[0].batch, width)}; got "
+                         f"{tuple(tokens.shape)}. Pass token ids padded like the recorded prompt.")
+    if attention_mask is not None and (recorded_mask is None or not attention_mask.equal(recorded_mask.to(attention_mask))):
+        raise ValueError("The prompt's attention mask differs from the recorded run's; a replay keeps the recorded "
+                         "padding, so pass a prompt padded the same way.")
+    if not tokens.equal(states[0].canvas[:, :width].to(tokens.device)):
+        states = with_prompt(states, tokens)
+    final = write_prompt(recorded.sequences, tokens.to(recorded.sequences.device))
+    return ReplaySampler.of(states, final), recorded_mask
+
+
+def split_generate_kwargs(model: HookedDiffusionCore, generate_kwargs: Optional[dict]) -> tuple[Sampler, dict]:
+    """(the sampler with its options applied, the driver options) from one `generate`-style
+    keyword dict; `sampler=` inside it picks the sampler. The split is `DRIVER_OPTIONS`.
+
+    Example:
+        >>> sampler, driver = split_generate_kwargs(model, dict(steps=8, gen_length=16, seed=0))
+        >>> sampler.n_steps(), driver
+        (8, {'seed': 0})
+    """
+    options = dict(generate_kwargs or {})
+    driver = {k: options.pop(k) for k in list(options) if k in DRIVER_OPTIONS and k != "sampler"}
+    return resolve_sampler(model, options.pop("sampler", None), options), driver
 
 
 def run_with_step_cache(
@@ -358,7 +435,7 @@ def run_with_step_cache(
     Returns `(logits, ActivationCache)` for an int step, where logits are the raw forward output
     at that step [batch pos vocab] (conditional rows under CFG); for a list of steps,
     `({step: logits}, StepCache)`. Other keyword arguments go to `generate` (sampler options,
-    hooks, attention_mask, seed, max_cache_bytes, ...).
+    hooks, attention_mask, seed, max_cache_bytes, ...; not the ones this call sets).
 
     Example:
         >>> logits, cache = model.run_with_cache(tokens, step=3, steps=8, gen_length=16, block_length=8)
@@ -370,24 +447,17 @@ def run_with_step_cache(
     steps = [step] if single else list(step)
     if not steps:
         raise ValueError("step=[] asks for no step; pass an int or a non-empty list.")
-    generate_kwargs.setdefault("progress", False)
-    generate_kwargs.setdefault("return_trajectory", False)
-    sampler_options = {k: generate_kwargs.pop(k) for k in list(generate_kwargs) if k not in _GENERATE_ARGS}
-    sampler = resolve_sampler(model, generate_kwargs.pop("sampler", None), sampler_options)
+    sampler, driver = split_generate_kwargs(model, generate_kwargs)
+    taken = sorted(set(driver) & {"cache", "stop_after", "capture_logits", "record", "replay"})
+    if taken:
+        raise ValueError(f"run_with_cache(step=...) sets {taken} itself; call model.generate for other uses.")
     wanted = resolve_steps(steps, sampler.n_steps())
     request = dict(names=names_filter, steps=wanted, positions=positions, device=device, dtype=dtype)
-    out, logits = denoise(
-        model, input, cache=request, sampler=sampler, stop_after=wanted[-1], capture_logits=wanted, **generate_kwargs
-    )
+    out = generate(model, input, cache=request, sampler=sampler, stop_after=wanted[-1], capture_logits=wanted,
+                   **{"progress": False, "return_trajectory": False, **driver})
     if single:
-        return logits[wanted[0]], out.cache[wanted[0]]
-    return logits, out.cache
-
-
-_GENERATE_ARGS = {
-    "attention_mask", "hooks", "reducers", "return_trajectory", "progress", "chat", "seed", "generator",
-    "max_cache_bytes", "sampler",
-}
+        return out.logits[wanted[0]], out.cache[wanted[0]]
+    return out.logits, out.cache
 
 
 def estimate_cache_bytes(
@@ -395,30 +465,39 @@ def estimate_cache_bytes(
     input: Union[GenerateInput, tuple[int, int]],
     *,
     cache: Union[dict, CacheRequest],
-    attention_mask: Optional[Tensor] = None,
-    chat: bool = True,
-    sampler: Optional[Sampler] = None,
-    **sampler_options,
+    **generate_kwargs,
 ) -> int:
-    """Exact bytes that `generate(input, cache=cache, **sampler_options)` would store (nothing is run).
+    """Exact bytes that `generate(input, cache=cache, **generate_kwargs)` would store (nothing is run).
 
     Why: size a cache request before paying for it; shapes come from the config and the sampler.
-    `input` is what you would pass to generate (only tokenized), or a `(batch, prompt_width)` pair.
+    `input` is what you would pass to generate (only tokenized), or a `(batch, prompt_width)` pair;
+    `generate_kwargs` are generate's (the same dict works for both calls).
 
     Example:
         >>> request = dict(names="blocks.*.hook_resid_post", steps=[0, 5], positions="response")
         >>> model.estimate_cache_bytes(tokens, cache=request, steps=8, gen_length=16, block_length=8)
         >>> model.generate(tokens, cache=request, steps=8, gen_length=16, block_length=8).cache.nbytes  # same
     """
-    sampler = resolve_sampler(model, sampler, sampler_options)
+    sampler, driver = split_generate_kwargs(model, generate_kwargs)
+    if driver.get("replay") is not None:
+        sampler = ReplaySampler.of(driver["replay"].states or (), driver["replay"].sequences)
     if isinstance(input, tuple) and len(input) == 2 and all(isinstance(v, int) for v in input):
         batch, response_start = input
     else:
-        tokens, _ = prepare_input(model, input, attention_mask, chat)
+        tokens, _ = prepare_input(model, input, driver.get("attention_mask"), driver.get("chat", True))
         batch, response_start = tokens.shape
     request = CacheRequest.build(model, cache, sampler.n_steps())
     n_pos = response_start + sampler.response_length()
     return estimate(model, request, batch, n_pos, response_start, sampler.n_copies()).total
 
 
-__all__ = ["GenerationOutput", "generate", "run_with_step_cache", "estimate_cache_bytes", "resolve_sampler", "denoise"]
+def denoise(model: HookedDiffusionCore, input: GenerateInput, **generate_kwargs) -> tuple[GenerationOutput, dict]:
+    """`(generate(...), its captured logits)`: the old private entry, until steering.directions calls generate."""
+    out = generate(model, input, **generate_kwargs)
+    return out, out.logits
+
+
+__all__ = [
+    "DRIVER_OPTIONS", "GenerationOutput", "estimate_cache_bytes", "generate", "resolve_sampler", "run_with_step_cache",
+    "split_generate_kwargs",
+]

@@ -6,7 +6,9 @@ They meet at `run(...)`: the sampler builds a `DenoisingState` for each step, ha
 driver's `forward(state)` (which publishes the state to the hook points and runs the model on
 `state.model_input`), and yields `(state, canvas_after_step)`.
 
-A family's adapter returns its sampler, with upstream defaults, from `ModelAdapter.sampler(model)`.
+A family's adapter returns its sampler, with upstream defaults, from `ModelAdapter.sampler(cfg)`.
+Samplers see the model only through `cfg` (special token ids) and `forward`, so the algorithm
+needs nothing but the config; every sampler starts from `canvas.build_canvas`.
 To add a family with a new algorithm: subclass `Sampler` as a frozen dataclass of its options,
 implement `n_steps`, `response_length`, `n_copies`, `n_blocks` (semi-autoregressive samplers),
 `stochastic` and `run`, and return it from the adapter.
@@ -27,7 +29,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from diffusion_lens.core.model import HookedDiffusionCore
+from diffusion_lens.core.config import DiffusionConfig
 from diffusion_lens.denoising.state import DenoisingState
 
 #: The names of the response length: a sampler has one as a field, `with_options` maps the other onto it.
@@ -46,7 +48,7 @@ class Sampler:
     `with_options`, and the same object describes the run to the cache-size estimator.
 
     Example:
-        >>> sampler = model.adapter.sampler(model).with_options(steps=64, gen_length=64)
+        >>> sampler = model.adapter.sampler(model.cfg).with_options(steps=64, gen_length=64)
         >>> sampler.n_steps(), sampler.response_length()
         (64, 64)
     """
@@ -118,13 +120,14 @@ class Sampler:
 
     def run(
         self,
-        model: HookedDiffusionCore,
+        cfg: DiffusionConfig,
         prompt: Int[Tensor, "batch prompt_pos"],
         attention_mask: Optional[Int[Tensor, "batch prompt_pos"]],
         forward: Forward,
         generator: Optional[torch.Generator] = None,
     ) -> Iterator[tuple[DenoisingState, Int[Tensor, "batch pos"]]]:
-        """Denoise `prompt` + `response_length()` masks; yield (state of the step, canvas after it).
+        """Denoise `prompt` + `response_length()` masks (`build_canvas`); yield (state of the step,
+        canvas after it). `cfg` supplies the default special token ids; `forward` runs the model.
 
         The canvas yielded must be a new tensor each step (never modified in place afterwards),
         so that `state.canvas` and recorded trajectories stay valid.
@@ -136,13 +139,13 @@ def resolve_token_id(given: Optional[int], default: Optional[int], option: str, 
     """A sampler's special-token id: the option if given, else the model config's, else a clear error.
 
     Example:
-        >>> mask_id = resolve_token_id(self.mask_id, model.cfg.mask_token_id, "mask_id", "mask_token_id")
+        >>> mask_id = resolve_token_id(self.mask_id, cfg.mask_token_id, "mask_id", "mask_token_id")
     """
     if given is not None:
         return given
     if default is None:
         raise ValueError(
-            f"The sampler needs `{option}`, and model.cfg.{cfg_field} is None; pass {option}=... to generate."
+            f"The sampler needs `{option}`, and the model config's {cfg_field} is None; pass {option}=... to generate."
         )
     return default
 

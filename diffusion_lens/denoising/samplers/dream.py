@@ -24,6 +24,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from diffusion_lens.core.config import DiffusionConfig
+from diffusion_lens.denoising.canvas import build_canvas
 from diffusion_lens.denoising.samplers.base import Forward, Sampler, resolve_token_id
 from diffusion_lens.denoising.state import DenoisingState
 
@@ -110,22 +112,18 @@ class DreamSampler(Sampler):
 
     def run(
         self,
-        model,
+        cfg: DiffusionConfig,
         prompt: Int[Tensor, "batch prompt_pos"],
         attention_mask: Optional[Int[Tensor, "batch prompt_pos"]],
         forward: Forward,
         generator: Optional[torch.Generator] = None,
     ) -> Iterator[tuple[DenoisingState, Int[Tensor, "batch pos"]]]:
-        mask_id = resolve_token_id(self.mask_id, model.cfg.mask_token_id, "mask_id", "mask_token_id")
-        batch, prompt_width = prompt.shape
+        mask_id = resolve_token_id(self.mask_id, cfg.mask_token_id, "mask_id", "mask_token_id")
+        prompt_width = prompt.shape[1]
         device = prompt.device
-        x = torch.cat([prompt, prompt.new_full((batch, self.max_new_tokens), mask_id)], dim=1)
-        if attention_mask is not None and bool((attention_mask == 0).any()):
-            # Generated slots are attendable; the forward turns this into upstream's 4D mask
-            # (pad queries and keys hidden) and renumbered positions (cfg of the Dream adapter).
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, self.max_new_tokens)], dim=1)
-        else:
-            attention_mask = None
+        # Generated slots are attendable; the forward turns a padded mask into upstream's 4D mask
+        # (pad queries and keys hidden) and renumbered positions (cfg of the Dream adapter).
+        x, attention_mask = build_canvas(prompt, attention_mask, self.max_new_tokens, mask_id)
         if self.tokens_hook is not None:
             x = self.tokens_hook(None, x.clone(), None)
         timesteps = torch.linspace(1, self.eps, self.steps + 1, device=device)

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from diffusion_lens.core.config import DiffusionConfig
+from diffusion_lens.denoising.canvas import build_canvas
 from diffusion_lens.denoising.samplers.base import Forward, Sampler, resolve_token_id
 from diffusion_lens.denoising.state import DenoisingState
 
@@ -45,7 +47,7 @@ class LLaDASampler(Sampler):
     One deliberate difference: upstream crashes for `cfg_scale > 0` without an attention mask;
     here that runs without a mask (which is what an all-ones mask does).
 
-    `eos_id` / `eot_id` / `mask_id` default to `model.cfg.eos_token_id` / `eot_token_id` /
+    `eos_id` / `eot_id` / `mask_id` default to `cfg.eos_token_id` / `eot_token_id` /
     `mask_token_id` (upstream hard-codes 126081 / 126348 / 126336, the same ids for LLaDA-8B).
     Random numbers: one float64 uniform draw of the full [batch pos vocab] logits per step
     (temperature > 0), then one [batch pos] draw for random remasking, from `generator` (or the
@@ -117,19 +119,17 @@ class LLaDASampler(Sampler):
 
     def run(
         self,
-        model,
+        cfg: DiffusionConfig,
         prompt: Int[Tensor, "batch prompt_pos"],
         attention_mask: Optional[Int[Tensor, "batch prompt_pos"]],
         forward: Forward,
         generator: Optional[torch.Generator] = None,
     ) -> Iterator[tuple[DenoisingState, Int[Tensor, "batch pos"]]]:
-        mask_id = resolve_token_id(self.mask_id, model.cfg.mask_token_id, "mask_id", "mask_token_id")
-        suppressed = self._suppressed_ids(model.cfg)
+        mask_id = resolve_token_id(self.mask_id, cfg.mask_token_id, "mask_id", "mask_token_id")
+        suppressed = self._suppressed_ids(cfg)
         batch, prompt_width = prompt.shape
         device = prompt.device
-        x = torch.cat([prompt, prompt.new_full((batch, self.gen_length), mask_id)], dim=1)
-        if attention_mask is not None:
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, self.gen_length)], dim=1)
+        x, attention_mask = build_canvas(prompt, attention_mask, self.gen_length, mask_id)
         prompt_index = x != mask_id  # fixed at the start: pads included, prompt masks excluded
         guided = self.cfg_scale > 0
         model_mask = attention_mask

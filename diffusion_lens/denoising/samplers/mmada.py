@@ -21,6 +21,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from diffusion_lens.core.config import DiffusionConfig
 from diffusion_lens.denoising.samplers.base import Forward
 from diffusion_lens.denoising.samplers.llada import LLaDASampler
 from diffusion_lens.denoising.state import DenoisingState
@@ -45,7 +46,7 @@ class MMaDASampler(LLaDASampler):
 
     def run(
         self,
-        model,
+        cfg: DiffusionConfig,
         prompt: Int[Tensor, "batch prompt_pos"],
         attention_mask: Optional[Int[Tensor, "batch prompt_pos"]],
         forward: Forward,
@@ -57,7 +58,7 @@ class MMaDASampler(LLaDASampler):
                 "turns the whole batch causal when any row is padded). Generate prompts of different "
                 "lengths one at a time, or pass equal-length prompts."
             )
-        yield from super().run(model, prompt, None, forward, generator)
+        yield from super().run(cfg, prompt, None, forward, generator)
 
 
 __all__ = ["MMaDASampler"]
