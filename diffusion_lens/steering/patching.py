@@ -7,7 +7,7 @@ Two aligned replays of the same denoising process are compared:
   chosen step(s) and position(s), one hook point's activation is replaced by the clean run's.
   `metric(out)` reads the patched run's `GenerationOutput`.
 * ``mode="teacher_forced"``: every forward runs on the clean run's canvases with the corrupted
-  prompt written in (`replay.with_prompt`), so the inputs stay aligned at every step whatever
+  prompt written in (`model.generate(corrupt, replay=clean)`), so the inputs stay aligned at every step whatever
   is patched; `metric(logits)` reads {step: per-token logits [batch pos vocab]} of all steps.
 
 Effects are `metric(patched) - metric(corrupted)`, shaped [name step pos] over the requested
@@ -27,6 +27,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from diffusion_lens.core.results_io import load_result, require_pandas, save_result
+from diffusion_lens.denoising.generate import split_generate_kwargs
 from diffusion_lens.steering._common import progress_bar
 from diffusion_lens.steering.activations import PromptsInput, prepare_prompts
 
@@ -168,7 +169,6 @@ def patch_across_steps(
         ...                          positions=[[-1], "response"], generate_kwargs=opts)
     """
     from diffusion_lens.denoising import hooks as H
-    from diffusion_lens.steering.replay import record_run, replay, split_generate_kwargs, with_prompt
 
     if mode not in ("generate", "teacher_forced"):
         raise ValueError(f"mode must be 'generate' or 'teacher_forced'; got {mode!r}.")
@@ -221,18 +221,25 @@ def patch_across_steps(
                     effects[i, j, k] = _scalar(metric(run(corrupt_tokens, hooks=[hook]))) - corrupted
                     bar.update()
     else:
-        recorded = record_run(model, clean_tokens, None, sampler=sampler, cache=cache_request,
-                              capture_logits=list(range(n_steps)), **driver)
-        source = recorded.output.cache
-        corrupt_states = with_prompt(recorded.states, corrupt_tokens)
-        clean_value = _scalar(metric(recorded.logits))
-        corrupted = _scalar(metric(replay(model, recorded, states=corrupt_states)))
+        every_step = list(range(n_steps))
+
+        def token_logits(out):
+            return {s: model.token_logits(t) for s, t in out.logits.items()}
+
+        def replay_corrupt(hooks=()):  # the clean canvases with the corrupt prompt written in
+            return token_logits(model.generate(corrupt_tokens, replay=recorded, hooks=list(hooks), progress=False,
+                                               return_trajectory=False, capture_logits=every_step))
+
+        recorded = model.generate(clean_tokens, sampler=sampler, cache=cache_request, record=True,
+                                  capture_logits=every_step, **{"progress": False, **driver})
+        source = recorded.cache
+        clean_value = _scalar(metric(token_logits(recorded)))
+        corrupted = _scalar(metric(replay_corrupt()))
         for i, name in enumerate(names):
             for j, group in enumerate(step_groups):
                 for k, pos in enumerate(pos_groups):
                     hook = H.at(name, patcher(name, source), steps=group, positions=pos, cfg="conditional")
-                    logits = replay(model, recorded, states=corrupt_states, hooks=[hook])
-                    effects[i, j, k] = _scalar(metric(logits)) - corrupted
+                    effects[i, j, k] = _scalar(metric(replay_corrupt([hook]))) - corrupted
                     bar.update()
     bar.close()
     return PatchingResult(effects, names, [_label(g) for g in step_groups], [_label(p) for p in pos_groups],

@@ -18,6 +18,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from diffusion_lens.core.results_io import load_result, require_pandas, save_result
+from diffusion_lens.denoising.generate import split_generate_kwargs
 from diffusion_lens.steering._common import LayerSpec, check_vector, progress_bar, resolve_layers
 from diffusion_lens.steering.activations import PromptsInput, batch_indices, check_batch_size, left_pad, prepare_prompts
 from diffusion_lens.steering.interventions import ablate
@@ -140,8 +141,6 @@ def sensitivity(
         >>> sens = sensitivity(model, r, harmful, over=("layers", "steps"), window=8, generate_kwargs=opts)
         >>> fig = diffusion_lens.plot.sensitivity_heatmap(sens)
     """
-    from diffusion_lens.steering.replay import record_run, split_generate_kwargs
-
     vector = check_vector(model, direction, name="direction")
     axes = (over,) if isinstance(over, str) else tuple(over)
     if not axes or len(axes) > 2 or any(a not in AXES for a in axes) or (len(axes) == 2 and axes[0] != "layers") \
@@ -171,9 +170,7 @@ def sensitivity(
                                  "per prompt or one for the batch.")
         return total / count
 
-    first = record_run(model, batches[0][0], batches[0][1], stop_after=0, sampler=sampler,
-                       **{k: v for k, v in driver.items() if k in ("seed", "generator")})
-    n_steps, n_blocks = first.states[0].n_steps, first.states[0].n_blocks
+    n_steps, n_blocks = sampler.n_steps(), sampler.n_blocks()
     layer_list = resolve_layers(model, layers)
     rows: list = ["all"]
     if "layers" in axes:
