@@ -15,6 +15,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from diffusion_lens.denoising import hooks as H
+
 LayerSpec = Union[str, int, Iterable[int], None]
 Hook = tuple[str, Callable]
 
@@ -111,18 +113,16 @@ def check_hook_names(model, names: Sequence[str]) -> None:
     model.check_hook_names(list(names))
 
 
-def schedule(hooks: list[Hook], steps: Any = None, positions: Any = None, blocks: Any = None) -> list[Hook]:
-    """Restrict hook functions to denoising `steps`, semi-autoregressive `blocks` and `positions`.
+def schedule(hooks: list[Hook], steps: Any = None, positions: Any = None, denoise_blocks: Any = None) -> list[Hook]:
+    """Restrict hook functions to denoising `steps`, semi-autoregressive `denoise_blocks` and `positions`.
 
     The scheduling rules live in `diffusion_lens.denoising.hooks.at` (one place for them); this only
     forwards. With all three None the hooks are returned unchanged and fire at every step and
     position. In a plain forward (no denoising state) step / block filters do not apply.
     """
-    if steps is None and positions is None and blocks is None:
+    if steps is None and positions is None and denoise_blocks is None:
         return hooks
-    from diffusion_lens.denoising import hooks as H
-
-    return [H.at(name, fn, steps=steps, blocks=blocks, positions=positions) for name, fn in hooks]
+    return [H.at(name, fn, steps=steps, denoise_blocks=denoise_blocks, positions=positions) for name, fn in hooks]
 
 
 def progress_bar(total: int, desc: str, progress: bool):

@@ -20,8 +20,14 @@ lo_j <= a_j <= hi_j and passes through unchanged otherwise (per position, per di
 `support="minmax"` is (0, 1), ml-act's default for Linear-ACT. A gated map is not affine and
 cannot be folded into weights.
 
+`AffineMap` is also the package's one intervention type: a site may carry a low-rank term,
+T(a) = omega * a + U (V^T a) + beta with U, V [d k]. `AffineMap.from_ablation` (and `ablate`,
+`orthogonalize_weights`) is omega = 1, U = -r, V = r; `from_addition` (and `add`) is beta only.
+Hooks, folds and weight orthogonalisation all run `diffusion_lens.steering.edits.SiteEdit`.
+
 `fold(model, map)` writes an ungated map into a linear layer, exactly (zero inference overhead).
-Foldable sites, and the layer each folds into:
+With a low-rank term, A = diag(omega) + U V^T takes the place of diag(omega) in the rules below,
+at rank-k cost (U (V^T W), never a [d d] matrix). Foldable sites, and the layer each folds into:
 
 ==============================  =========================  ==========================================
 site                            linear layer               rule
@@ -57,13 +63,17 @@ applies it: the saved folder reproduces the runtime map (docs/concepts.md, "Savi
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from jaxtyping import Float
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from diffusion_lens.core.deprecation import no_keywords_left, renamed_keyword
 from diffusion_lens.steering._common import (
     Hook,
     check_strength,
@@ -71,6 +81,8 @@ from diffusion_lens.steering._common import (
     schedule,
     unit,
 )
+from diffusion_lens.steering.collect import collect_activations
+from diffusion_lens.steering.edits import EditHook, SiteEdit, fold_consumer, fold_producer, fold_rows
 
 TransportKind = str  # "mean" | "gaussian" | "linear"
 KINDS = ("mean", "gaussian", "linear")
@@ -79,11 +91,16 @@ KINDS = ("mean", "gaussian", "linear")
 # ----------------------------------------------------------------------------- the map
 @dataclass
 class AffineMap:
-    """Per-site affine maps T(a) = omega * a + beta, with a strength and an optional support gate.
+    """Per-site affine edits T(a) = omega * a + U (V^T a) + beta, with a strength and an optional support gate.
 
-    For each site, `omega[site]` has the activation's feature shape (a per-dimension map) or is a
-    [d d] matrix acting as T(a) = omega @ a + beta (used for directional ablation,
-    omega = I - r r^T). All tensors are kept in float64; hooks cast to the activation's dtype.
+    The one intervention type of the package: `ablate`, `add`, `fit_transport`, `fold` and
+    `orthogonalize_weights` all build or consume it, and every application runs the same
+    `SiteEdit` formula (`diffusion_lens.steering.edits`). For each site, `omega[site]` has the
+    activation's feature shape (a per-dimension map) or is a [d d] matrix acting as omega @ a
+    (Linear-ACT with cross terms, or a map saved by an older version). `low_rank[site] = (U, V)`,
+    both [d k], adds U (V^T a): directional ablation of orthonormal rows Q is omega = 1,
+    U = -Q^T, V = Q^T, so a direction costs O(d) numbers, not a [d d] matrix. All tensors are kept
+    in float64; hooks cast to the activation's dtype.
 
     Example:
         >>> amap = fit_transport("linear", src_acts, tgt_acts)        # {site: [n d]} each
@@ -98,6 +115,7 @@ class AffineMap:
     support: Optional[dict[str, tuple[Tensor, Tensor]]] = None
     support_quantiles: Optional[tuple[float, float]] = None
     info: dict = field(default_factory=dict)
+    low_rank: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if set(self.omega) != set(self.beta):
@@ -116,6 +134,8 @@ class AffineMap:
                     f"[d d] = {(beta.numel(), beta.numel())} with a 1-D beta (full matrix); got {tuple(omega.shape)}."
                 )
             self.omega[site], self.beta[site] = omega.double(), beta.double()
+        for site, factors in self.low_rank.items():
+            self.low_rank[site] = _check_low_rank(site, factors, self.beta.get(site))
         if self.support is not None:
             missing = set(self.omega) - set(self.support)
             if missing:
@@ -137,23 +157,25 @@ class AffineMap:
             >>> amap = AffineMap.from_ablation(r, ["blocks.3.hook_attn_out", "blocks.3.hook_mlp_out"])
             >>> fold(model, amap)              # == ablating r at those two sites
         """
-        r = unit(direction)
-        omega = torch.eye(r.numel(), dtype=torch.float64) - torch.outer(r, r)
-        zero = torch.zeros_like(r)
-        return cls({s: omega.clone() for s in sites}, {s: zero.clone() for s in sites}, kind="ablation")
+        return cls._projection(unit(direction)[None], sites)
 
     @classmethod
     def from_subspace_ablation(cls, basis: Float[Tensor, "k d"], sites: Sequence[str]) -> "AffineMap":
-        """Ablation of the span of `basis` rows: omega = I - Q^T Q.
+        """Ablation of the span of `basis` rows: x -> x - (x Q^T) Q with Q = orthonormalised rows (QR).
 
         Example:
             >>> amap = AffineMap.from_subspace_ablation(dirs.subspace(k=2), ["blocks.1.hook_mlp_out"])
             >>> hooks = amap.as_hooks()
         """
-        q = orthonormal_rows(basis)
-        omega = torch.eye(q.shape[1], dtype=torch.float64) - q.T @ q
-        zero = torch.zeros(q.shape[1], dtype=torch.float64)
-        return cls({s: omega.clone() for s in sites}, {s: zero.clone() for s in sites}, kind="ablation")
+        return cls._projection(orthonormal_rows(basis), sites)
+
+    @classmethod
+    def _projection(cls, q: Tensor, sites: Sequence[str]) -> "AffineMap":
+        """omega = 1, beta = 0, U = -Q^T, V = Q^T at each site (rank k, O(d k) numbers per site)."""
+        d = q.shape[1]
+        ones, zeros = (torch.full((d,), value, dtype=torch.float64, device=q.device) for value in (1.0, 0.0))
+        return cls({s: ones.clone() for s in sites}, {s: zeros.clone() for s in sites}, kind="ablation",
+                   low_rank={s: (-q.T.contiguous(), q.T.contiguous()) for s in sites})
 
     @classmethod
     def from_addition(cls, vector: Float[Tensor, " d"], alpha: float, sites: Sequence[str]) -> "AffineMap":
@@ -184,6 +206,20 @@ class AffineMap:
         """
         return replace(self, strength=check_strength(strength))
 
+    def edit(self, site: str, strength: Optional[float] = None) -> SiteEdit:
+        """The `SiteEdit` that hooks and folds apply at `site` at strength l (identity parts dropped).
+
+        Example:
+            >>> amap.edit("blocks.1.hook_mlp_out", strength=0.5).rank    # 0 for transport maps
+        """
+        self._check_site(site)
+        lam = self.strength if strength is None else check_strength(strength)
+        omega, beta = self.omega[site], self.beta[site]
+        u, v = self.low_rank.get(site, (None, None))
+        edit = SiteEdit(tuple(beta.shape), omega, beta, u, v).at_strength(lam)
+        identity = not edit.full and bool((edit.omega == 1).all())
+        return replace(edit, omega=None if identity else edit.omega, beta=edit.beta if bool(edit.beta.any()) else None)
+
     def without_support(self) -> "AffineMap":
         """The same map with the support gate removed (so that it can be folded).
 
@@ -196,6 +232,9 @@ class AffineMap:
     def coefficients(self, site: str, strength: Optional[float] = None) -> tuple[Tensor, Tensor]:
         """(omega_l, beta_l) at strength l: omega_l = l omega + (1 - l), beta_l = l beta (float64).
 
+        A site with a low-rank term returns it as a dense [d d] omega_l (l U V^T added): an explicit
+        request for the matrix; hooks and folds keep the low-rank form (`edit`).
+
         Example:
             >>> omega_l, beta_l = amap.coefficients("blocks.1.hook_mlp_out", strength=0.3)
             >>> torch.allclose(omega_l * a + beta_l, 0.7 * a + 0.3 * (omega * a + beta))
@@ -204,7 +243,11 @@ class AffineMap:
         lam = self.strength if strength is None else check_strength(strength)
         omega, beta = self.omega[site], self.beta[site]
         identity = torch.eye(omega.shape[0], dtype=omega.dtype) if _is_full(omega, beta) else torch.ones_like(omega)
-        return lam * omega + (1.0 - lam) * identity, lam * beta
+        omega_l = lam * omega + (1.0 - lam) * identity
+        if site in self.low_rank:
+            u, v = self.low_rank[site]
+            omega_l = (omega_l if _is_full(omega, beta) else torch.diag(omega_l)) + lam * (u @ v.T)
+        return omega_l, lam * beta
 
     def apply(self, site: str, act: Tensor, strength: Optional[float] = None) -> Tensor:
         """T_l(act) for activations [..., *feature_shape] at `site` (gate included), in act's dtype.
@@ -213,21 +256,34 @@ class AffineMap:
             >>> mapped = amap.apply("blocks.1.hook_mlp_out", acts)           # acts [n d]
             >>> mapped.mean(0)  # ~ the target mean for Mean-ACT / Gaussian maps
         """
-        return _MapHook(self, site, strength)(act)
+        return self._hook(site, strength)(act)
 
     def as_hooks(
-        self, strength: Optional[float] = None, *, steps: Any = None, positions: Any = None, blocks: Any = None
+        self,
+        strength: Optional[float] = None,
+        *,
+        steps: Any = None,
+        positions: Any = None,
+        denoise_blocks: Any = None,
+        **deprecated: Any,
     ) -> list[Hook]:
-        """Hook list applying the map at every site (restricted to `steps` / `blocks` / `positions`
-        if given, with `diffusion_lens.denoising.hooks.at` semantics).
+        """Hook list applying the map at every site (restricted to `steps` / `denoise_blocks` /
+        `positions` if given, with `diffusion_lens.denoising.hooks.at` semantics; `blocks=` is the
+        old name of `denoise_blocks=`).
 
         Example:
             >>> hooks = amap.as_hooks(strength=0.4)
             >>> logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
             >>> out = model.generate(prompt, hooks=amap.as_hooks(0.4, steps=range(4)))
         """
-        hooks = [(site, _MapHook(self, site, strength)) for site in self.sites]
-        return schedule(hooks, steps, positions, blocks)
+        denoise_blocks = renamed_keyword(deprecated, "blocks", "denoise_blocks", denoise_blocks, where="AffineMap.as_hooks")
+        no_keywords_left(deprecated, "AffineMap.as_hooks")
+        hooks = [(site, self._hook(site, strength)) for site in self.sites]
+        return schedule(hooks, steps, positions, denoise_blocks)
+
+    def _hook(self, site: str, strength: Optional[float]) -> EditHook:
+        support = None if self.support is None else self.support[site]
+        return EditHook(self.edit(site, strength), f"AffineMap ({self.kind})", support)
 
     def to(self, device: Union[str, torch.device]) -> "AffineMap":
         """A copy with every tensor on `device` (hooks cast lazily anyway; this moves the storage).
@@ -240,6 +296,7 @@ class AffineMap:
         return replace(
             self, omega={s: t.to(device) for s, t in self.omega.items()},
             beta={s: t.to(device) for s, t in self.beta.items()}, support=support,
+            low_rank={s: (u.to(device), v.to(device)) for s, (u, v) in self.low_rank.items()},
         )
 
     def save(self, path) -> None:
@@ -249,14 +306,13 @@ class AffineMap:
             >>> amap.save("ifeval_linear.safetensors")
             >>> AffineMap.load("ifeval_linear.safetensors").sites
         """
-        import json
-
-        from safetensors.torch import save_file
-
         tensors = {}
         for site in self.sites:
             tensors[f"omega/{site}"] = self.omega[site].contiguous().cpu()
             tensors[f"beta/{site}"] = self.beta[site].contiguous().cpu()
+            if site in self.low_rank:
+                tensors[f"u/{site}"] = self.low_rank[site][0].contiguous().cpu()
+                tensors[f"v/{site}"] = self.low_rank[site][1].contiguous().cpu()
             if self.support is not None:
                 tensors[f"lo/{site}"] = self.support[site][0].contiguous().cpu()
                 tensors[f"hi/{site}"] = self.support[site][1].contiguous().cpu()
@@ -272,21 +328,19 @@ class AffineMap:
             >>> amap = AffineMap.load("ifeval_linear.safetensors")
             >>> hooks = amap.as_hooks()
         """
-        import json
-
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata()
             sites = json.loads(meta["sites"])
             omega = {s: f.get_tensor(f"omega/{s}") for s in sites}
             beta = {s: f.get_tensor(f"beta/{s}") for s in sites}
+            keys = set(f.keys())
+            low_rank = {s: (f.get_tensor(f"u/{s}"), f.get_tensor(f"v/{s}")) for s in sites if f"u/{s}" in keys}
             support = None
-            if f"lo/{sites[0]}" in f.keys():
+            if f"lo/{sites[0]}" in keys:
                 support = {s: (f.get_tensor(f"lo/{s}"), f.get_tensor(f"hi/{s}")) for s in sites}
         quantiles = json.loads(meta["support_quantiles"])
         return cls(omega, beta, kind=meta["kind"], strength=float(meta["strength"]), support=support,
-                   support_quantiles=None if quantiles is None else tuple(quantiles))
+                   support_quantiles=None if quantiles is None else tuple(quantiles), low_rank=low_rank)
 
     def _check_site(self, site: str) -> None:
         if site not in self.omega:
@@ -294,45 +348,27 @@ class AffineMap:
 
     def __repr__(self) -> str:
         gate = f", support={self.support_quantiles}" if self.is_gated else ""
-        return f"AffineMap(kind={self.kind!r}, sites={self.sites}, strength={self.strength}{gate})"
+        rank = f", rank={sorted({u.shape[1] for u, _ in self.low_rank.values()})}" if self.low_rank else ""
+        return f"AffineMap(kind={self.kind!r}, sites={self.sites}, strength={self.strength}{rank}{gate})"
 
 
 def _is_full(omega: Tensor, beta: Tensor) -> bool:
     return beta.ndim == 1 and omega.ndim == 2 and omega.shape == (beta.shape[0], beta.shape[0])
 
 
-class _MapHook:
-    """Hook function for one site of an AffineMap (casts the coefficients once per dtype/device)."""
-
-    def __init__(self, amap: AffineMap, site: str, strength: Optional[float]):
-        self.site = site
-        self.omega, self.beta = amap.coefficients(site, strength)
-        self.full = _is_full(self.omega, self.beta)
-        self.support = None if amap.support is None else amap.support[site]
-        self._cast: dict[tuple, tuple] = {}
-
-    def _get(self, act: Tensor):
-        dtype = torch.float32 if act.dtype in (torch.float16, torch.bfloat16) else act.dtype
-        key = (act.device, dtype)
-        if key not in self._cast:
-            support = None if self.support is None else tuple(t.to(act.device, dtype) for t in self.support)
-            self._cast[key] = (self.omega.to(act.device, dtype), self.beta.to(act.device, dtype), support)
-        return self._cast[key]
-
-    def __call__(self, act: Tensor, hook=None) -> Tensor:
-        feature_shape = tuple(self.beta.shape)
-        if tuple(act.shape[act.ndim - len(feature_shape):]) != feature_shape:
-            raise ValueError(
-                f"AffineMap site {self.site!r}: the activation has shape {tuple(act.shape)}, expected trailing "
-                f"dimensions {feature_shape}."
-            )
-        omega, beta, support = self._get(act)
-        x = act.to(omega.dtype)
-        mapped = (x @ omega.T if self.full else x * omega) + beta
-        if support is not None:
-            inside = (x >= support[0]) & (x <= support[1])
-            mapped = torch.where(inside, mapped, x)
-        return mapped.to(act.dtype)
+def _check_low_rank(site: str, factors: Any, beta: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """(U, V) as float64 [d k] each, for a site with a 1-D beta [d]."""
+    if beta is None:
+        raise ValueError(f"low_rank names site {site!r}, which omega and beta do not have.")
+    if not (isinstance(factors, tuple) and len(factors) == 2 and all(isinstance(t, Tensor) and t.is_floating_point() for t in factors)):
+        raise TypeError(f"low_rank[{site!r}] must be a pair (U, V) of floating-point tensors [d k].")
+    u, v = factors
+    if beta.ndim != 1 or u.ndim != 2 or u.shape != v.shape or u.shape[0] != beta.shape[0]:
+        raise ValueError(
+            f"low_rank[{site!r}]: U and V must both be [d k] with d = {beta.numel()} (a 1-D site); got "
+            f"{tuple(u.shape)} and {tuple(v.shape)} for a site of shape {tuple(beta.shape)}."
+        )
+    return u.double(), v.double()
 
 
 # ----------------------------------------------------------------------------- fitting
@@ -413,8 +449,6 @@ def _as_site_samples(value, sites, argument, model, pooling, collect_kwargs) -> 
             )
         if sites is None:
             raise ValueError("sites= is required when fitting from prompts (the hook points to map).")
-        from diffusion_lens.steering.activations import collect_activations
-
         out = collect_activations(model, value, sites=list(sites), pooling=pooling, **collect_kwargs)
         per_position = pooling is not None and not (isinstance(pooling, str) and pooling.startswith("mean_"))
         if per_position:  # [n n_sel *feat]: every selected position of every prompt is a sample
@@ -520,13 +554,12 @@ def fold(model, amap: AffineMap, strength: Optional[float] = None) -> list[str]:
     plans = [(site, _fold_plan(model, site)) for site in amap.sites]  # validate every site before editing
     edited: list[str] = []
     for site, plan in plans:
-        omega, beta = amap.coefficients(site, strength)
-        edited += plan(omega, beta)
+        edited += plan(amap.edit(site, strength))
     return edited
 
 
 def _fold_plan(model, site: str):
-    """A function (omega, beta) -> edited names for `site`, or a clear ValueError if not foldable."""
+    """A function SiteEdit -> edited names for `site`, or a clear ValueError if not foldable."""
     prefix, _, hook = site.rpartition(".")
     module = model.get_submodule(prefix) if prefix else model
     cfg = model.cfg
@@ -536,29 +569,29 @@ def _fold_plan(model, site: str):
         if cfg.tie_word_embeddings:
             raise ValueError("hook_embed cannot be folded in a model with tied embeddings: editing the embedding "
                              "would also change the unembedding. Use as_hooks() for this site.")
-        return lambda w, b: _fold_embedding(model.embed, w, b, "embed.weight")
+        return lambda e: fold_rows(model.embed, e, "embed.weight")
     if hook == "hook_attn_out" and hasattr(module, "attn"):
-        return lambda w, b: _fold_producer(module.attn.o_proj, w, b, f"{path}attn.o_proj")
+        return lambda e: fold_producer(module.attn.o_proj, e, f"{path}attn.o_proj")
     if hook == "hook_mlp_out" and hasattr(module, "mlp"):
         mlp = module.mlp
         if isinstance(getattr(mlp, "down_proj", None), nn.Linear):
-            return lambda w, b: _fold_producer(mlp.down_proj, w, b, f"{path}mlp.down_proj")
-        return lambda w, b: _fold_mixture(mlp, w, b, f"{path}mlp")
+            return lambda e: fold_producer(mlp.down_proj, e, f"{path}mlp.down_proj")
+        return lambda e: _fold_mixture(mlp, e, f"{path}mlp")
     if hook == "hook_shared_out" and getattr(module, "shared_expert", None) is not None:
-        return lambda w, b: _fold_producer(module.shared_expert.down_proj, w, b, f"{path}shared_expert.down_proj")
+        return lambda e: fold_producer(module.shared_expert.down_proj, e, f"{path}shared_expert.down_proj")
     if hook == "hook_routed_out" and hasattr(module, "experts"):
-        return lambda w, b: _fold_routed(module, w, b, f"{path}experts")
+        return lambda e: _fold_routed(module, e, f"{path}experts")
     if hook in ("hook_pre", "hook_pre_linear", "hook_post", "hook_out") and isinstance(getattr(module, "down_proj", None), nn.Linear):
         if hook == "hook_pre":
-            return lambda w, b: _fold_producer(module.gate_proj, w, b, f"{path}gate_proj")
+            return lambda e: fold_producer(module.gate_proj, e, f"{path}gate_proj")
         if hook == "hook_pre_linear":
-            return lambda w, b: _fold_producer(module.up_proj, w, b, f"{path}up_proj")
+            return lambda e: fold_producer(module.up_proj, e, f"{path}up_proj")
         if hook == "hook_post":
-            return lambda w, b: _fold_consumer(module.down_proj, w, b, f"{path}down_proj")
-        return lambda w, b: _fold_producer(module.down_proj, w, b, f"{path}down_proj")
+            return lambda e: fold_consumer(module.down_proj, e, f"{path}down_proj")
+        return lambda e: fold_producer(module.down_proj, e, f"{path}down_proj")
     if hasattr(module, "o_proj") and hook in ("hook_z", "hook_q", "hook_k", "hook_v"):
         if hook == "hook_z":
-            return lambda w, b: _fold_consumer(module.o_proj, w, b, f"{path}o_proj")
+            return lambda e: fold_consumer(module.o_proj, e, f"{path}o_proj")
         if cfg.clip_qkv is not None:
             raise ValueError(f"{site} cannot be folded: clip_qkv clamps q/k/v before the hook, so the hook is not "
                              "the output of a linear layer. Use as_hooks().")
@@ -566,7 +599,7 @@ def _fold_plan(model, site: str):
             raise ValueError(f"{site} cannot be folded: with qk_norm the hook sees the normalised q/k, not a linear "
                              "layer's output. Use as_hooks().")
         linear = {"hook_q": module.q_proj, "hook_k": module.k_proj, "hook_v": module.v_proj}[hook]
-        return lambda w, b: _fold_producer(linear, w, b, f"{path}{hook[-1]}_proj")
+        return lambda e: fold_producer(linear, e, f"{path}{hook[-1]}_proj")
     raise ValueError(
         f"{site} is not foldable: it is not the output of a single linear layer (residual-stream and norm sites "
         "are sums or nonlinear). Foldable: hook_embed, blocks.L.hook_attn_out, blocks.L.hook_mlp_out, "
@@ -575,96 +608,34 @@ def _fold_plan(model, site: str):
     )
 
 
-def _flat(omega: Tensor, beta: Tensor) -> tuple[Tensor, Tensor, bool]:
-    if _is_full(omega, beta):
-        return omega, beta, True
-    return omega.reshape(-1), beta.reshape(-1), False
-
-
-def _check_features(linear: nn.Linear, size: int, side: str, name: str, n: int) -> None:
-    if size != n:
-        raise ValueError(f"Cannot fold into {name}: the map has {n} features, the layer's {side} has {size}.")
-
-
-@torch.no_grad()
-def _fold_producer(linear: nn.Linear, omega: Tensor, beta: Tensor, name: str) -> list[str]:
-    """y = W x + b  ->  omega * y + beta  =  (diag(omega) W) x + (omega * b + beta)."""
-    omega, beta, full = _flat(omega, beta)
-    _check_features(linear, linear.out_features, "output", name, beta.numel())
-    w64 = linear.weight.double()
-    omega, beta = omega.to(w64.device), beta.to(w64.device)
-    new_w = omega @ w64 if full else omega[:, None] * w64
-    bias = torch.zeros_like(beta) if linear.bias is None else linear.bias.double()
-    new_b = (omega @ bias if full else omega * bias) + beta
-    linear.weight.copy_(new_w.to(linear.weight.dtype))
-    return [f"{name}.weight"] + _set_bias(linear, new_b, name)
-
-
-@torch.no_grad()
-def _fold_consumer(linear: nn.Linear, omega: Tensor, beta: Tensor, name: str) -> list[str]:
-    """y = W (omega * x + beta) + b  =  (W diag(omega)) x + (W beta + b)."""
-    omega, beta, full = _flat(omega, beta)
-    _check_features(linear, linear.in_features, "input", name, beta.numel())
-    w64 = linear.weight.double()
-    omega, beta = omega.to(w64.device), beta.to(w64.device)
-    new_w = w64 @ omega if full else w64 * omega[None, :]
-    bias = torch.zeros(linear.out_features, dtype=torch.float64, device=w64.device) if linear.bias is None else linear.bias.double()
-    new_b = bias + w64 @ beta
-    linear.weight.copy_(new_w.to(linear.weight.dtype))
-    return [f"{name}.weight"] + _set_bias(linear, new_b, name)
-
-
-def _set_bias(linear: nn.Linear, new_b: Tensor, name: str) -> list[str]:
-    if linear.bias is None:
-        if not bool(new_b.abs().max() > 0):
-            return []
-        linear.bias = nn.Parameter(new_b.to(linear.weight.dtype), requires_grad=linear.weight.requires_grad)
-    else:
-        linear.bias.copy_(new_b.to(linear.bias.dtype))
-    return [f"{name}.bias"]
-
-
-@torch.no_grad()
-def _fold_embedding(embed: nn.Embedding, omega: Tensor, beta: Tensor, name: str) -> list[str]:
-    omega, beta, full = _flat(omega, beta)
-    if beta.numel() != embed.weight.shape[1]:
-        raise ValueError(f"Cannot fold into {name}: the map has {beta.numel()} features, d_model is {embed.weight.shape[1]}.")
-    e64 = embed.weight.double()
-    omega, beta = omega.to(e64.device), beta.to(e64.device)
-    new = (e64 @ omega.T if full else e64 * omega) + beta
-    embed.weight.copy_(new.to(embed.weight.dtype))
-    return [name]
-
-
-def _fold_mixture(mlp: nn.Module, omega: Tensor, beta: Tensor, name: str) -> list[str]:
+def _fold_mixture(mlp: nn.Module, edit: SiteEdit, name: str) -> list[str]:
     """hook_mlp_out of a mixture of experts: sum_k g_k E_k(h) + S(h). omega distributes over the sum
     (into every down_proj); beta must be added once, so it goes into the shared expert's bias."""
     downs = [(n, m) for n, m in mlp.named_modules() if n.endswith("down_proj") and isinstance(m, nn.Linear)]
     if not downs:
         raise ValueError(f"Cannot fold hook_mlp_out into {name}: it has no down_proj layers.")
     shared = [(n, m) for n, m in downs if "shared" in n]
-    has_beta = bool(beta.abs().max() > 0)
-    if has_beta and len(shared) != 1:
+    if edit.beta is not None and len(shared) != 1:
         raise ValueError(
             f"Cannot fold a map with beta != 0 at the output of the mixture of experts {name}: without a shared "
             "expert, beta would be scaled by the routed weights (which need not sum to 1). Fold an omega-only map, "
             "or use as_hooks()."
         )
     edited = []
-    zero = torch.zeros_like(beta)
+    without_beta = replace(edit, beta=None)
     for sub, linear in downs:
-        edited += _fold_producer(linear, omega, beta if (sub, linear) in shared else zero, f"{name}.{sub}")
+        edited += fold_producer(linear, edit if (sub, linear) in shared else without_beta, f"{name}.{sub}")
     return edited
 
 
-def _fold_routed(moe: nn.Module, omega: Tensor, beta: Tensor, name: str) -> list[str]:
+def _fold_routed(moe: nn.Module, edit: SiteEdit, name: str) -> list[str]:
     """hook_routed_out = sum_k g_k E_k(h): omega folds into every routed expert; beta cannot."""
-    if bool(beta.abs().max() > 0):
+    if edit.beta is not None:
         raise ValueError(
             f"Cannot fold a map with beta != 0 at {name} (hook_routed_out): the routed weights need not sum to 1. "
             "Fold an omega-only map, or use as_hooks()."
         )
     edited = []
     for e, expert in enumerate(moe.experts):
-        edited += _fold_producer(expert.down_proj, omega, beta, f"{name}.{e}.down_proj")
+        edited += fold_producer(expert.down_proj, edit, f"{name}.{e}.down_proj")
     return edited

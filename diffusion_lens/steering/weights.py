@@ -7,6 +7,10 @@ Then no residual-stream vector has a component along r, which is exactly what ru
 enforces at every block input and attention / MLP output, so the two give the same logits and
 the same tokens at every denoising step (tested). The edit keeps every parameter's name and
 shape, so `save_pretrained` writes the original checkpoint format.
+
+This is `fold` of the rank-k projection `SiteEdit` (`diffusion_lens.steering.edits`) into every
+residual writer and the embedding rows: the same formula as the runtime hooks, O(k d_in d_out)
+per layer, never a [d d] matrix.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from diffusion_lens.steering._common import LayerSpec, check_vector, orthonormal_rows, resolve_layers, unit
+from diffusion_lens.steering.edits import SiteEdit, fold_producer, fold_rows
 
 
 def residual_writers(model, layer: int) -> list[tuple[str, nn.Linear]]:
@@ -66,7 +71,7 @@ def orthogonalize_weights(
         >>> model.save_pretrained("llada-abliterated")           # original format
     """
     vector = check_vector(model, direction, name="direction", allow_subspace=True)
-    basis = unit(vector)[None] if vector.ndim == 1 else orthonormal_rows(vector, name="direction")
+    edit = SiteEdit.projection(unit(vector)[None] if vector.ndim == 1 else orthonormal_rows(vector, name="direction"))
     edited = []
     if embedding:
         if model.cfg.tie_word_embeddings:
@@ -75,34 +80,20 @@ def orthogonalize_weights(
                 "from the unembedding, so the result differs from runtime ablation.",
                 stacklevel=2,
             )
-        weight = model.embed.weight
-        e64 = weight.double()
-        q = basis.to(e64.device)
-        weight.copy_((e64 - (e64 @ q.T) @ q).to(weight.dtype))
-        edited.append("embed.weight")
+        edited += fold_rows(model.embed, edit, "embed.weight")
     for layer in resolve_layers(model, layers):
         for name, linear in residual_writers(model, layer):
-            edited += project_out_of_writer(linear, basis, name)
+            edited += fold_producer(linear, edit, name)
     return edited
 
 
-@torch.no_grad()
 def project_out_of_writer(linear: nn.Linear, basis: Float[Tensor, "k d"], name: str = "linear") -> list[str]:
-    """W <- W - Q^T Q W and b <- b - Q^T Q b for a layer writing [d] outputs; returns edited names.
+    """W <- W - Q^T Q W and b <- b - Q^T Q b for a layer writing [d] outputs (orthonormal rows Q, used
+    as given); returns edited names. `fold_producer` of the projection edit.
 
     Example:
         >>> q = torch.nn.functional.normalize(r, dim=0)[None]
         >>> project_out_of_writer(model.blocks[0].attn.o_proj, q, "blocks.0.attn.o_proj")
         ['blocks.0.attn.o_proj.weight']
     """
-    if linear.out_features != basis.shape[1]:
-        raise ValueError(f"{name} writes {linear.out_features} features; the direction has {basis.shape[1]}.")
-    q = basis.to(device=linear.weight.device, dtype=torch.float64)
-    w64 = linear.weight.double()
-    linear.weight.copy_((w64 - q.T @ (q @ w64)).to(linear.weight.dtype))
-    edited = [f"{name}.weight"]
-    if linear.bias is not None:
-        b64 = linear.bias.double()
-        linear.bias.copy_((b64 - q.T @ (q @ b64)).to(linear.bias.dtype))
-        edited.append(f"{name}.bias")
-    return edited
+    return fold_producer(linear, SiteEdit.projection(basis), name)
