@@ -16,11 +16,9 @@ from diffusion_lens.steering import (
     mean_difference,
     orthogonalize_weights,
     patch_across_steps,
-    record_run,
-    replay,
     sensitivity,
 )
-from diffusion_lens.steering.replay import with_prompt
+from diffusion_lens.denoising import with_prompt
 from tests.test_steering_core import load, one_thread, random_unit  # noqa: F401  (autouse fixture)
 
 OPTS = dict(steps=8, gen_length=8, block_length=4)
@@ -81,13 +79,14 @@ def test_step_scheduled_ablation_acts_only_at_its_steps():
 
 def test_replay_is_teacher_forced_and_identical_without_hooks():
     model = load("llada-tiny-gqa")
-    run = record_run(model, prompts(), capture_logits=range(8), **OPTS)
-    assert len(run.states) == 8 and run.output.trajectory.shape == (8, 2, 14)
-    again = replay(model, run)
+    run = model.generate(prompts(), record=True, capture_logits=range(8), progress=False, **OPTS)
+    assert len(run.states) == 8 and run.trajectory.shape == (8, 2, 14)
+    again = model.generate(prompts(), replay=run, capture_logits=range(8), progress=False)
     for step in range(8):
-        torch.testing.assert_close(again[step], run.logits[step], atol=0, rtol=0)
-    steered = replay(model, run, hooks=ablate(model, random_unit(64, 1)), steps=[3])
-    assert set(steered) == {3} and not torch.allclose(steered[3], run.logits[3])
+        torch.testing.assert_close(again.logits[step], run.logits[step], atol=0, rtol=0)
+    steered = model.generate(prompts(), replay=run, hooks=ablate(model, random_unit(64, 1)), capture_logits=[3],
+                             stop_after=3, progress=False)
+    assert set(steered.logits) == {3} and not torch.allclose(steered.logits[3], run.logits[3])
     swapped = with_prompt(run.states, prompts(seed=9))
     assert torch.equal(swapped[4].canvas[:, 6:], run.states[4].canvas[:, 6:])
     assert torch.equal(swapped[4].canvas[:, :6], prompts(seed=9))
@@ -100,12 +99,12 @@ def test_masked_kl_zero_without_steering_and_matches_manual_kl():
     assert none.steps == [0, 3, 7] and torch.all(none.per_step == 0) and none.mean == 0.0
     r = random_unit(64, 2)
     res = masked_kl(model, tokens, ablate(model, r), steps=[0, 5], generate_kwargs=OPTS)
-    run = record_run(model, tokens, capture_logits=[5], **OPTS)
-    steered = replay(model, run, hooks=ablate(model, r), steps=[5])
+    run = model.generate(tokens, record=True, capture_logits=[5], progress=False, **OPTS)
+    steered = model.generate(tokens, replay=run, hooks=ablate(model, r), capture_logits=[5], progress=False)
     state = run.states[5]
     where = state.is_masked & state.is_response
     p = torch.log_softmax(run.logits[5][where].double(), -1)
-    q = torch.log_softmax(steered[5][where].double(), -1)
+    q = torch.log_softmax(steered.logits[5][where].double(), -1)
     manual = (p.exp() * (p - q)).sum(-1).mean()
     assert res.n_positions.tolist() == [3 * 8, int(where.sum())]
     torch.testing.assert_close(res.per_step[1], manual)
@@ -145,7 +144,7 @@ def test_sensitivity_grid_shapes_and_identities():
     blocks = sensitivity(model, r, tokens, over="blocks", metric=changed, generate_kwargs=dict(OPTS, seed=0))
     assert blocks.values.shape == (1, 2) and blocks.col_labels == ["0", "1"]
     # ablating only in block 1 cannot change block 0's tokens, which are final before block 1 starts
-    only_late = model.generate(tokens, hooks=ablate(model, r, blocks=[1]), progress=False, seed=0, **OPTS).responses
+    only_late = model.generate(tokens, hooks=ablate(model, r, denoise_blocks=[1]), progress=False, seed=0, **OPTS).responses
     assert torch.equal(only_late[:, :4], plain[:, :4])
     with pytest.raises(ValueError, match="over must be"):
         sensitivity(model, r, tokens, over="heads", metric=changed, generate_kwargs=OPTS)
@@ -164,7 +163,7 @@ def test_patching_every_clean_activation_reproduces_the_clean_run(mode):
         def metric(out):
             return (out.responses == clean_out.responses).double().mean()
     else:
-        clean_logits = record_run(model, clean, capture_logits=range(8), **opts).logits
+        clean_logits = model.generate(clean, capture_logits=range(8), progress=False, **opts).logits
 
         def metric(logits):
             return -max(float((logits[s] - clean_logits[s]).abs().max()) for s in clean_logits)
