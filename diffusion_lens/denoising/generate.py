@@ -491,12 +491,6 @@ def estimate_cache_bytes(
     return estimate(model, request, batch, n_pos, response_start, sampler.n_copies()).total
 
 
-def denoise(model: HookedDiffusionCore, input: GenerateInput, **generate_kwargs) -> tuple[GenerationOutput, dict]:
-    """`(generate(...), its captured logits)`: the old private entry, until steering.directions calls generate."""
-    out = generate(model, input, **generate_kwargs)
-    return out, out.logits
-
-
 __all__ = [
     "DRIVER_OPTIONS", "GenerationOutput", "estimate_cache_bytes", "generate", "resolve_sampler", "run_with_step_cache",
     "split_generate_kwargs",

@@ -3,7 +3,7 @@
 `record_run(model, tokens, **kw)` -> `model.generate(tokens, record=True, **kw)` (`out.states`,
 `out.logits` with `capture_logits=`); `replay(model, run, hooks=h, steps=s)` ->
 `model.generate(prompt, replay=recorded, hooks=h, capture_logits=s, stop_after=max(s))`;
-`CanvasProbe` and `with_prompt` live in `diffusion_lens.denoising`. These wrappers stay for one
+`CanvasProbe`, `with_prompt` and `split_generate_kwargs` live in `diffusion_lens.denoising`. These wrappers stay for one
 release and warn (DeprecationWarning).
 """
 
@@ -17,8 +17,7 @@ from typing import Any, Optional, Sequence, Union
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from diffusion_lens.denoising.generate import GenerationOutput, generate, split_generate_kwargs
-from diffusion_lens.denoising.replay import with_prompt
+from diffusion_lens.denoising.generate import GenerationOutput, generate
 from diffusion_lens.denoising.samplers.probe import CanvasProbe as _CanvasProbe
 from diffusion_lens.denoising.state import DenoisingState
 
@@ -116,4 +115,4 @@ class CanvasProbe(_CanvasProbe):
         super().__post_init__()
 
 
-__all__ = ["CanvasProbe", "RecordedRun", "record_run", "replay", "split_generate_kwargs", "with_prompt"]
+__all__ = ["CanvasProbe", "RecordedRun", "record_run", "replay"]
