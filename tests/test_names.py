@@ -109,6 +109,16 @@ def test_the_suite_turns_a_stray_old_name_into_an_error():
         H.at(RESID, bump, cfg="both")
 
 
+def test_package_deprecations_are_errors_third_party_ones_are_not():
+    with pytest.raises(DeprecationWarning, match="an old API"):
+        warnings.warn_explicit("an old API", DeprecationWarning, "x.py", 1, module="diffusion_lens.steering.x")
+    with pytest.raises(DeprecationWarning, match="an old API"):
+        warnings.warn_explicit("an old API", DeprecationWarning, "x.py", 1, module="model_adapters.llada")
+    with warnings.catch_warnings(record=True) as seen:  # the suite's filters, recorded here instead of shown
+        warnings.warn_explicit("a third-party deprecation", DeprecationWarning, "x.py", 1, module="torch.x")
+    assert [str(w.message) for w in seen] == ["a third-party deprecation"]
+
+
 def test_the_helper_on_its_own():
     kwargs = {"old": 3}
     with warnings.catch_warnings(record=True) as record:
