@@ -217,7 +217,7 @@ def patch_across_steps(
         for i, name in enumerate(names):
             for j, group in enumerate(step_groups):
                 for k, pos in enumerate(pos_groups):
-                    hook = H.at(name, patcher(name, source), steps=group, positions=pos, cfg="conditional")
+                    hook = H.at(name, patcher(name, source), steps=group, positions=pos, guidance="conditional")
                     effects[i, j, k] = _scalar(metric(run(corrupt_tokens, hooks=[hook]))) - corrupted
                     bar.update()
     else:
@@ -238,7 +238,7 @@ def patch_across_steps(
         for i, name in enumerate(names):
             for j, group in enumerate(step_groups):
                 for k, pos in enumerate(pos_groups):
-                    hook = H.at(name, patcher(name, source), steps=group, positions=pos, cfg="conditional")
+                    hook = H.at(name, patcher(name, source), steps=group, positions=pos, guidance="conditional")
                     effects[i, j, k] = _scalar(metric(replay_corrupt([hook]))) - corrupted
                     bar.update()
     bar.close()

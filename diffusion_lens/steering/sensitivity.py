@@ -2,9 +2,9 @@
 
 `sensitivity` generates the prompts once per cell of a grid -- rows are layers (or "all"),
 columns are denoising step windows or semi-autoregressive blocks (or "all") -- with
-`ablate(model, direction, layers=..., steps=... / blocks=...)`, and measures a metric of the
+`ablate(model, direction, layers=..., steps=... / denoise_blocks=...)`, and measures a metric of the
 outputs (by default the refusal rate of the decoded responses). Scheduling is done by
-`diffusion_lens.denoising.hooks.at` through `ablate`'s `steps=` / `blocks=` arguments.
+`diffusion_lens.denoising.hooks.at` through `ablate`'s `steps=` / `denoise_blocks=` arguments.
 """
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ def sensitivity(
                 if col_axis == "steps":
                     kwargs["steps"] = col
                 elif col_axis == "blocks":
-                    kwargs["blocks"] = col
+                    kwargs["denoise_blocks"] = col
                 hooks = ablate(model, vector, layers=layer_list if row == "all" else [row], **kwargs)
                 values[i, j] = evaluate(hooks)
                 bar.update()
