@@ -204,17 +204,17 @@ def test_plots_return_figures_without_showing():
 
     g = torch.Generator().manual_seed(0)
     dirs = Directions(torch.randn(4, 2, 8, generator=g, dtype=torch.float64), torch.randn(4, 2, 8, generator=g, dtype=torch.float64),
-                      layers=[0, 1, 2, 3], positions=[-2, -1])
+                      layers=[0, 1, 2, 3], positions=["prompt[-2]", "last_prompt"])
     assert isinstance(plot.cosine_per_layer(dirs), Figure)
     res = PCAResult(torch.eye(2, 8, dtype=torch.float64), torch.tensor([0.6, 0.3]), torch.randn(5, 2), torch.randn(5, 2),
-                    torch.zeros(8), layer=1, position=-1)
+                    torch.zeros(8), layer=1, position="last_prompt")
     assert isinstance(plot.pca_scatter(res), Figure)
     grid = {"values": torch.rand(4, 3), "row_labels": [0, 1, 2, 3], "col_labels": ["0-3", "4-7", "8-11"], "metric_name": "refusal rate"}
     assert isinstance(plot.sensitivity_heatmap(grid), Figure)
     kept = torch.tensor([[True, False]] * 4)
     sel = Selection(dirs, torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64),
                     torch.rand(4, 2, dtype=torch.float64), kept, [["", "kl"]] * 4,
-                    {"layer": 2, "position": -2}, {})
+                    {"layer": 2, "position": "prompt[-2]"}, {})
     for score in ("bypass", "induce", "kl"):
         fig = plot.selection_heatmap(sel, score)
         assert isinstance(fig, Figure)

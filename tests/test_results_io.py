@@ -259,7 +259,7 @@ def test_progress_bars_and_progress_flag(tiny, selection, monkeypatch):
 
     bars = _Bars()
     monkeypatch.setattr(tqdm.auto, "tqdm", bars)
-    mean_difference(tiny, HARMFUL, HARMLESS, layers=[1], positions=-1, gen_length=8, batch_size=2)
+    mean_difference(tiny, HARMFUL, HARMLESS, layers=[1], positions="last_prompt", gen_length=8, batch_size=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         select_direction(tiny, HARMFUL, HARMLESS, HARMFUL, HARMLESS, candidates=selection.directions, gen_length=8)
@@ -274,7 +274,7 @@ def test_progress_bars_and_progress_flag(tiny, selection, monkeypatch):
         "patch_across_steps": (2, 2, None),
     }
     bars.made.clear()
-    mean_difference(tiny, HARMFUL, HARMLESS, layers=[1], positions=-1, gen_length=8, progress=False)
+    mean_difference(tiny, HARMFUL, HARMLESS, layers=[1], positions="last_prompt", gen_length=8, progress=False)
     assert [b.disable for b in bars.made if b.desc == "mean_difference"] == [True]
     with pytest.raises(TypeError, match="progress must be True or False; got 'yes'"):
-        mean_difference(tiny, HARMFUL, HARMLESS, layers=[1], positions=-1, gen_length=8, progress="yes")
+        mean_difference(tiny, HARMFUL, HARMLESS, layers=[1], positions="last_prompt", gen_length=8, progress="yes")

@@ -70,6 +70,6 @@ def test_concat_joins_position_kinds_for_one_sweep(study):
     assert torch.equal(both.vector(3, "post_instruction[-1]"), candidates.vector(3, "post_instruction[-1]"))
     with pytest.raises(ValueError, match=r"Position labels \['mean_response'\] appear in more than one part"):
         Directions.concat([pooled, pooled])
-    other = mean_difference(model, sets[0], sets[1], layers=[1], positions=-1, gen_length=GEN, progress=False)
+    other = mean_difference(model, sets[0], sets[1], layers=[1], positions="last_prompt", gen_length=GEN, progress=False)
     with pytest.raises(ValueError, match=r"different layers: \[0, 1, 2, 3, 4, 5\] vs \[1\]"):
         Directions.concat([candidates, other])

@@ -313,14 +313,15 @@ def test_streaming_mean_difference_equals_batch_computation():
     model = load("llada-tiny-gqa")
     g = torch.Generator().manual_seed(4)
     pos, neg = torch.randint(0, 300, (11, 7), generator=g), torch.randint(0, 300, (9, 7), generator=g)
-    dirs = mean_difference(model, pos, neg, layers="all", positions=[-3, -1, 0, 2], gen_length=5, batch_size=4)
+    dirs = mean_difference(model, pos, neg, layers="all", positions=["prompt[-3]", "last_prompt", "response[0]", "response[2]"],
+                           gen_length=5, batch_size=4)
     assert dirs.directions.shape == (3, 4, 64) and dirs.directions.dtype == torch.float64
     mp, mn = _manual_means(model, pos, range(3), [-3, -1, 0, 2], 5), _manual_means(model, neg, range(3), [-3, -1, 0, 2], 5)
     torch.testing.assert_close(dirs.mean_positive, mp, atol=1e-5, rtol=0)
     torch.testing.assert_close(dirs.directions, mp - mn, atol=1e-5, rtol=0)
     torch.testing.assert_close(dirs.cosine, torch.cosine_similarity(mp, mn, dim=-1), atol=1e-6, rtol=0)
     torch.testing.assert_close(dirs.norms, (mp - mn).norm(dim=-1), atol=1e-5, rtol=0)
-    torch.testing.assert_close(dirs.unit(2, -1).norm(), torch.tensor(1.0, dtype=torch.float64))
+    torch.testing.assert_close(dirs.unit(2, "last_prompt").norm(), torch.tensor(1.0, dtype=torch.float64))
 
 
 def _live_tensor_bytes():
@@ -371,7 +372,8 @@ def test_pooled_positions_and_template_positions_with_a_chat_tokenizer():
     pos, neg = word_prompts(5, 1), word_prompts(4, 2)
     post = mean_difference(model, pos, neg, layers=[0, 2], positions="post_instruction", gen_length=4, batch_size=2)
     assert post.positions == [f"post_instruction[{i}]" for i in range(-4, 0)]
-    offsets = mean_difference(model, pos, neg, layers=[0, 2], positions=[-4, -3, -2, -1], gen_length=4, batch_size=2)
+    offsets = mean_difference(model, pos, neg, layers=[0, 2], positions=["prompt[-4]", "prompt[-3]", "prompt[-2]", "last_prompt"],
+                              gen_length=4, batch_size=2)
     torch.testing.assert_close(post.directions, offsets.directions)
     pre = mean_difference(model, pos, neg, layers=[1], positions="pre_instruction", gen_length=4, batch_size=5)
     assert pre.shape == (1, 4, 64)
@@ -406,11 +408,11 @@ def test_difference_subspace_and_pca():
     assert abs(float(basis[0, 0])) > 0.99 and float(basis[0, 0]) > 0 and abs(float(basis[1, 3])) > 0.99
     model = load("llada-tiny-mha")
     pos, neg = torch.randint(0, 150, (8, 6)), torch.randint(150, 300, (8, 6))
-    res = class_pca(model, pos, neg, layer=1, position=-1, k=2, gen_length=4)
+    res = class_pca(model, pos, neg, layer=1, position="last_prompt", k=2, gen_length=4)
     assert res.positive.shape == (8, 2) and res.negative.shape == (8, 2)
     assert float(res.explained_variance_ratio.sum()) <= 1.0 + 1e-9
-    dirs = mean_difference(model, pos, neg, layers=[1], positions=-1, gen_length=4, subspace=True)
-    sub = dirs.subspace(1, -1, k=3)
+    dirs = mean_difference(model, pos, neg, layers=[1], positions="last_prompt", gen_length=4, subspace=True)
+    sub = dirs.subspace(1, "last_prompt", k=3)
     torch.testing.assert_close(sub @ sub.T, torch.eye(3, dtype=torch.float64), atol=1e-8, rtol=0)
     assert isinstance(dirs, Directions) and dirs.direction_tensor().shape == (64,)
 
@@ -455,28 +457,29 @@ def test_wrong_shapes_dtypes_and_layers_raise_clear_errors():
     with pytest.raises(ValueError, match=r"trailing dimensions \(32,\)"):
         model.run_with_hooks(canvas(model), fwd_hooks=amap.as_hooks())
     with pytest.raises(TypeError, match="integer token ids"):
-        mean_difference(model, torch.randn(3, 5), torch.randn(3, 5), positions=-1)
+        mean_difference(model, torch.randn(3, 5), torch.randn(3, 5), positions="last_prompt")
     with pytest.raises(ValueError, match="outside 0..319"):
-        mean_difference(model, torch.full((2, 3), 400), torch.zeros(2, 3, dtype=torch.long), positions=-1)
+        mean_difference(model, torch.full((2, 3), 400), torch.zeros(2, 3, dtype=torch.long), positions="last_prompt")
     with pytest.raises(ValueError, match="reach outside a canvas"):
-        mean_difference(model, torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long), positions=-5, gen_length=2)
+        mean_difference(model, torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long), positions="prompt[-5]", gen_length=2)
     with pytest.raises(ValueError, match="Unknown positions"):
         mean_difference(model, torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long), positions="last")
     with pytest.raises(ValueError, match="no tokenizer"):
-        mean_difference(model, ["hello"], ["bye"], positions=-1)
+        mean_difference(model, ["hello"], ["bye"], positions="last_prompt")
     with pytest.raises(ValueError, match="Unknown layer 7"):
-        mean_difference(model, torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long), layers=[7], positions=-1)
+        mean_difference(model, torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long), layers=[7], positions="last_prompt")
 
 
 def test_fit_transport_per_position_samples_and_head_shaped_sites():
+    SEL = ["prompt[-2]", "last_prompt", "response[0]"]
     model = load("llada-tiny-gqa")
     neg, pos = canvas(model, n=3, seed=1)[:, :6], canvas(model, n=3, seed=2)[:, :6]
-    amap = fit_transport("gaussian", neg, pos, model=model, sites=["blocks.1.attn.hook_z"], pooling=[-2, -1, 0], gen_length=3)
+    amap = fit_transport("gaussian", neg, pos, model=model, sites=["blocks.1.attn.hook_z"], pooling=SEL, gen_length=3)
     assert amap.omega["blocks.1.attn.hook_z"].shape == (4, 16)  # [head d_head], per-dimension
-    acts = collect_activations(model, pos, sites=["blocks.1.attn.hook_z"], pooling=[-2, -1, 0], gen_length=3)
+    acts = collect_activations(model, pos, sites=["blocks.1.attn.hook_z"], pooling=SEL, gen_length=3)
     assert acts["blocks.1.attn.hook_z"].shape == (3, 3, 4, 16)
     mapped = amap.apply("blocks.1.attn.hook_z", collect_activations(model, neg, sites=["blocks.1.attn.hook_z"],
-                                                                     pooling=[-2, -1, 0], gen_length=3)["blocks.1.attn.hook_z"].flatten(0, 1))
+                                                                     pooling=SEL, gen_length=3)["blocks.1.attn.hook_z"].flatten(0, 1))
     torch.testing.assert_close(mapped.mean(0), acts["blocks.1.attn.hook_z"].flatten(0, 1).mean(0), atol=1e-5, rtol=0)
 
 
@@ -536,7 +539,7 @@ def test_padding_sensitive_family_is_batched_by_length_and_results_keep_prompt_o
     assert model.cfg.attention_mask_mode == "causal_when_padded"
     prompts = [torch.randint(0, 300, (k,), generator=torch.Generator().manual_seed(k)) for k in (4, 6, 4, 5, 6)]
     site = "blocks.1.hook_resid_pre"
-    acts = collect_activations(model, prompts, sites=[site], pooling=[-1, 0], gen_length=3, batch_size=4)[site]
+    acts = collect_activations(model, prompts, sites=[site], pooling=["last_prompt", "response[0]"], gen_length=3, batch_size=4)[site]
     scores = refusal_score(model, prompts, refusal_tokens=[1, 2], gen_length=3, batch_size=4)
     from diffusion_lens.evals.scores import log_odds
 
@@ -545,5 +548,5 @@ def test_padding_sensitive_family_is_batched_by_length_and_results_keep_prompt_o
         logits, cache = model.run_with_cache(tokens, names_filter=site)
         torch.testing.assert_close(acts[i], cache[site][0, [len(p) - 1, len(p)]].double(), atol=1e-5, rtol=0)
         torch.testing.assert_close(scores[i], log_odds(logits[:, len(p)], torch.tensor([1, 2]))[0], atol=1e-6, rtol=0)
-    dirs = mean_difference(model, prompts, prompts[:2], layers=[1], positions=[-1], gen_length=3, batch_size=4)
+    dirs = mean_difference(model, prompts, prompts[:2], layers=[1], positions=["last_prompt"], gen_length=3, batch_size=4)
     torch.testing.assert_close(dirs.mean_positive[0, 0], acts[:, 0].mean(0), atol=1e-5, rtol=0)

@@ -50,8 +50,9 @@ def test_select_direction_finds_the_planted_direction():
     ok_tr, ok_val = prompts(g, 16, False), prompts(g, 8, False)
     assert (refusal_score(model, harm_val, refusal_tokens=[REFUSAL_TOKEN], gen_length=8) > 0).all()
     assert (refusal_score(model, ok_val, refusal_tokens=[REFUSAL_TOKEN], gen_length=8) < 0).all()
-    sel = select_direction(model, harm_tr, ok_tr, harm_val, ok_val, positions=[-3, -1, 0],
-                           refusal_tokens=[REFUSAL_TOKEN], gen_length=8, batch_size=8)
+    sel = select_direction(model, harm_tr, ok_tr, harm_val, ok_val,
+                           positions=["prompt[-3]", "last_prompt", "response[0]"], refusal_tokens=[REFUSAL_TOKEN],
+                           gen_length=8, batch_size=8)
     assert isinstance(sel, Selection) and sel.winner is not None
     assert float(sel.winner["direction"].float() @ r) > 0.95
     assert sel.bypass.shape == sel.induce.shape == sel.kl.shape == (3, 3)
@@ -72,11 +73,11 @@ def test_layer_cut_and_prompt_filtering():
     model, r, g = planted_model(1)
     harm, ok = prompts(g, 8, True), prompts(g, 8, False)
     with pytest.warns(UserWarning, match="filtered out"):
-        sel = select_direction(model, harm, ok, harm, ok, layers=[1, 2], positions=[-1], refusal_tokens=[REFUSAL_TOKEN],
+        sel = select_direction(model, harm, ok, harm, ok, layers=[1, 2], positions=["last_prompt"], refusal_tokens=[REFUSAL_TOKEN],
                                gen_length=4, max_layer_fraction=0.3, filter_prompts=True)
     assert not sel.kept.any() and sel.winner is None
     assert all("layer" in reason and ">= 0.3 x 3" in reason for row in sel.reasons for reason in row)
-    sel = select_direction(model, harm, ok, harm, ok, layers=[1, 2], positions=[-1], refusal_tokens=[REFUSAL_TOKEN],
+    sel = select_direction(model, harm, ok, harm, ok, layers=[1, 2], positions=["last_prompt"], refusal_tokens=[REFUSAL_TOKEN],
                            gen_length=4, max_layer_fraction=0.5, filter_prompts=True)
     assert sel.winner["layer"] == 1 and "layer 2" in sel.reasons[1][0]
 
@@ -85,9 +86,9 @@ def test_selection_argument_errors():
     model, _, g = planted_model()
     p = prompts(g, 4, True)
     with pytest.raises(ValueError, match="no tokenizer"):
-        select_direction(model, p, p, p, p, positions=[-1])
+        select_direction(model, p, p, p, p, positions=["last_prompt"])
     with pytest.raises(ValueError, match="outside 0..319"):
-        select_direction(model, p, p, p, p, positions=[-1], refusal_tokens=[999])
+        select_direction(model, p, p, p, p, positions=["last_prompt"], refusal_tokens=[999])
     with pytest.raises(TypeError, match="Directions"):
         select_direction(model, p, p, p, p, refusal_tokens=[7], candidates=torch.zeros(3))
 
@@ -107,8 +108,8 @@ def test_cross_lingual_transfer_with_two_token_languages():
         return base
 
     a_harm, a_ok, b_harm, b_ok = lang(12, 200), lang(12, 0, False), lang(8, 220), lang(8, 0, False)
-    r_a = mean_difference(model, a_harm, a_ok, layers=[1], positions=-1, gen_length=4).unit(1, -1)
-    res = cross_lingual_transfer(model, r_a, b_harm, target_harmless=b_ok, layer=1, position=-1,
+    r_a = mean_difference(model, a_harm, a_ok, layers=[1], positions="last_prompt", gen_length=4).unit(1, "last_prompt")
+    res = cross_lingual_transfer(model, r_a, b_harm, target_harmless=b_ok, layer=1, position="last_prompt",
                                  refusal_tokens=[REFUSAL_TOKEN], gen_length=4)
     assert res["refusing_base"] == 1.0 and res["refusing_ablated"] == 0.0
     assert res["score_ablated"] < res["score_base"] and res["cosine"] > 0.9
