@@ -14,7 +14,7 @@ Timing: warm-up, then rounds in which every variant runs once, in an order rotat
 to round; each ratio is the median over rounds of variant / unsteered within the round (the
 runs of a round are adjacent in time, so slow drifts in background load cancel).
 
-mean_difference: N = 64, 256, 1024 prompts (half per class), all layers, positions [-1],
+mean_difference: N = 64, 256, 1024 prompts (half per class), all layers, the last prompt token,
 step-0 canvas; prompts/s and the peak memory above the pre-run level (CUDA: max allocated;
 CPU: peak RSS sampled every 2 ms). Flat memory is the goal: the reducers keep sums only.
 
@@ -152,7 +152,7 @@ def bench_mean_difference(args, model) -> list[dict]:
         g = torch.Generator().manual_seed(n)
         prompts = torch.randint(0, args.vocab - 8, (n, args.prompt_len), generator=g)
         pos, neg = prompts[: n // 2], prompts[n // 2:]
-        kwargs = dict(layers="all", positions=[-1], gen_length=args.gen_length, batch_size=args.md_batch)
+        kwargs = dict(layers="all", positions=["last_prompt"], gen_length=args.gen_length, batch_size=args.md_batch)
         mean_difference(model, pos[: args.md_batch], neg[: args.md_batch], **kwargs)  # warm-up
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
@@ -205,7 +205,7 @@ def main() -> None:
         for name, ratio in gen["ratio"].items():
             print(f"  {name:18s} {gen['median_s'][name]:8.3f} s   ratio {ratio:5.3f}   {goals[name]}")
         print(f"  identical tokens: {gen['same_tokens']}")
-    print(f"mean_difference: all {model.cfg.n_layers} layers, positions [-1], gen_length {args.gen_length}, "
+    print(f"mean_difference: all {model.cfg.n_layers} layers, positions ['last_prompt'], gen_length {args.gen_length}, "
           f"batch {args.md_batch}")
     rows = bench_mean_difference(args, model)
     result["mean_difference"] = rows

@@ -99,11 +99,11 @@ class SiteEdit:
     def linear(self, x: Tensor, *, transpose: bool = False) -> Tensor:
         """The linear part A x of T for rows x [..., *shape] (A^T x with `transpose`), in x's dtype.
 
-        Every application goes through here: hooks (rows = activations), producer folds (rows =
-        columns of W), consumer folds (rows of W, with the transpose), embedding rows.
+        Every row-wise application goes through here: hooks (rows = activations), consumer folds
+        (rows of W, with the transpose), embedding rows; `left` is the same A for producer folds.
 
         Example:
-            >>> edit.linear(w64.T).T          # diag(omega) W + u (v^T W)
+            >>> edit.linear(w64, transpose=True)          # W diag(omega) + (W u) v^T
         """
         if self.omega is None:
             y = x
@@ -114,6 +114,25 @@ class SiteEdit:
         if self.u is not None:
             a, b = (self.u, self.v) if transpose else (self.v, self.u)
             y = y + (x @ a) @ b.T
+        return y
+
+    def left(self, w: Tensor) -> Tensor:
+        """A @ w for a weight whose rows are the site's features (a producer [d_out d_in]).
+
+        Equal to `linear(w.T).T`, computed in w's layout: no transposed copy of a large weight
+        (that copy made a rank-1 fold of an MLP's down projection ~2x slower).
+
+        Example:
+            >>> edit.left(w64)                             # diag(omega) W + u (v^T W)
+        """
+        if self.omega is None:
+            y = w
+        elif self.full:
+            y = self.omega @ w
+        else:
+            y = self.omega[:, None] * w
+        if self.u is not None:
+            y = y + self.u @ (self.v.T @ w)
         return y
 
     def apply(self, x: Tensor) -> Tensor:
@@ -195,7 +214,7 @@ def fold_producer(linear: nn.Linear, edit: SiteEdit, name: str) -> list[str]:
     _check_features(linear.out_features, edit.shape[0], "output", name)
     w64 = linear.weight.double()
     edit = edit.to(w64.device, torch.float64)
-    linear.weight.copy_(edit.linear(w64.T).T.to(linear.weight.dtype))
+    linear.weight.copy_(edit.left(w64).to(linear.weight.dtype))
     if linear.bias is None and edit.beta is None:
         return [f"{name}.weight"]
     new_b = torch.zeros(edit.shape[0], dtype=torch.float64, device=w64.device) if linear.bias is None else edit.linear(linear.bias.double())
