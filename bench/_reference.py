@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -396,10 +397,12 @@ def available_threads() -> int:
 @dataclass
 class TimingResult:
     """Per-function timings from `time_interleaved`, one entry per round: wall-clock seconds in
-    `times` and process CPU seconds (all threads) in `cpu_times`."""
+    `times`, process CPU seconds (all threads) in `cpu_times`, and minor page faults of the process
+    during the call in `faults` (fresh pages the allocator got from the OS; see bench/README.md)."""
 
     times: dict[str, list[float]] = field(default_factory=dict)
     cpu_times: dict[str, list[float]] = field(default_factory=dict)
+    faults: dict[str, list[int]] = field(default_factory=dict)
 
     def median(self, name: str, cpu: bool = False) -> float:
         return median((self.cpu_times if cpu else self.times)[name])
@@ -412,6 +415,10 @@ class TimingResult:
 
     def ratio_of_medians(self, num: str, den: str, cpu: bool = False) -> float:
         return self.median(num, cpu) / self.median(den, cpu)
+
+    def faults_per_call(self, name: str) -> float:
+        """Median minor page faults of one call."""
+        return median(self.faults[name])
 
 
 def time_interleaved(
@@ -426,14 +433,16 @@ def time_interleaved(
     for _ in range(warmup):
         for name in names:
             fns[name]()
-    result = TimingResult({name: [] for name in names}, {name: [] for name in names})
+    result = TimingResult(*({name: [] for name in names} for _ in range(3)))
     start, rounds = time.perf_counter(), 0
     while rounds < repeats or time.perf_counter() - start < min_seconds:
         order = names[rounds % len(names):] + names[:rounds % len(names)]
         for name in order:
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             c0, t0 = time.process_time(), time.perf_counter()
             fns[name]()
             result.times[name].append(time.perf_counter() - t0)
             result.cpu_times[name].append(time.process_time() - c0)
+            result.faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
         rounds += 1
     return result

@@ -8,12 +8,14 @@ printed max |logit difference| shows. Measured at batch 4 x 128 positions, fp32,
     forward   ours, no hooks                                   / reference    goal <= 1.03
     hooks     ours, 4 hooks on hook_resid_post adding a vector / reference    goal <= 1.06
               (added per call with `model.hooks(...)`, as a steering user would)
-    cache     ours, `run_with_cache()` of every hook point     / reference    goal <= 1.30
+    cache     ours, `run_with_cache()` of every hook point     / reference    goal <= 1.20
+              (glibc's default allocator settings; a second, informational run pins them)
 
 Timing: warm-up rounds, then rounds in which each of the four runs once, in an order rotated
 from round to round; the ratio is the median over rounds of ours/reference within a round (runs
-of a round are adjacent in time, so drifts in background load cancel). Medians of the raw times
-are printed too. Results go to bench_out/forward.json.
+of a round are adjacent in time, so drifts in background load cancel). Medians of the raw times,
+the same ratio on process CPU time and the median minor page faults per call are printed too.
+Results go to bench_out/forward.json.
 
 Run: `make bench` or `.venv/bin/python bench/forward.py [--repeats N] [--threads T]`.
 """
@@ -41,11 +43,11 @@ SHAPES = (
     ModelShape(n_layers=4, d_model=256, n_heads=4, d_mlp=768, vocab=VOCAB),
     ModelShape(n_layers=2, d_model=1024, n_heads=8, d_mlp=3072, vocab=VOCAB),
 )
-GOALS = {"forward": 1.03, "hooks": 1.06, "cache": 1.30}
+GOALS = {"forward": 1.03, "hooks": 1.06, "cache": 1.20}
 LABELS = {
     "forward": "forward, no hooks",
     "hooks": "4 add-hooks on hook_resid_post",
-    "cache": "run_with_cache (all hooks)",
+    "cache": "run_with_cache, {allocator}",
 }
 N_HOOKS = 4
 PARITY_TOL = 1e-4
@@ -120,12 +122,14 @@ def bench_shape(shape: ModelShape, repeats: int, warmup: int, min_seconds: float
     for key, goal in GOALS.items():
         ratio = timing.ratio(key, "reference")
         rows[key] = {
-            "label": LABELS[key],
+            "label": LABELS[key].format(allocator=allocator_label()),
             "ours_ms": 1e3 * timing.median(key),
             "reference_ms": 1e3 * timing.median("reference"),
             "ratio": ratio,
             "ratio_of_medians": timing.ratio_of_medians(key, "reference"),
             "cpu_ratio": timing.ratio(key, "reference", cpu=True),
+            "faults_per_call": timing.faults_per_call(key),
+            "reference_faults_per_call": timing.faults_per_call("reference"),
             "goal": goal,
             "pass": ratio <= goal,
             "max_abs_diff": diffs[key],
@@ -142,8 +146,8 @@ def bench_shape(shape: ModelShape, repeats: int, warmup: int, min_seconds: float
 
 
 def print_table(results: list[dict]) -> None:
-    head = (f"{'model':<44} {'measure':<32} {'ours ms':>8} {'ref ms':>8} {'ratio':>6} {'r.o.m.':>6} "
-            f"{'cpu':>6} {'goal':>5}  {'':<4} {'max|dlogit|':>11}")
+    head = (f"{'model':<44} {'measure':<36} {'ours ms':>8} {'ref ms':>8} {'ratio':>6} {'r.o.m.':>6} "
+            f"{'cpu':>6} {'faults':>6} {'goal':>5}  {'':<4} {'max|dlogit|':>11}")
     print(head)
     print("-" * len(head))
     for res in results:
@@ -151,17 +155,34 @@ def print_table(results: list[dict]) -> None:
             model = res["shape"] if i == 0 else ""
             verdict = "PASS" if row["pass"] else "MISS"
             parity = "" if row["parity_ok"] else "  PARITY FAIL"
-            print(f"{model:<44} {row['label']:<32} {row['ours_ms']:>8.2f} {row['reference_ms']:>8.2f} "
+            print(f"{model:<44} {row['label']:<36} {row['ours_ms']:>8.2f} {row['reference_ms']:>8.2f} "
                   f"{row['ratio']:>6.3f} {row['ratio_of_medians']:>6.3f} {row['cpu_ratio']:>6.3f} "
-                  f"{row['goal']:>5.2f}  {verdict:<4} {row['max_abs_diff']:>11.2e}{parity}")
+                  f"{row['faults_per_call']:>6.0f} {row['goal']:>5.2f}  {verdict:<4} {row['max_abs_diff']:>11.2e}{parity}")
     print("ratio = median over rounds of ours/reference wall time within a round (PASS/MISS uses it); "
           "r.o.m. = ratio of the\nmedian wall times; cpu = the per-round ratio of process CPU time "
-          "(less sensitive to preemption by other processes).")
+          "(less sensitive to preemption by other processes);\nfaults = median minor page faults per call "
+          "(fresh pages from the OS; the reference's are shown in the JSON).")
 
 
 # glibc settings that keep freed memory in the process instead of returning it to the OS (see
 # bench/README.md): with them, a cache's activations reuse pages instead of faulting in fresh ones.
 TUNED_MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": str(2**30), "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20)}
+
+
+def allocator_label() -> str:
+    return "allocator pinned" if any(k in os.environ for k in TUNED_MALLOC_ENV) else "default allocator"
+
+
+def print_cache_summary(default: list[dict], pinned: list[dict]) -> None:
+    """The cache row under glibc's default settings next to the same row with them pinned."""
+    print(f"\n{'run_with_cache of every hook point':<44} {'allocator':<18} {'ratio':>6} {'cpu':>6} "
+          f"{'faults/call':>11} {'goal':>5}")
+    for ours, tuned in zip(default, pinned):
+        for res, label in ((ours, "default"), (tuned, "pinned (info)")):
+            row = res["measures"]["cache"]
+            goal = f"{row['goal']:>5.2f}  {'PASS' if row['pass'] else 'MISS'}" if res is ours else ""
+            print(f"{res['shape'] if res is ours else '':<44} {label:<18} {row['ratio']:>6.3f} "
+                  f"{row['cpu_ratio']:>6.3f} {row['faults_per_call']:>11.0f} {goal}")
 
 
 def run_tuned_child(args) -> dict:
@@ -233,6 +254,7 @@ def main() -> int:
         tuned = run_tuned_child(args)
         print_table(tuned["results"])
         report["malloc_tuned"] = tuned
+        print_cache_summary(results, tuned["results"])
     if args.families:
         import forward_families
 
