@@ -71,7 +71,7 @@ def pca_scatter(result, *, labels: Sequence[str] = ("positive", "negative"), tit
     """Scatter of both classes on the first two principal components of a `class_pca` result.
 
     Example:
-        >>> res = class_pca(model, harmful, harmless, layer=10, position=-1)
+        >>> res = class_pca(model, harmful, harmless, layer=10, position="last_prompt")
         >>> fig = pca_scatter(res, labels=("harmful", "harmless"))
         >>> fig.savefig("pca.png")
     """

@@ -92,7 +92,7 @@ def flatten_hooks(hooks: Any, argument: str = "hooks") -> list[HookPair]:
 
     Example:
         >>> flatten_hooks([ablate(model, r), ("hook_embed", fn), [H.at("blocks.*.hook_resid_pre", fn2)]])
-        [('blocks.0.hook_resid_pre', ProjectOut(...)), ..., ('hook_embed', fn), ('blocks.*.hook_resid_pre', ...)]
+        [('blocks.0.hook_resid_pre', EditHook(...)), ..., ('hook_embed', fn), ('blocks.*.hook_resid_pre', ...)]
     """
     out: list[HookPair] = []
 

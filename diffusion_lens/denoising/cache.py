@@ -23,7 +23,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from diffusion_lens.core.activation_cache import DiffusionActivationCache
+from diffusion_lens.core.components.moe import Expert
 from diffusion_lens.core.hook_lists import name_filter
+from diffusion_lens.core.results_io import load_result, save_result
 from diffusion_lens.denoising.positions import (
     PositionScope,
     check_scope,
@@ -142,8 +144,6 @@ def activation_shape(model, name: str, rows: int, n_pos: int) -> Optional[tuple[
 
 def _is_expert(module) -> bool:
     """A routed expert: its hooks see only the tokens routed to it ([n_routed ...], data-dependent)."""
-    from diffusion_lens.core.components.moe import Expert
-
     return isinstance(module, Expert)
 
 
@@ -295,8 +295,6 @@ class StepCache:
             >>> out.cache.save("runs/cache")
             >>> cache = StepCache.load("runs/cache", model)
         """
-        from diffusion_lens.core.results_io import save_result
-
         tensors = {f"store.{step}.{name}": t for step, acts in self.store.items() for name, t in acts.items()}
         tensors["positions"] = torch.as_tensor(self.positions)
         meta = {"steps": self.steps, "names": self.names, "n_steps": self.n_steps,
@@ -312,8 +310,6 @@ class StepCache:
             >>> cache = StepCache.load("runs/cache", model)
             >>> cache[5].accumulated_resid(apply_ln=True).shape
         """
-        from diffusion_lens.core.results_io import load_result
-
         tensors, meta = load_result(path, "StepCache")
         store = {int(step): {name: tensors[f"store.{step}.{name}"] for name in names}
                  for step, names in meta["stored"].items()}

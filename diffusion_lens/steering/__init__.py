@@ -3,7 +3,7 @@ affine transport maps, permanent weight edits, direction selection, sensitivity 
 across denoising steps.
 
 Runtime interventions return TransformerLens hook lists for `model.run_with_hooks(fwd_hooks=...)`,
-`model.hooks(...)` and `model.generate(hooks=...)`; `steps=` / `blocks=` / `positions=` schedule them
+`model.hooks(...)` and `model.generate(hooks=...)`; `steps=` / `denoise_blocks=` / `positions=` schedule them
 through `diffusion_lens.denoising.hooks.at`. Permanent edits change weights in place. Results (`Directions`,
 `Selection`, `Sensitivity`, `PatchingResult`) `.save(path)` / `.load(path)` as safetensors + JSON
 (`diffusion_lens.core.results_io`) and convert with `.to_pandas()`.

@@ -27,6 +27,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from diffusion_lens.core.results_io import load_result, require_pandas, save_result
+from diffusion_lens.denoising import hooks as H
 from diffusion_lens.denoising.generate import split_generate_kwargs
 from diffusion_lens.prompts.batching import PromptsInput, prepare_prompts
 from diffusion_lens.steering._common import progress_bar
@@ -168,8 +169,6 @@ def patch_across_steps(
         >>> res = patch_across_steps(model, clean, corrupt, names=["blocks.3.hook_resid_pre"], metric=m,
         ...                          positions=[[-1], "response"], generate_kwargs=opts)
     """
-    from diffusion_lens.denoising import hooks as H
-
     if mode not in ("generate", "teacher_forced"):
         raise ValueError(f"mode must be 'generate' or 'teacher_forced'; got {mode!r}.")
     if not callable(metric):

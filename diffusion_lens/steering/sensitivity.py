@@ -19,6 +19,7 @@ from torch import Tensor
 
 from diffusion_lens.core.results_io import load_result, require_pandas, save_result
 from diffusion_lens.denoising.generate import split_generate_kwargs
+from diffusion_lens.evals.refusal import is_refusal
 from diffusion_lens.prompts.batching import PromptsInput, batch_indices, check_batch_size, left_pad, prepare_prompts
 from diffusion_lens.steering._common import LayerSpec, check_vector, progress_bar, resolve_layers
 from diffusion_lens.steering.interventions import ablate
@@ -92,8 +93,6 @@ class Sensitivity:
 
 
 def _default_metric(out) -> Tensor:
-    from diffusion_lens.evals.refusal import is_refusal
-
     if out.texts is None:
         raise ValueError("The default metric (refusal rate) needs decoded texts; the model has no tokenizer. "
                          "Pass metric=fn(output) -> per-prompt values.")

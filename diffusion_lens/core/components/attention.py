@@ -67,8 +67,8 @@ class Attention(nn.Module):
         self.hook_q = HookPoint()  # [batch pos head d_head]
         self.hook_k = HookPoint()  # [batch pos kv_head d_head]
         self.hook_v = HookPoint()  # [batch pos kv_head d_head]
-        self.hook_rot_q = HookPoint()
-        self.hook_rot_k = HookPoint()
+        self.hook_rot_q = HookPoint()  # [batch pos head d_head] after RoPE
+        self.hook_rot_k = HookPoint()  # [batch pos kv_head d_head] after RoPE
         self.hook_attn_scores = HookPoint()  # [batch head q_pos k_pos]
         self.hook_pattern = HookPoint()  # [batch head q_pos k_pos]
         self.hook_z = HookPoint()  # [batch pos head d_head]

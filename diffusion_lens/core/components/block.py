@@ -8,6 +8,7 @@ from transformer_lens.hook_points import HookPoint
 
 from diffusion_lens.core.components.attention import Attention, AttentionMask
 from diffusion_lens.core.components.mlp import GatedMLP
+from diffusion_lens.core.components.moe import MixtureOfExperts
 from diffusion_lens.core.components.norm import RMSNorm
 from diffusion_lens.core.components.rotary import Rotary
 from diffusion_lens.core.config import DiffusionConfig
@@ -16,8 +17,6 @@ from diffusion_lens.core.config import DiffusionConfig
 def build_mlp(cfg: DiffusionConfig, layer: int) -> nn.Module:
     """The block's MLP: a mixture of experts on `cfg.moe_layers`, a dense SwiGLU elsewhere."""
     if layer in cfg.moe_layers:
-        from diffusion_lens.core.components.moe import MixtureOfExperts
-
         return MixtureOfExperts(cfg)
     return GatedMLP(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)
 
@@ -30,11 +29,11 @@ class TransformerBlock(nn.Module):
         self.attn = Attention(cfg, rotary)
         self.ln2 = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = build_mlp(cfg, layer)
-        self.hook_resid_pre = HookPoint()
-        self.hook_attn_out = HookPoint()
-        self.hook_resid_mid = HookPoint()
-        self.hook_mlp_out = HookPoint()
-        self.hook_resid_post = HookPoint()
+        self.hook_resid_pre = HookPoint()  # [batch pos d_model]
+        self.hook_attn_out = HookPoint()  # [batch pos d_model]
+        self.hook_resid_mid = HookPoint()  # [batch pos d_model]
+        self.hook_mlp_out = HookPoint()  # [batch pos d_model]
+        self.hook_resid_post = HookPoint()  # [batch pos d_model]
 
     def forward(
         self, resid_pre: Float[Tensor, "batch pos d_model"], mask: AttentionMask, rope: tuple[Tensor, Tensor]

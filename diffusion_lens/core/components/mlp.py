@@ -18,9 +18,9 @@ class GatedMLP(nn.Module):
         self.gate_proj = nn.Linear(d_model, d_mlp, bias=bias)
         self.up_proj = nn.Linear(d_model, d_mlp, bias=bias)
         self.down_proj = nn.Linear(d_mlp, d_model, bias=bias)
-        self.hook_pre = HookPoint()
-        self.hook_pre_linear = HookPoint()
-        self.hook_post = HookPoint()
+        self.hook_pre = HookPoint()  # [*batch d_mlp] gate branch, before silu
+        self.hook_pre_linear = HookPoint()  # [*batch d_mlp] linear ("up") branch
+        self.hook_post = HookPoint()  # [*batch d_mlp] silu(gate) * up, the down projection's input
 
     def forward(self, x: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch d_model"]:
         gate = self.hook_pre(self.gate_proj(x))

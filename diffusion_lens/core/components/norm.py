@@ -20,8 +20,8 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(d))
-        self.hook_scale = HookPoint()
-        self.hook_normalized = HookPoint()
+        self.hook_scale = HookPoint()  # [... 1] the RMS of each vector, fp32
+        self.hook_normalized = HookPoint()  # [... d] before the learned scale
 
     def forward(self, x: Float[Tensor, "... d"]) -> Float[Tensor, "... d"]:
         x32 = x.float()
