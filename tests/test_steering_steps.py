@@ -114,7 +114,7 @@ def test_masked_kl_zero_without_steering_and_matches_manual_kl():
 def test_mean_difference_at_a_later_step_reads_that_steps_canvas():
     model = load("llada-tiny-mha")
     pos, neg = prompts(3, seed=1), prompts(3, seed=2)
-    dirs = mean_difference(model, pos, neg, layers=[1], positions=[-1, 0, 3], step=4,
+    dirs = mean_difference(model, pos, neg, layers=[1], positions=["last_prompt", "response[0]", "response[3]"], step=4,
                            generate_kwargs=dict(OPTS, seed=0))
     expected = []
     for tokens in (pos, neg):
@@ -124,7 +124,7 @@ def test_mean_difference_at_a_later_step_reads_that_steps_canvas():
     torch.testing.assert_close(dirs.mean_positive[0], expected[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(dirs.directions[0], expected[0] - expected[1], atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="step=9"):
-        mean_difference(model, pos, neg, layers=[1], positions=-1, step=9, generate_kwargs=OPTS)
+        mean_difference(model, pos, neg, layers=[1], positions="last_prompt", step=9, generate_kwargs=OPTS)
 
 
 def test_sensitivity_grid_shapes_and_identities():
