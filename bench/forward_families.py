@@ -28,27 +28,32 @@ from statistics import median
 from typing import Callable, Optional
 
 import torch
-from safetensors.torch import save_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from diffusion_lens import HookedDiffusionTransformer  # noqa: E402
+from diffusion_lens.checkpoints import detect_adapter  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------- helpers
-def random_weights(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, torch.Tensor]:
-    """Seeded random weights: norms ~1, matrices N(0, 1/fan_in), biases and embeddings small."""
+def random_checkpoint(folder: Path, config: dict, seed: int) -> Path:
+    """A random checkpoint in the family's own format: the model is built from `config` (a family
+    config.json, detected as `from_pretrained` would) and written by `save_pretrained`, so the
+    tensor names come from the family's adapter rather than from a table kept here. Weights are
+    seeded: norms ~1, matrices N(0, 1/fan_in), biases small."""
+    adapter = detect_adapter(config)
+    model = HookedDiffusionTransformer(adapter.to_config(config))
+    model.adapter = adapter
     gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for name, shape in sorted(shapes.items()):
-        if len(shape) == 1:
-            scale, base = (0.1, 0.0) if "bias" in name else (0.1, 1.0)
-            out[name] = base + scale * torch.randn(shape, generator=gen)
-        else:
-            out[name] = torch.randn(shape, generator=gen) / shape[1] ** 0.5
-    return out
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if param.ndim == 1:
+                param.copy_((0.0 if name.endswith("bias") else 1.0) + 0.1 * torch.randn(param.shape, generator=gen))
+            else:
+                param.copy_(torch.randn(param.shape, generator=gen) / param.shape[-1] ** 0.5)
+    return model.save_pretrained(folder)
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], *, repeats: int, warmup: int, sync: Callable) -> dict:
@@ -83,23 +88,7 @@ def paired_ratio(timings: dict, num: str, den: str, kind: str = "rounds") -> flo
 
 # ------------------------------------------------------------------------------ Dream vs Qwen2
 def dream_checkpoint(folder: Path, *, d_model, n_layers, n_heads, n_kv, d_mlp, vocab, seed=0) -> Path:
-    """A random Dream-format checkpoint (Dream config.json, Qwen2 tensor names)."""
-    d_head = d_model // n_heads
-    shapes = {"model.embed_tokens.weight": (vocab, d_model), "model.norm.weight": (d_model,),
-              "lm_head.weight": (vocab, d_model)}
-    for layer in range(n_layers):
-        p = f"model.layers.{layer}"
-        shapes.update({
-            f"{p}.input_layernorm.weight": (d_model,), f"{p}.post_attention_layernorm.weight": (d_model,),
-            f"{p}.self_attn.q_proj.weight": (n_heads * d_head, d_model), f"{p}.self_attn.q_proj.bias": (n_heads * d_head,),
-            f"{p}.self_attn.k_proj.weight": (n_kv * d_head, d_model), f"{p}.self_attn.k_proj.bias": (n_kv * d_head,),
-            f"{p}.self_attn.v_proj.weight": (n_kv * d_head, d_model), f"{p}.self_attn.v_proj.bias": (n_kv * d_head,),
-            f"{p}.self_attn.o_proj.weight": (d_model, n_heads * d_head),
-            f"{p}.mlp.gate_proj.weight": (d_mlp, d_model), f"{p}.mlp.up_proj.weight": (d_mlp, d_model),
-            f"{p}.mlp.down_proj.weight": (d_model, d_mlp),
-        })
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(random_weights(shapes, seed), folder / "model.safetensors", metadata={"format": "pt"})
+    """A random Dream checkpoint (Dream config.json, Qwen2 tensor names)."""
     config = {
         "architectures": ["DreamModel"], "model_type": "Dream", "hidden_size": d_model, "num_hidden_layers": n_layers,
         "num_attention_heads": n_heads, "num_key_value_heads": n_kv, "intermediate_size": d_mlp, "vocab_size": vocab,
@@ -108,8 +97,7 @@ def dream_checkpoint(folder: Path, *, d_model, n_layers, n_heads, n_kv, d_mlp, v
         "mask_token_id": vocab - 1, "pad_token_id": vocab - 2, "eos_token_id": vocab - 2, "bos_token_id": vocab - 2,
         "torch_dtype": "float32",
     }
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
+    return random_checkpoint(folder, config, seed)
 
 
 def qwen2_from(folder: Path, dtype: torch.dtype, device: str):
@@ -155,24 +143,7 @@ def bench_dream(opts: dict, device: str, dtype: torch.dtype, sync) -> dict:
 
 # ---------------------------------------------------------------------- LLaDA-MoE hooks off / on
 def llada_moe_checkpoint(folder: Path, *, d_model, n_layers, n_heads, n_experts, top_k, d_expert, vocab, seed=0) -> Path:
-    """A random LLaDA-MoE-format checkpoint (all layers MoE, q/k norm, no shared expert, as the 7B-A1B)."""
-    d_head = d_model // n_heads
-    shapes = {"model.embed_tokens.weight": (vocab, d_model), "model.norm.weight": (d_model,),
-              "lm_head.weight": (vocab, d_model)}
-    for layer in range(n_layers):
-        p = f"model.layers.{layer}"
-        shapes.update({
-            f"{p}.input_layernorm.weight": (d_model,), f"{p}.post_attention_layernorm.weight": (d_model,),
-            f"{p}.self_attn.q_norm.weight": (d_head,), f"{p}.self_attn.k_norm.weight": (d_head,),
-            f"{p}.mlp.gate.weight": (n_experts, d_model),
-            **{f"{p}.self_attn.{x}_proj.weight": (d_model, d_model) for x in "qkvo"},
-        })
-        for e in range(n_experts):
-            shapes.update({f"{p}.mlp.experts.{e}.gate_proj.weight": (d_expert, d_model),
-                           f"{p}.mlp.experts.{e}.up_proj.weight": (d_expert, d_model),
-                           f"{p}.mlp.experts.{e}.down_proj.weight": (d_model, d_expert)})
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(random_weights(shapes, seed), folder / "model.safetensors", metadata={"format": "pt"})
+    """A random LLaDA-MoE checkpoint (all layers MoE, q/k norm, no shared expert, as the 7B-A1B)."""
     config = {
         "architectures": ["LLaDAMoEModelLM"], "model_type": "llada", "hidden_size": d_model,
         "num_hidden_layers": n_layers, "num_attention_heads": n_heads, "num_key_value_heads": n_heads,
@@ -182,8 +153,7 @@ def llada_moe_checkpoint(folder: Path, *, d_model, n_layers, n_heads, n_experts,
         "vocab_size": vocab, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "pad_token_id": vocab - 2,
         "eos_token_id": vocab - 2, "moe_router_enable_expert_bias": False, "norm_topk_prob": False,
     }
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
+    return random_checkpoint(folder, config, seed)
 
 
 def bench_moe(opts: dict, device: str, dtype: torch.dtype, sync) -> dict:

@@ -12,9 +12,9 @@ from diffusion_lens.denoising.cache import (
     CacheRequest,
     CacheTooLargeError,
     StepCache,
-    StreamingMean,
 )
 from diffusion_lens.denoising.canvas import build_canvas
+from diffusion_lens.denoising.reducers import StreamingMean
 from diffusion_lens.denoising.generate import (
     DRIVER_OPTIONS,
     GenerationOutput,

@@ -9,9 +9,10 @@ worst failure a steering method can have.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Union
 
 import torch
+import tqdm.auto
 from jaxtyping import Float
 from torch import Tensor
 
@@ -108,11 +109,6 @@ def check_strength(strength: float, *, name: str = "strength") -> float:
     return strength
 
 
-def check_hook_names(model, names: Sequence[str]) -> None:
-    """Every name must be a hook point of `model` (the model's KeyError lists close matches)."""
-    model.check_hook_names(list(names))
-
-
 def schedule(hooks: list[Hook], steps: Any = None, positions: Any = None, denoise_blocks: Any = None) -> list[Hook]:
     """Restrict hook functions to denoising `steps`, semi-autoregressive `denoise_blocks` and `positions`.
 
@@ -135,22 +131,4 @@ def progress_bar(total: int, desc: str, progress: bool):
     """
     if not isinstance(progress, bool):
         raise TypeError(f"progress must be True or False; got {progress!r}.")
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, disable=None if progress else True, leave=False)
-
-
-def model_dtype_device(model) -> tuple[torch.dtype, torch.device]:
-    weight = model.W_E
-    return weight.dtype, weight.device
-
-
-def to_list_of_ints(values: Optional[Iterable[int]], *, name: str) -> Optional[list[int]]:
-    if values is None:
-        return None
-    out = []
-    for value in values:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must hold ints; got {value!r}.")
-        out.append(value)
-    return out
+    return tqdm.auto.tqdm(total=total, desc=desc, disable=None if progress else True, leave=False)

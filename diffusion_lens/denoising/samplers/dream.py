@@ -21,7 +21,7 @@ import dataclasses
 from typing import Callable, Iterator, Literal, Optional
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from diffusion_lens.core.config import DiffusionConfig
