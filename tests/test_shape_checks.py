@@ -45,3 +45,15 @@ def test_dimension_names_bind_across_arguments():
     # `batch pos` is bound by `logits` first; a `tokens` of another length contradicts it.
     with pytest.raises(TypeCheckError, match="pos"):
         model.masked_diffusion_loss(logits, tokens[:, :4], torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_the_forward_itself_is_checked():
+    # `forward` takes text or tokens and explains a bad input itself, so it is exempt; the body it
+    # delegates to (`_logits`: tokens [batch pos] -> logits [batch pos d_vocab]) is checked.
+    model = HookedDiffusionTransformer.from_pretrained(FIXTURES / "llada-tiny-mha")
+    tokens = torch.full((2, 5), model.cfg.mask_token_id)
+    assert model(tokens).shape == (2, 5, model.cfg.d_vocab_out)
+    assert hasattr(type(model)._logits, "__wrapped__")
+    model.ln_final.forward = lambda x: x[:, :-1]  # a component that drops a position
+    with pytest.raises(TypeCheckError, match="pos"):
+        model(tokens)

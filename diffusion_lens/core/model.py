@@ -14,7 +14,7 @@ from typing import Callable, Optional, Sequence, Union, no_type_check
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Float, Int, Shaped
 from torch import Tensor, nn
 from transformer_lens import ActivationCache, HookedRootModule
 from transformer_lens.FactoredMatrix import FactoredMatrix
@@ -99,7 +99,7 @@ class HookedDiffusionCore(KeepPropertyErrors, HookedRootModule):
         return result
 
     # ------------------------------------------------------------------ forward
-    @no_type_check  # checks its own input and explains a wrong one (the test suite's shape checks skip it)
+    @no_type_check  # takes text or tokens and explains a wrong input itself; `_logits` has the checked shapes
     def forward(
         self,
         input: TokensInput,
@@ -130,6 +130,20 @@ class HookedDiffusionCore(KeepPropertyErrors, HookedRootModule):
                 f"attention_mask has shape {tuple(attention_mask.shape)} but tokens have shape "
                 f"{tuple(tokens.shape)}; pass one 0/1 entry per token."
             )
+        logits = self._logits(tokens, attention_mask, position_ids)
+        if return_type == "logits":
+            return logits
+        if return_type == "loss":
+            return self.masked_diffusion_loss(logits, tokens, targets, loss_weights)
+        return None
+
+    def _logits(
+        self,
+        tokens: Int[Tensor, "batch pos"],
+        attention_mask: Optional[Shaped[Tensor, "batch pos"]],
+        position_ids: Optional[Int[Tensor, "batch pos"]],
+    ) -> Float[Tensor, "batch pos d_vocab"]:
+        """embed -> blocks -> ln_final -> unembed on checked tokens: every hook point fires below here."""
         mask = attention_mask_for(self.cfg, attention_mask)
         if position_ids is None:  # renumbers padded rows where cfg.position_ids_mode asks for it
             position_ids = position_ids_for(self.cfg, attention_mask)
@@ -140,12 +154,7 @@ class HookedDiffusionCore(KeepPropertyErrors, HookedRootModule):
         resid = self.hook_embed(embedded)
         for block in self.blocks:
             resid = block(resid, mask, rope)
-        logits = self.unembed(self.ln_final(resid))
-        if return_type == "logits":
-            return logits
-        if return_type == "loss":
-            return self.masked_diffusion_loss(logits, tokens, targets, loss_weights)
-        return None
+        return self.unembed(self.ln_final(resid))
 
     def _check_tokens(self, tokens: Int[Tensor, "batch pos"]) -> None:
         """Fail before the run, with a sentence, on an empty input, an input longer than the model's
