@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from diffusion_lens import HookedDiffusionTransformer
+from diffusion_lens.core.kv_cache import KVCache
 from tests._fast_dllm import FULL, read_runs
 from tests.conftest import FIXTURES
 
@@ -54,3 +55,41 @@ def test_full_forwards_match_upstream_logits(folder):
             torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
             checked += 1
     assert checked >= 4  # two runs with stored logits, one full forward per block (2 blocks)
+
+
+def test_cached_forwards_match_upstream_logits(folder):
+    """Every stored prefix- and dual-cached forward: the cache is built by the block's full forward
+    on the canvas it read, then our windowed forward on the recorded window gives upstream's raw
+    logits (LLaDA: prefix = block start to the end, dual = the block; Dream likewise, unshifted)."""
+    model = HookedDiffusionTransformer.from_pretrained(FIXTURES / folder)
+    checked = 0
+    for run in read_runs(FIXTURES / folder).values():
+        for k, expected in run.logits.items():
+            if run.forward_kind[k] == FULL:
+                continue
+            opened = max(j for j in range(k) if run.forward_kind[j] == FULL and run.block[j] == run.block[k])
+            canvas = run.canvas_before(k)
+            cache = KVCache.empty(model.cfg, batch=canvas.shape[0], n_pos=canvas.shape[1], like=model.W_E)
+            start, stop = run.window(k)
+            with torch.no_grad():
+                model(run.canvas_before(opened), kv_cache=cache)
+                logits = model(canvas[:, start:stop], kv_cache=cache, window_start=start)
+            torch.testing.assert_close(logits, expected, atol=1e-4, rtol=0)
+            checked += 1
+    assert checked >= 10
+
+
+def test_a_window_covering_the_canvas_is_the_plain_forward(folder):
+    model = HookedDiffusionTransformer.from_pretrained(FIXTURES / folder)
+    run = next(iter(read_runs(FIXTURES / folder).values()))
+    canvas = run.output
+    cache = KVCache.empty(model.cfg, batch=canvas.shape[0], n_pos=canvas.shape[1], like=model.W_E)
+    with torch.no_grad():
+        torch.testing.assert_close(model(canvas, kv_cache=cache), model(canvas), atol=1e-5, rtol=0)
+        # the cache now holds the canvas; a window of it over the same tokens changes nothing
+        torch.testing.assert_close(model(canvas[:, 6:14], kv_cache=cache, window_start=6), model(canvas)[:, 6:14],
+                                   atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="does not fit"):
+        model(canvas[:, 6:], kv_cache=cache, window_start=8)
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(canvas, torch.ones_like(canvas), kv_cache=cache)

@@ -4,6 +4,7 @@ Nothing here knows about samplers, checkpoints or steering; every other layer bu
 """
 
 from diffusion_lens.core.config import DiffusionConfig
+from diffusion_lens.core.kv_cache import KVCache
 from diffusion_lens.core.model import HookedDiffusionCore
 
-__all__ = ["DiffusionConfig", "HookedDiffusionCore"]
+__all__ = ["DiffusionConfig", "HookedDiffusionCore", "KVCache"]

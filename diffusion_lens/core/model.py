@@ -25,6 +25,7 @@ from diffusion_lens.core.components import RMSNorm, Rotary, TransformerBlock, at
 from diffusion_lens.core.components.errors import KeepPropertyErrors
 from diffusion_lens.core.config import DiffusionConfig
 from diffusion_lens.core.hook_lists import flatten_hooks, is_glob, name_filter, no_match_message
+from diffusion_lens.core.kv_cache import KVCache
 
 TextInput = Union[str, Sequence[str]]
 TokensInput = Union[TextInput, Int[Tensor, "batch pos"], Int[Tensor, " pos"]]
@@ -109,6 +110,8 @@ class HookedDiffusionCore(KeepPropertyErrors, HookedRootModule):
         return_type: Optional[str] = "logits",
         targets: Optional[Int[Tensor, "batch pos"]] = None,
         loss_weights: Optional[Float[Tensor, "batch pos"]] = None,
+        kv_cache: Optional[KVCache] = None,
+        window_start: int = 0,
     ) -> Union[Float[Tensor, "batch pos d_vocab"], Float[Tensor, ""], None]:
         """One denoising forward over a canvas.
 
@@ -120,6 +123,11 @@ class HookedDiffusionCore(KeepPropertyErrors, HookedRootModule):
         `return_type="loss"` gives the masked-diffusion loss: cross-entropy of `targets` at the
         positions holding the mask token, weighted by `loss_weights` (e.g. 1/t in LLaDA's SFT
         objective) and averaged over those positions. `return_type=None` runs hooks only.
+        With `kv_cache=` (a `KVCache` of the whole canvas) the input is a window of the canvas,
+        columns [window_start, window_start + pos): only those positions are computed (the hook
+        points see them alone), their keys and values are written into the cache and every other
+        column's are read from it; logits are the window's. `window_start=0` with the whole canvas
+        fills the cache.
         """
         if return_type not in ("logits", "loss", None):
             raise ValueError(f"return_type must be 'logits', 'loss' or None, got {return_type!r}")
@@ -130,7 +138,11 @@ class HookedDiffusionCore(KeepPropertyErrors, HookedRootModule):
                 f"attention_mask has shape {tuple(attention_mask.shape)} but tokens have shape "
                 f"{tuple(tokens.shape)}; pass one 0/1 entry per token."
             )
-        logits = self._logits(tokens, attention_mask, position_ids)
+        if kv_cache is not None:
+            self._check_window(tokens, attention_mask, position_ids, kv_cache, window_start)
+            logits = self._logits(tokens, None, None, kv_cache, window_start)
+        else:
+            logits = self._logits(tokens, attention_mask, position_ids)
         if return_type == "logits":
             return logits
         if return_type == "loss":
@@ -142,19 +154,44 @@ class HookedDiffusionCore(KeepPropertyErrors, HookedRootModule):
         tokens: Int[Tensor, "batch pos"],
         attention_mask: Optional[Shaped[Tensor, "batch pos"]],
         position_ids: Optional[Int[Tensor, "batch pos"]],
+        kv_cache: Optional[KVCache] = None,
+        window_start: int = 0,
     ) -> Float[Tensor, "batch pos d_vocab"]:
         """embed -> blocks -> ln_final -> unembed on checked tokens: every hook point fires below here."""
         mask = attention_mask_for(self.cfg, attention_mask)
-        if position_ids is None:  # renumbers padded rows where cfg.position_ids_mode asks for it
-            position_ids = position_ids_for(self.cfg, attention_mask)
-        rope = self.rotary.tables(tokens.shape[1], tokens.device, position_ids)
+        if kv_cache is not None:  # the window's absolute canvas columns
+            cos, sin = self.rotary.tables(window_start + tokens.shape[1], tokens.device)
+            rope = (cos[window_start:], sin[window_start:])
+        else:
+            if position_ids is None:  # renumbers padded rows where cfg.position_ids_mode asks for it
+                position_ids = position_ids_for(self.cfg, attention_mask)
+            rope = self.rotary.tables(tokens.shape[1], tokens.device, position_ids)
         embedded = self.embed(tokens)
         if not embedded.requires_grad and torch.is_grad_enabled() and self._activation_grads_requested():
             embedded.requires_grad_(True)  # every later activation is then differentiable
         resid = self.hook_embed(embedded)
-        for block in self.blocks:
-            resid = block(resid, mask, rope)
+        for layer, block in enumerate(self.blocks):
+            kv = None if kv_cache is None else kv_cache.layer(layer)
+            resid = block(resid, mask, rope, kv, window_start)
         return self.unembed(self.ln_final(resid))
+
+    def _check_window(self, tokens: Tensor, attention_mask, position_ids, kv_cache: KVCache, window_start: int) -> None:
+        """A windowed forward must fit its cache; masks and renumbered positions are not supported yet."""
+        if attention_mask is not None or position_ids is not None:
+            raise ValueError(
+                "kv_cache= runs without attention_mask / position_ids (the window's RoPE positions are its "
+                "canvas columns); pass unpadded rows, or run full forwards for padded batches."
+            )
+        if len(kv_cache.keys) != self.cfg.n_layers or kv_cache.batch != tokens.shape[0]:
+            raise ValueError(
+                f"The KVCache holds {len(kv_cache.keys)} layers x batch {kv_cache.batch}; this model has "
+                f"{self.cfg.n_layers} layers and the input batch {tokens.shape[0]}. Build it with KVCache.empty(model.cfg, ...)."
+            )
+        if window_start < 0 or window_start + tokens.shape[1] > kv_cache.n_pos:
+            raise ValueError(
+                f"The window [{window_start}, {window_start + tokens.shape[1]}) does not fit the cache's "
+                f"{kv_cache.n_pos} canvas positions."
+            )
 
     def _check_tokens(self, tokens: Int[Tensor, "batch pos"]) -> None:
         """Fail before the run, with a sentence, on an empty input, an input longer than the model's

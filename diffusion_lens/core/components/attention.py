@@ -83,7 +83,12 @@ class Attention(nn.Module):
         x: Float[Tensor, "batch pos d_model"],
         mask: AttentionMask,
         rope: tuple[Tensor, Tensor],
+        kv: Optional[tuple[Tensor, Tensor]] = None,
+        window_start: int = 0,
     ) -> Float[Tensor, "batch pos d_model"]:
+        """`x` holds the canvas positions computed this forward; with `kv` (this layer's
+        `KVCache` tensors) they are columns [window_start, window_start + pos) of the canvas, and
+        the queries attend to the keys / values of every column, this window's written in first."""
         batch, n_pos, _ = x.shape
         cfg = self.cfg
         q = self.q_proj(x).view(batch, n_pos, cfg.n_heads, cfg.d_head)
@@ -98,6 +103,11 @@ class Attention(nn.Module):
         k = self.hook_rot_k(self.rotary(k, *rope))
 
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [batch head pos d_head]
+        if kv is not None:  # windowed forward: write this window's keys / values, attend to every position
+            cached_k, cached_v = kv
+            cached_k[:, :, window_start : window_start + n_pos] = k
+            cached_v[:, :, window_start : window_start + n_pos] = v
+            k, v = cached_k, cached_v
         if self.needs_pattern:
             z = self._explicit_attention(q, k, v, mask)
         else:

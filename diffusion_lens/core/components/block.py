@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
@@ -36,10 +38,15 @@ class TransformerBlock(nn.Module):
         self.hook_resid_post = HookPoint()  # [batch pos d_model]
 
     def forward(
-        self, resid_pre: Float[Tensor, "batch pos d_model"], mask: AttentionMask, rope: tuple[Tensor, Tensor]
+        self,
+        resid_pre: Float[Tensor, "batch pos d_model"],
+        mask: AttentionMask,
+        rope: tuple[Tensor, Tensor],
+        kv: Optional[tuple[Tensor, Tensor]] = None,
+        window_start: int = 0,
     ) -> Float[Tensor, "batch pos d_model"]:
         resid_pre = self.hook_resid_pre(resid_pre)
-        attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre), mask, rope))
+        attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre), mask, rope, kv, window_start))
         resid_mid = self.hook_resid_mid(resid_pre + attn_out)
         mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid_mid)))
         return self.hook_resid_post(resid_mid + mlp_out)

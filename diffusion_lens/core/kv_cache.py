@@ -1,0 +1,55 @@
+"""`KVCache`: the keys and values of every canvas position, per layer, for windowed forwards.
+
+A diffusion sampler re-reads the whole canvas at every step; most of it (the prompt, committed
+blocks, sometimes the masked suffix) changes little between steps. A windowed forward
+(`model(window_tokens, kv_cache=cache, window_start=s)`) computes only the window's positions and
+takes every other position's keys and values from the cache; it writes the window's own keys and
+values back, so the cache always holds the newest values of every position (Fast-dLLM's prefix
+and dual caches are both this, with different windows). A full forward with `kv_cache=` and
+`window_start=0` builds it.
+
+Keys are stored after RoPE, rotated at their absolute canvas column, so a cached key is exactly
+the key a full forward would compute for that column from the same activations.
+
+Example:
+    >>> cache = KVCache.empty(model.cfg, batch=1, n_pos=canvas.shape[1], like=model.W_E)
+    >>> logits = model(canvas, kv_cache=cache)                      # full forward, fills the cache
+    >>> logits = model(canvas[:, 8:16], kv_cache=cache, window_start=8)   # [1 8 vocab]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from diffusion_lens.core.config import DiffusionConfig
+
+
+@dataclass
+class KVCache:
+    """Per layer, keys (rotated) and values of every canvas position: [batch kv_head n_pos d_head]."""
+
+    keys: list[Float[Tensor, "batch kv_head n_pos d_head"]]
+    values: list[Float[Tensor, "batch kv_head n_pos d_head"]]
+
+    @classmethod
+    def empty(cls, cfg: DiffusionConfig, batch: int, n_pos: int, like: Tensor) -> "KVCache":
+        """A cache of zeros for a [batch n_pos] canvas, on `like`'s device and dtype; fill it with a
+        full forward (`window_start=0`) before any windowed one reads it."""
+        shape = (batch, cfg.n_key_value_heads, n_pos, cfg.d_head)
+        zeros = lambda: torch.zeros(shape, dtype=like.dtype, device=like.device)  # noqa: E731
+        return cls([zeros() for _ in range(cfg.n_layers)], [zeros() for _ in range(cfg.n_layers)])
+
+    @property
+    def n_pos(self) -> int:
+        return self.keys[0].shape[2]
+
+    @property
+    def batch(self) -> int:
+        return self.keys[0].shape[0]
+
+    def layer(self, index: int) -> tuple[Tensor, Tensor]:
+        return self.keys[index], self.values[index]
