@@ -30,7 +30,12 @@ from diffusion_lens.core.config import DiffusionConfig
 
 @dataclass
 class KVCache:
-    """Per layer, keys (rotated) and values of every canvas position: [batch kv_head n_pos d_head]."""
+    """Per layer, keys (rotated) and values of every canvas position: [batch kv_head n_pos d_head].
+
+    Example:
+        >>> cache = KVCache.empty(model.cfg, batch=2, n_pos=22, like=model.W_E)
+        >>> cache.keys[0].shape    # [2 n_kv_heads 22 d_head]
+    """
 
     keys: list[Float[Tensor, "batch kv_head n_pos d_head"]]
     values: list[Float[Tensor, "batch kv_head n_pos d_head"]]
@@ -38,10 +43,16 @@ class KVCache:
     @classmethod
     def empty(cls, cfg: DiffusionConfig, batch: int, n_pos: int, like: Tensor) -> "KVCache":
         """A cache of zeros for a [batch n_pos] canvas, on `like`'s device and dtype; fill it with a
-        full forward (`window_start=0`) before any windowed one reads it."""
+        full forward (`window_start=0`) before any windowed one reads it.
+
+        Example:
+            >>> cache = KVCache.empty(model.cfg, batch=1, n_pos=canvas.shape[1], like=model.W_E)
+            >>> _ = model(canvas, kv_cache=cache)    # fills every layer
+        """
         shape = (batch, cfg.n_key_value_heads, n_pos, cfg.d_head)
-        zeros = lambda: torch.zeros(shape, dtype=like.dtype, device=like.device)  # noqa: E731
-        return cls([zeros() for _ in range(cfg.n_layers)], [zeros() for _ in range(cfg.n_layers)])
+        keys, values = ([torch.zeros(shape, dtype=like.dtype, device=like.device) for _ in range(cfg.n_layers)]
+                        for _ in range(2))
+        return cls(keys, values)
 
     @property
     def n_pos(self) -> int:
@@ -52,4 +63,9 @@ class KVCache:
         return self.keys[0].shape[0]
 
     def layer(self, index: int) -> tuple[Tensor, Tensor]:
+        """(keys, values) of one layer, the tensors its attention writes the window into.
+
+        Example:
+            >>> keys, values = cache.layer(0)
+        """
         return self.keys[index], self.values[index]

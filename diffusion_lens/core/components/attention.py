@@ -50,6 +50,8 @@ def attention_mask_for(
 
 
 class Attention(nn.Module):
+    """Multi-head (or grouped-query) attention with RoPE, optional q/k norm and a hook on each stage."""
+
     def __init__(self, cfg: DiffusionConfig, rotary: Rotary):
         super().__init__()
         self.cfg = cfg
@@ -88,7 +90,12 @@ class Attention(nn.Module):
     ) -> Float[Tensor, "batch pos d_model"]:
         """`x` holds the canvas positions computed this forward; with `kv` (this layer's
         `KVCache` tensors) they are columns [window_start, window_start + pos) of the canvas, and
-        the queries attend to the keys / values of every column, this window's written in first."""
+        the queries attend to the keys / values of every column, this window's written in first.
+
+        Example:
+            >>> out = block.attn(x, None, rope)                                     # plain
+            >>> out = block.attn(x[:, 8:], None, rope_8, cache.layer(0), window_start=8)   # windowed
+        """
         batch, n_pos, _ = x.shape
         cfg = self.cfg
         q = self.q_proj(x).view(batch, n_pos, cfg.n_heads, cfg.d_head)

@@ -24,6 +24,8 @@ def build_mlp(cfg: DiffusionConfig, layer: int) -> nn.Module:
 
 
 class TransformerBlock(nn.Module):
+    """Layer `layer` of the model; its hook points are `blocks.{layer}.hook_*` (docs/architecture.md)."""
+
     def __init__(self, cfg: DiffusionConfig, layer: int, rotary: Rotary):
         super().__init__()
         self.layer = layer
@@ -45,6 +47,11 @@ class TransformerBlock(nn.Module):
         kv: Optional[tuple[Tensor, Tensor]] = None,
         window_start: int = 0,
     ) -> Float[Tensor, "batch pos d_model"]:
+        """resid_post = resid_mid + mlp(ln2(resid_mid)), resid_mid = resid_pre + attn(ln1(resid_pre)).
+
+        Example:
+            >>> resid = model.blocks[0](model.embed(tokens), None, model.rotary.tables(tokens.shape[1], tokens.device))
+        """
         resid_pre = self.hook_resid_pre(resid_pre)
         attn_out = self.hook_attn_out(self.attn(self.ln1(resid_pre), mask, rope, kv, window_start))
         resid_mid = self.hook_resid_mid(resid_pre + attn_out)
