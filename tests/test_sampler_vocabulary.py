@@ -61,9 +61,13 @@ def test_block_length_on_a_sampler_without_blocks():
     model, _ = family("dream-tiny")
     one_block = model.generate(PROMPT, steps=8, max_new_tokens=16, block_length=16, progress=False)
     assert torch.equal(one_block.sequences, model.generate(PROMPT, steps=8, max_new_tokens=16, progress=False).sequences)
-    with pytest.raises(ValueError, match="DreamSampler denoises the whole response as one block, so block_length=8 "
-                                         "cannot apply; omit it or pass block_length=16"):
+    # Dream has blocks only in Fast-dLLM's block sampler (issue 12), i.e. with a KV cache
+    with pytest.raises(ValueError, match="block_length=8 needs kv_cache=: Dream's sampler without a KV cache "
+                                         "denoises the whole response as one block"):
         model.generate(PROMPT, steps=8, gen_length=16, block_length=8, progress=False)
+    blocks = model.generate(PROMPT, steps=8, gen_length=16, block_length=8, kv_cache="prefix", alg="entropy",
+                            progress=False, record=True)
+    assert [state.block for state in blocks.states] == [0] * 4 + [1] * 4
 
 
 @pytest.mark.parametrize("name", FAMILIES)

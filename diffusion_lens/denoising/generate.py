@@ -40,6 +40,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from diffusion_lens.core.hook_lists import flatten_hooks
+from diffusion_lens.core.kv_cache import KVCache
 from diffusion_lens.core.model import HookedDiffusionCore
 from diffusion_lens.denoising.cache import (
     DEFAULT_MAX_CACHE_BYTES,
@@ -67,8 +68,9 @@ class GenerationOutput:
     the canvas after every step (None with `return_trajectory=False`); `cache`: the `StepCache`
     when one was requested; `response_start`: the column where every response starts;
     `logits`: {step: raw forward output [batch pos vocab]} for the steps in `capture_logits`
-    (conditional rows; `model.token_logits` aligns them to tokens); `states`: the `DenoisingState`
-    entering every step run, with `record=True` (what `replay=` takes).
+    (conditional rows; `model.token_logits` aligns them to tokens; under a KV cache a cached
+    step's logits cover only its window, `states[step].computed`); `states`: the `DenoisingState`
+    entering every step run, with `record=True` (what `replay=` takes); `n_forwards`: the forwards run.
 
     Example:
         >>> out = model.generate(tokens, steps=8, gen_length=16, block_length=8)
@@ -84,6 +86,7 @@ class GenerationOutput:
     attention_mask: Optional[Int[Tensor, "batch pos"]] = None
     logits: dict = field(default_factory=dict)
     states: Optional[list[DenoisingState]] = None
+    n_forwards: Optional[int] = None  # model forwards run (= steps; fewer than n_steps under threshold= / factor=)
 
     @property
     def responses(self) -> Int[Tensor, "batch gen"]:
@@ -167,10 +170,27 @@ class _Run:
         self.capture = set(capture_logits)
         self.logits: dict[int, Tensor] = {}
         self.states: Optional[list[DenoisingState]] = [] if record else None
+        self.kv_cache: Optional[KVCache] = None  # filled by each full forward of a KV-cached run
 
     def publish(self, state: Optional[DenoisingState]) -> None:
         for point in self.points:
             point.__dict__["state"] = state  # plain attribute: skips nn.Module.__setattr__
+
+    def _model_forward(self, state: DenoisingState) -> Float[Tensor, "rows pos vocab"]:
+        """The model on `state.model_input`: plain, or under a KV cache either a full forward that
+        (re)fills the cache or a forward of `state.window` that reads every other column from it."""
+        if state.kv_cache is None:
+            return self.model(state.model_input, state.model_attention_mask)
+        if state.window is None:
+            rows, n_pos = state.model_input.shape
+            cache = self.kv_cache
+            if cache is None or cache.batch != rows or cache.n_pos != n_pos:
+                cache = self.kv_cache = KVCache.empty(self.model.cfg, rows, n_pos, like=self.model.embed.weight)
+            return self.model(state.model_input, state.model_attention_mask, kv_cache=cache)
+        if self.kv_cache is None:
+            raise RuntimeError(f"Step {state.step} reads the KV cache, but no full forward of this run has built it.")
+        return self.model(state.model_input, state.model_attention_mask, kv_cache=self.kv_cache,
+                          window_start=state.window[0])
 
     def forward(self, state: DenoisingState) -> Float[Tensor, "rows pos vocab"]:
         self.publish(state)
@@ -180,9 +200,9 @@ class _Run:
         step_hooks = [pair for obs in self.observers if obs.wants(state) for pair in obs.hook_pairs]
         if step_hooks:
             with model.hooks(fwd_hooks=step_hooks):
-                logits = model(state.model_input, state.model_attention_mask)
+                logits = self._model_forward(state)
         else:
-            logits = model(state.model_input, state.model_attention_mask)
+            logits = self._model_forward(state)
         if state.step in self.capture:
             # conditional rows only; cloned because the sampler may edit logits in place
             self.logits[state.step] = logits[: state.batch].clone()
@@ -204,10 +224,31 @@ def check_context(model: HookedDiffusionCore, prompt_width: int, response_length
         )
 
 
-def check_hooks_fit(model, hooks: list, reducers: Sequence, n_steps: int, n_blocks: int, n_pos: int, batch: int) -> None:
+def _check_observers_fit(sampler: Sampler, cache, reducers: Sequence) -> None:
+    """Activation caches and reducers need every step to compute the whole canvas at known steps."""
+    if cache is None and not reducers:
+        return
+    what = "cache=" if cache is not None else "reducers="
+    if sampler.kv_cache_mode() is not None:
+        raise ValueError(
+            f"{what} records whole-canvas activations per step, but under kv_cache={sampler.kv_cache_mode()!r} most "
+            "forwards compute only a window of the canvas. Record with a hook (it sees `hook.state.computed`), or "
+            "run with kv_cache=None."
+        )
+    if not sampler.fixed_steps():
+        raise ValueError(f"{what} needs the run's steps in advance; this sampler's commit rule (threshold= / factor=) "
+                         "decides the number of steps as it goes. Record with a hook, or use the schedule.")
+
+
+def check_hooks_fit(
+    model, hooks: list, reducers: Sequence, n_steps: int, n_blocks: int, n_pos: int, batch: int, *,
+    exact: bool = True, windows: Optional[list] = None, response_start: Optional[int] = None,
+) -> None:
     """Resolve every hook and reducer against the run before its first forward: names and globs
-    must select hook points, `H.at` schedules (`fn.schedule`) must fit the steps, blocks and canvas,
-    reducer steps must be steps of the run. Each failure raises with what the run has.
+    must select hook points, `H.at` schedules (`fn.schedule`) must fit the steps, blocks and canvas
+    (`exact=False`: `n_steps` is an upper bound; `windows`: the columns each step computes under a
+    KV cache, see `HookSchedule.check`), reducer steps must be steps of the run. Each failure raises
+    with what the run has.
 
     Example:
         >>> check_hooks_fit(model, [H.at("blocks.0.hook_resid_post", fn, steps=9)], [], n_steps=8, n_blocks=1,
@@ -217,7 +258,7 @@ def check_hooks_fit(model, hooks: list, reducers: Sequence, n_steps: int, n_bloc
         model.hook_names(name)
         schedule = getattr(fn, "schedule", None)
         if schedule is not None:
-            schedule.check(n_steps, n_blocks, n_pos, batch)
+            schedule.check(n_steps, n_blocks, n_pos, batch, exact=exact, windows=windows, response_start=response_start)
     for reducer in reducers:
         reducer.check_run(model, n_steps)
 
@@ -302,7 +343,9 @@ def generate(
     last = _check_steps(stop_after, capture_logits, n_steps)
     check_context(model, response_start, sampler.response_length())
     hooks = flatten_hooks(hooks)
-    check_hooks_fit(model, hooks, reducers, n_steps, sampler.n_blocks(), n_pos, batch)
+    _check_observers_fit(sampler, cache, reducers)
+    check_hooks_fit(model, hooks, reducers, n_steps, sampler.n_blocks(), n_pos, batch,
+                    exact=sampler.fixed_steps(), windows=sampler.step_windows(response_start), response_start=response_start)
     if attention_mask is not None and model.cfg.attention_mask_mode == "ignored":
         warnings.warn(
             "This model ignores the attention mask (cfg.attention_mask_mode='ignored', as upstream), so the "
@@ -325,10 +368,11 @@ def generate(
 
     bar = tqdm(total=last + 1, desc="denoising", unit="step", disable=None if progress else True, leave=False)
     canvases: list[Tensor] = []
-    canvas = tokens
+    canvas, n_forwards = tokens, 0
     try:
         with torch.no_grad(), model.hooks(fwd_hooks=hooks):
             for state, canvas in sampler.run(model.cfg, tokens, attention_mask, run.forward, generator):
+                n_forwards += 1
                 if return_trajectory:
                     canvases.append(canvas)
                 bar.update()
@@ -338,6 +382,10 @@ def generate(
         run.publish(None)
         bar.close()
 
+    missed = sorted(set(capture_logits) - set(run.logits))
+    if missed:
+        raise ValueError(f"capture_logits steps {missed} were not reached: this run took {n_forwards} "
+                         "forwards (its commit rule is adaptive, so n_steps is an upper bound); ask for earlier steps.")
     texts = None
     if model.tokenizer is not None:
         texts = model.to_string(canvas[:, response_start:], skip_special_tokens=True)
@@ -353,6 +401,7 @@ def generate(
         attention_mask=full_mask,
         logits=run.logits,
         states=run.states,
+        n_forwards=n_forwards,
     )
 
 

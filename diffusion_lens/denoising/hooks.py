@@ -30,6 +30,13 @@ forward. Negative steps and denoising blocks count from the end of the run (`ste
 step), as in `cache=dict(steps=...)`, `run_with_cache(step=-1)` and `StepCache[-1]`. Callable
 schedules are the caller's logic and are not checked.
 
+Under a KV cache (`generate(kv_cache="prefix" | "dual")`) a cached forward computes only some canvas
+columns (`hook.state.computed`); its activations hold exactly those, and a scope is applied to the
+columns computed. Positions a forward does not compute are not touched by it: an intervention on
+prompt positions takes effect at each block's full forward (which builds the cache) and reaches the
+cached steps through the keys and values it changed. A scheduled hook whose steps compute none of
+its positions can never fire, and is refused before the run.
+
 Outside generation (a plain forward: `hook.state is None`) there is no step: `steps` /
 `denoise_blocks` filters do not apply (the hook runs, as it would at every step), because steering
 builders use the same hooks to score single forwards; scopes that need the state ("response",
@@ -87,13 +94,24 @@ class HookSchedule:
     blocks = renamed_attribute("blocks", "denoise_blocks", "HookSchedule")
     cfg = renamed_attribute("cfg", "guidance", "HookSchedule")
 
-    def check(self, n_steps: int, n_blocks: int, n_pos: int, batch: int) -> None:
+    def check(
+        self, n_steps: int, n_blocks: int, n_pos: int, batch: int, *, exact: bool = True,
+        windows: Optional[Sequence[Optional[tuple[int, int]]]] = None, response_start: Optional[int] = None,
+    ) -> None:
         """Raise a ValueError naming what the run has when this schedule could never fire as asked.
 
-        `n_blocks` is the run's number of denoising blocks (`DenoisingState.n_blocks`).
+        `n_blocks` is the run's number of denoising blocks (`DenoisingState.n_blocks`). `exact=False`:
+        `n_steps` is an upper bound (an adaptive commit rule), so steps cannot count from the end.
+        `windows` (`Sampler.step_windows`): per step, the canvas columns its forward computes (None
+        = all); a position scope that no scheduled step computes never fires, which is an error.
         """
         problems = [_outside(self.steps, n_steps, "steps"), _outside(self.denoise_blocks, n_blocks, "denoise_blocks")]
         problems = [p for p in problems if p]
+        if not exact and _negative(self.steps):
+            problems.append(f"steps={self.steps!r} counts from the end, but this run's length depends on the tokens "
+                            "(an adaptive commit rule: threshold= / factor=)")
+        if windows is not None and response_start is not None and not problems:
+            _check_computed(self, windows, n_steps, n_pos, response_start)
         try:
             check_scope_fits(self.positions, n_pos, batch)
         except (IndexError, ValueError) as error:
@@ -163,11 +181,13 @@ def at(
         if not scoped:
             return fn(act, hook)
         axis = position_axis(hook, act.ndim)
-        n_pos = act.shape[axis]
+        n_pos = act.shape[axis] if state is None else state.n_pos  # canvas columns (a cached forward computes fewer)
         selected = scope_mask(positions, state, n_pos, act.device)
         mask = rows_mask(selected, state, act.shape[0], n_pos, guidance, act.device)
         if mask is None:
             return fn(act, hook)
+        if state is not None and state.window is not None:
+            mask = mask[:, state.computed]  # the columns this forward computes, as the activation holds them
         copy = act.clone()
         changed = fn(copy, hook)
         changed = copy if changed is None else changed
@@ -222,7 +242,52 @@ def _outside(spec: Schedule, n: int, what: str) -> Optional[str]:
     return f"{what} {bad}" if bad else None
 
 
-def _selected(spec: Schedule, value: int, n: int, state: DenoisingState) -> bool:
+def _negative(spec: Schedule) -> bool:
+    """Whether a step spec counts from the end of the run."""
+    if spec is None or callable(spec):
+        return False
+    if isinstance(spec, int):
+        return spec < 0
+    return any(v < 0 for v in spec)
+
+
+def _scope_columns(positions: PositionScope, response_start: int, n_pos: int) -> Optional[set[int]]:
+    """The canvas columns a scope can select in some row, when known before the run (None: unknown or all)."""
+    if positions is None or callable(positions):
+        return None
+    if isinstance(positions, str):
+        spans = {"prompt": range(0, response_start), "last_prompt": range(response_start - 1, response_start),
+                 "response": range(response_start, n_pos)}
+        return set(spans[positions]) if positions in spans else None
+    selected = torch.as_tensor(positions)
+    if selected.dtype == torch.bool:
+        return set((selected if selected.ndim == 1 else selected.any(0)).nonzero().flatten().tolist())
+    return set((selected.long().flatten() % n_pos).tolist())
+
+
+def _check_computed(
+    schedule: HookSchedule, windows: Sequence[Optional[tuple[int, int]]], n_steps: int, n_pos: int, response_start: int
+) -> None:
+    """Raise when every step the schedule selects is a cached forward that computes none of its positions."""
+    if not any(w is not None for w in windows) or callable(schedule.steps):
+        return
+    columns = _scope_columns(schedule.positions, response_start, n_pos)
+    if columns is None:
+        return
+    steps = [s for s in range(n_steps) if _selected(schedule.steps, s, n_steps, None)]
+    if any(windows[s] is None or columns & set(range(*windows[s])) for s in steps):
+        return
+    full = [s for s in range(n_steps) if windows[s] is None]
+    raise ValueError(
+        f"H.at({schedule.name!r}, positions={schedule.positions!r}, steps={schedule.steps!r}) can never fire: under "
+        f"this run's KV cache those steps are cached forwards that compute only {sorted({windows[s] for s in steps})} "
+        f"(canvas columns [start, stop)), none of the scoped positions. Those positions are computed at the full "
+        f"forwards, steps {full}: an intervention there reaches the cached steps through the keys and values it "
+        "changed. Schedule it at those steps, or run with kv_cache=None to intervene at every step."
+    )
+
+
+def _selected(spec: Schedule, value: int, n: int, state: Optional[DenoisingState]) -> bool:
     """`value` (0..n-1) is selected by `spec`, directly or as the negative index value - n."""
     if spec is None:
         return True

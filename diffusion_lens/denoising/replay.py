@@ -96,6 +96,7 @@ def with_prompt(states: Sequence[DenoisingState], prompt: Int[Tensor, "batch pro
         model_input = state.model_input
         if model_input is not None:
             model_input = torch.cat([canvas, model_input[state.batch :]]) if state.n_copies > 1 else canvas
+            model_input = model_input[:, state.computed]  # a KV-cached forward computes its window only
         out.append(dataclasses.replace(state, canvas=canvas, previous_canvas=write_prompt(state.previous_canvas, prompt),
                                        model_input=model_input, _is_masked=None))
     return out

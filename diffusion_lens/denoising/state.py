@@ -30,6 +30,9 @@ class DenoisingState:
     Why: a hook that steers or records "the response positions still masked at steps 0-7" needs
     the step, the denoising block and the canvas; this object carries them, computed lazily.
     Position masks are [batch pos] over canvas columns (`diffusion_lens.denoising.positions`).
+    Under a KV cache (`generate(kv_cache="prefix" | "dual")`) a forward may compute only `window`;
+    `computed`, `is_cached_forward`, `builds_cache` and `cache_age` say what it computes and how old
+    the cached keys / values it reads are (docs: "Caching and what hooks see").
 
     Example:
         >>> def fn(act, hook):
@@ -38,19 +41,23 @@ class DenoisingState:
     """
 
     step: int  # global step, 0-based
-    n_steps: int  # total steps of the run
+    n_steps: int  # total steps of the run; an upper bound when the commit rule is adaptive (threshold=, factor=)
     block: int  # denoising (semi-autoregressive) block of the response, 0-based; not a layer
     n_blocks: int  # denoising blocks of the run
     step_in_block: int
-    steps_in_block: int
+    steps_in_block: int  # forwards of this block (an upper bound under an adaptive commit rule)
     canvas: Int[Tensor, "batch pos"]  # conditional canvas entering this step
     response_start: int  # width of the (left-padded) prompt: the response starts here in every row
     mask_id: int
     attention_mask: Optional[Int[Tensor, "batch pos"]] = None  # 1 = real token; None = no padding
     previous_canvas: Optional[Int[Tensor, "batch pos"]] = None  # canvas entering the previous step
-    model_input: Optional[Int[Tensor, "rows pos"]] = None  # what the forward gets: canvas, or [canvas; uncond]
+    # what the forward gets: canvas, or [canvas; uncond]; only the `window` columns in a KV-cached forward
+    model_input: Optional[Int[Tensor, "rows computed_pos"]] = None
     model_attention_mask: Optional[Int[Tensor, "rows pos"]] = None
     n_copies: int = 1  # 2 under classifier-free guidance (`guidance`; conditional rows first)
+    kv_cache: Optional[str] = None  # the run's KV cache: "prefix" | "dual" | None (every forward full)
+    window: Optional[tuple[int, int]] = None  # canvas columns [start, stop) this forward computes; None = all
+    cache_step: Optional[int] = None  # step whose full forward computed the cached keys / values read here
     _is_masked: Optional[Bool[Tensor, "batch pos"]] = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ shapes
@@ -69,6 +76,46 @@ class DenoisingState:
         return self.n_copies > 1
 
     cfg = renamed_attribute("cfg", "guidance", "DenoisingState")
+
+    # ------------------------------------------------------------------ what this forward computes (KV caches)
+    @property
+    def is_cached_forward(self) -> bool:
+        """True when this forward computes only `window` and reads every other column's keys / values
+        from the KV cache (those columns get no fresh activations: hooks never see them)."""
+        return self.window is not None
+
+    @property
+    def builds_cache(self) -> bool:
+        """True for a full forward of a KV-cached run: it computes every column and (re)fills the cache."""
+        return self.kv_cache is not None and self.window is None
+
+    @property
+    def computed(self) -> slice:
+        """The canvas columns this forward computes, as a slice: every hook point's position axis
+        holds exactly these columns, in order (all of them in a full forward).
+
+        Example:
+            >>> def fn(act, hook):
+            ...     cols = hook.state.computed          # e.g. slice(8, 16) in a dual-cached forward
+            ...     steer = hook.state.is_response[:, cols]   # a [batch pos] mask lined up with act
+        """
+        return slice(0, self.n_pos) if self.window is None else slice(*self.window)
+
+    @cached_property
+    def is_computed(self) -> Bool[Tensor, "batch pos"]:
+        """Canvas positions computed this forward (all in a full forward)."""
+        out = torch.zeros_like(self.canvas, dtype=torch.bool)
+        out[:, self.computed] = True
+        return out
+
+    @property
+    def cache_age(self) -> Optional[int]:
+        """Steps since the cached keys / values this forward reads were computed (None in a full forward).
+
+        Example:
+            >>> H.at("blocks.*.hook_resid_post", fn, steps=lambda s: s.cache_age in (None, 0, 1))
+        """
+        return None if self.cache_step is None else self.step - self.cache_step
 
     @property
     def prompt_width(self) -> int:
@@ -144,10 +191,14 @@ class DenoisingState:
 
     def __repr__(self) -> str:
         guidance = ", guidance" if self.guidance else ""
+        cached = ""
+        if self.kv_cache is not None:
+            what = "builds the cache" if self.window is None else f"computes {self.window}, cache age {self.cache_age}"
+            cached = f", {self.kv_cache} KV cache: {what}"
         return (
             f"DenoisingState(step {self.step}/{self.n_steps}, block {self.block}/{self.n_blocks}, "
             f"step_in_block {self.step_in_block}/{self.steps_in_block}, canvas {tuple(self.canvas.shape)}, "
-            f"response_start {self.response_start}{guidance})"
+            f"response_start {self.response_start}{guidance}{cached})"
         )
 
 

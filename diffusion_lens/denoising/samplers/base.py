@@ -23,7 +23,7 @@ runs unchanged on every family.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Literal, Optional, Union
 
 import torch
 from jaxtyping import Float, Int
@@ -34,6 +34,12 @@ from diffusion_lens.denoising.state import DenoisingState
 
 #: The names of the response length: a sampler has one as a field, `with_options` maps the other onto it.
 RESPONSE_LENGTH_NAMES = ("gen_length", "max_new_tokens")
+
+#: A sampler's KV cache (`kv_cache=` option): None (every forward computes the whole canvas), "prefix"
+#: (cached forwards compute the current block and everything after it) or "dual" (the current block only).
+#: Named `kv_cache`, not `cache`: `generate(cache=...)` records activations.
+KVCacheMode = Optional[Literal["prefix", "dual"]]
+KV_CACHE_MODES = (None, "prefix", "dual")
 
 # forward(state) runs the model on state.model_input / state.model_attention_mask and returns
 # per-token logits [rows pos vocab] (the family's logit shift already applied by the driver).
@@ -65,6 +71,8 @@ class Sampler:
         """
         known = {f.name for f in dataclasses.fields(self)}
         options = dict(options)
+        if "kv_cache" in known:
+            _upstream_cache_flags(options)
         lengths = {name: options.pop(name) for name in RESPONSE_LENGTH_NAMES if name in options}
         if len(set(lengths.values())) > 1:
             raise ValueError(
@@ -111,6 +119,28 @@ class Sampler:
         samplers that denoise the whole response at once."""
         return 1
 
+    def kv_cache_mode(self) -> KVCacheMode:
+        """The KV cache the run uses (`kv_cache=` option): None, "prefix" or "dual"."""
+        return None
+
+    def fixed_steps(self) -> bool:
+        """True when `n_steps()` is the exact number of forwards; False when the commit rule is adaptive
+        (threshold=, factor=) and `n_steps()` is an upper bound: the run may end earlier."""
+        return True
+
+    def step_windows(self, prompt_width: int) -> Optional[list[Optional[tuple[int, int]]]]:
+        """Per step, the canvas columns its forward computes (None = every column), when that is known
+        before the run; None when it depends on the tokens (an adaptive rule under a KV cache).
+
+        Why: `generate` refuses, before the first forward, a position-scoped hook that no scheduled
+        step computes (e.g. prompt positions at cached steps only).
+
+        Example:
+            >>> LLaDASampler(steps=4, gen_length=8, block_length=4, kv_cache="dual").step_windows(6)
+            [None, (6, 10), None, (10, 14)]
+        """
+        return [None] * self.n_steps()
+
     def stochastic(self) -> bool:
         """True when the options ask for sampling (e.g. temperature > 0). Then a run without `seed` /
         `generator` draws from the global torch RNG, as upstream; otherwise the run is deterministic:
@@ -135,6 +165,44 @@ class Sampler:
         raise NotImplementedError
 
 
+def _upstream_cache_flags(options: dict) -> None:
+    """Map upstream's cache switches onto `kv_cache` in place: Dream's `dual_cache=True` -> "dual",
+    Fast-dLLM's `use_cache=True` -> "prefix" (or "dual" with `dual_cache=True`), `use_cache=False` -> None."""
+    use, dual = options.pop("use_cache", None), options.pop("dual_cache", None)
+    if use is None and dual is None:
+        return
+    if use is False and dual:
+        raise ValueError("use_cache=False and dual_cache=True contradict each other; pass kv_cache='dual' or None.")
+    mode = None if use is False else ("dual" if dual else "prefix")
+    if "kv_cache" in options and options["kv_cache"] != mode:
+        raise ValueError(f"kv_cache={options['kv_cache']!r} disagrees with use_cache={use} / dual_cache={dual}; pass one.")
+    options["kv_cache"] = mode
+
+
+def check_kv_cache_options(
+    kv_cache: KVCacheMode, refresh: Union[str, int], threshold: Optional[float], factor: Optional[float]
+) -> list[str]:
+    """What is wrong with the Fast-dLLM options a sampler was given (empty when they are fine).
+
+    Example:
+        >>> check_kv_cache_options("full", "block", None, None)
+        ["kv_cache='full' must be one of (None, 'prefix', 'dual')"]
+    """
+    problems = []
+    if kv_cache not in KV_CACHE_MODES:
+        problems.append(f"kv_cache={kv_cache!r} must be one of {KV_CACHE_MODES}")
+    if not (refresh == "block" or (isinstance(refresh, int) and not isinstance(refresh, bool) and refresh > 0)):
+        problems.append(f"refresh={refresh!r} must be 'block' (rebuild the KV cache once per block) or a positive int k "
+                        "(rebuild it every k steps of a block)")
+    elif refresh != "block" and kv_cache is None:
+        problems.append(f"refresh={refresh!r} needs kv_cache='prefix' or 'dual': without a KV cache every forward is fresh")
+    if threshold is not None and not 0 < threshold <= 1:
+        problems.append(f"threshold={threshold!r} must be in (0, 1]")
+    if factor is not None and not factor > 0:
+        problems.append(f"factor={factor!r} must be > 0")
+    return problems
+
+
 def resolve_token_id(given: Optional[int], default: Optional[int], option: str, cfg_field: str) -> int:
     """A sampler's special-token id: the option if given, else the model config's, else a clear error.
 
@@ -153,4 +221,4 @@ def resolve_token_id(given: Optional[int], default: Optional[int], option: str, 
 #: Seed of the generator a non-stochastic run uses when no `seed` / `generator` is given.
 DEFAULT_SEED = 0
 
-__all__ = ["DEFAULT_SEED", "RESPONSE_LENGTH_NAMES", "Forward", "Sampler"]
+__all__ = ["DEFAULT_SEED", "KV_CACHE_MODES", "RESPONSE_LENGTH_NAMES", "Forward", "KVCacheMode", "Sampler", "check_kv_cache_options"]

@@ -8,7 +8,7 @@ that every `golden_generate` run reproduces token for token, trajectory included
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Literal, Optional
+from typing import Iterator, Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,8 @@ from torch import Tensor
 
 from diffusion_lens.core.config import DiffusionConfig
 from diffusion_lens.denoising.canvas import build_canvas
-from diffusion_lens.denoising.samplers.base import Forward, Sampler, resolve_token_id
+from diffusion_lens.denoising.samplers.base import Forward, KVCacheMode, Sampler, check_kv_cache_options, resolve_token_id
+from diffusion_lens.denoising.samplers.transfer import quota_schedule, select_factor, select_threshold, select_top_k
 from diffusion_lens.denoising.state import DenoisingState
 
 NEG_INF = float("-inf")
@@ -76,6 +77,12 @@ class LLaDASampler(Sampler):
     # dtype of the low-confidence softmax: None = the logits dtype (current upstream); MMaDA's
     # `mmu_generate` and LLaDA's generate.py before 2025-06-02 use torch.float64.
     confidence_dtype: Optional[torch.dtype] = None
+    # Fast-dLLM (NVlabs/Fast-dLLM v1/llada/generate.py): a KV cache and adaptive commit rules.
+    kv_cache: KVCacheMode = None
+    threshold: Optional[float] = None
+    factor: Optional[float] = None
+    refresh: Union[str, int] = "block"
+    upstream_quirks: bool = False
 
     def __post_init__(self):
         problems = []
@@ -95,11 +102,55 @@ class LLaDASampler(Sampler):
             problems.append(f"eos_eot_confidence={self.eos_eot_confidence!r} must be 'upstream' or 'both'")
         if self.temperature < 0 or self.cfg_scale < 0:
             problems.append("temperature and cfg_scale must be >= 0")
+        problems += check_kv_cache_options(self.kv_cache, self.refresh, self.threshold, self.factor)
+        if self.fast():
+            reference_only = dict(cfg_scale=self.cfg_scale > 0, logits_eos_inf=self.logits_eos_inf,
+                                  confidence_eos_eot_inf=self.confidence_eos_eot_inf)
+            given = [name for name, on in reference_only.items() if on]
+            if given:
+                problems.append(f"{', '.join(given)} apply to the reference sampler only; Fast-dLLM's loop "
+                                "(kv_cache= / threshold= / factor=) has no guidance and no EOS handling")
+            if self.confidence_dtype not in (None, torch.float64):
+                problems.append("Fast-dLLM's loop computes confidences in float64; drop confidence_dtype")
+        elif self.upstream_quirks:
+            problems.append("upstream_quirks=True selects Fast-dLLM's accidents, so it needs kv_cache=, threshold= or factor=")
         if problems:
             raise ValueError("Invalid LLaDASampler options: " + "; ".join(problems))
 
+    def fast(self) -> bool:
+        """True when Fast-dLLM's loop runs (a KV cache or an adaptive commit rule), else the reference loop."""
+        return self.kv_cache is not None or self.threshold is not None or self.factor is not None
+
     def n_steps(self) -> int:
-        return self.steps
+        if self.fixed_steps():
+            return self.steps
+        capped = self.upstream_quirks and self.kv_cache == "dual"  # at most steps / n_blocks forwards per block
+        return self.steps if capped else self.gen_length  # each forward commits >= 1 token per unfinished row
+
+    def kv_cache_mode(self) -> KVCacheMode:
+        return self.kv_cache
+
+    def fixed_steps(self) -> bool:
+        return self.threshold is None and self.factor is None
+
+    def step_windows(self, prompt_width: int) -> Optional[list[Optional[tuple[int, int]]]]:
+        if self.kv_cache is None:
+            return super().step_windows(prompt_width)
+        if not self.fixed_steps():
+            return None
+        per_block, block, n_pos = self.steps // self.n_blocks(), self.block_size(), prompt_width + self.gen_length
+        return [None if self._full_forward(i) else self._window(prompt_width + b * block, n_pos)
+                for b in range(self.n_blocks()) for i in range(per_block)]
+
+    def _full_forward(self, step_in_block: int) -> bool:
+        """Whether a block's step computes the whole canvas (and rebuilds the KV cache)."""
+        if self.kv_cache is None or step_in_block == 0:
+            return True
+        return self.refresh != "block" and step_in_block % self.refresh == 0
+
+    def _window(self, start: int, n_pos: int) -> tuple[int, int]:
+        """The columns a cached forward of the block starting at `start` computes."""
+        return (start, n_pos) if self.kv_cache == "prefix" else (start, start + self.block_size())
 
     def response_length(self) -> int:
         return self.gen_length
@@ -125,6 +176,9 @@ class LLaDASampler(Sampler):
         forward: Forward,
         generator: Optional[torch.Generator] = None,
     ) -> Iterator[tuple[DenoisingState, Int[Tensor, "batch pos"]]]:
+        if self.fast():
+            yield from self._run_fast(cfg, prompt, attention_mask, forward, generator)
+            return
         mask_id = resolve_token_id(self.mask_id, cfg.mask_token_id, "mask_id", "mask_token_id")
         suppressed = self._suppressed_ids(cfg)
         batch, prompt_width = prompt.shape
@@ -173,9 +227,113 @@ class LLaDASampler(Sampler):
                 confidence[:, end:] = NEG_INF  # nothing after the current block
                 x0 = torch.where(masked, x0, x)
                 confidence = confidence.masked_fill(~masked, NEG_INF)
-                transfer = _top_k_per_row(confidence, [row[s] for row in schedule])
+                transfer = select_top_k(confidence, [row[s] for row in schedule])
                 previous, x = x, torch.where(transfer, x0, x)
                 yield state, x
+
+    def _run_fast(
+        self,
+        cfg: DiffusionConfig,
+        prompt: Int[Tensor, "batch prompt_pos"],
+        attention_mask: Optional[Int[Tensor, "batch prompt_pos"]],
+        forward: Forward,
+        generator: Optional[torch.Generator],
+    ) -> Iterator[tuple[DenoisingState, Int[Tensor, "batch pos"]]]:
+        """Fast-dLLM's loop (`generate`, `generate_with_prefix_cache`, `generate_with_dual_cache`).
+
+        Per block: one full forward (which rebuilds the KV cache), then forwards of the window
+        (prefix: the block and everything after it; dual: the block) until the block holds no mask,
+        all rows together. The full forward may fill any mask left of the block end, a cached one only
+        the block. Each forward commits by the quota schedule, `threshold` or `factor`
+        (`diffusion_lens.denoising.samplers.transfer`).
+        """
+        mask_id = resolve_token_id(self.mask_id, cfg.mask_token_id, "mask_id", "mask_token_id")
+        batch, prompt_width = prompt.shape
+        x, attention_mask = build_canvas(prompt, attention_mask, self.gen_length, mask_id)
+        n_pos, block_size, n_blocks = x.shape[1], self.block_size(), self.n_blocks()
+        per_block = self.steps // n_blocks
+        n_steps, bound = self.n_steps(), self.n_steps() // n_blocks if self.fixed_steps() else block_size
+        step, previous = 0, None
+        for block in range(n_blocks):
+            start, end = prompt_width + block * block_size, prompt_width + (block + 1) * block_size
+            quota = None
+            if self.fixed_steps():
+                quota = quota_schedule((x[:, start:end] == mask_id).sum(dim=1), per_block).tolist()
+            cache_step, i = None, 0
+            while i == 0 or bool((x[:, start:end] == mask_id).any()):
+                if self.upstream_quirks and self.kv_cache == "dual" and i == per_block:
+                    break  # Fast-dLLM's dual-cache step cap: the block may keep masks
+                if quota is not None and i == per_block:
+                    raise RuntimeError(
+                        f"Block {block} still holds masks after its {per_block} scheduled steps: the model proposed "
+                        "the mask token for a position (upstream raises IndexError here). Run without "
+                        "upstream_quirks=True, where the mask token is never proposed."
+                    )
+                window = None if self._full_forward(i) else self._window(start, n_pos)
+                if window is None and self.kv_cache is not None:
+                    cache_step = step
+                cols = slice(0, n_pos) if window is None else slice(*window)
+                state = DenoisingState(
+                    step=step, n_steps=n_steps, block=block, n_blocks=n_blocks, step_in_block=i,
+                    steps_in_block=bound, canvas=x, response_start=prompt_width, mask_id=mask_id,
+                    attention_mask=attention_mask, previous_canvas=previous, model_input=x[:, cols],
+                    model_attention_mask=attention_mask, kv_cache=self.kv_cache, window=window,
+                    cache_step=None if window is None else cache_step,
+                )
+                logits = forward(state)  # [batch window vocab]
+                candidates = x == mask_id
+                candidates[:, end:] = False
+                if window is not None:
+                    candidates[:, :start] = False  # a cached forward fills only its block
+                if window is not None and self.kv_cache == "prefix" and self.upstream_quirks and self.temperature > 0:
+                    _gumbel_perturb(logits, self.temperature, generator)  # upstream's discarded draw
+                current = x[:, cols]
+                chosen, confidence = self._propose(logits, candidates[:, cols], mask_id, generator)
+                transfer = self._commit(confidence, candidates[:, cols], None if quota is None else [q[i] for q in quota])
+                stuck = quota is None and self.temperature == 0 and not bool((transfer & (chosen != mask_id)).any())
+                if self.upstream_quirks and stuck:
+                    raise RuntimeError(
+                        f"Step {step} commits only the mask token; at temperature 0 upstream would repeat this forward "
+                        "forever. Run without upstream_quirks=True, where the mask token is never proposed."
+                    )
+                previous, x = x, x.clone()
+                x[:, cols] = torch.where(transfer, chosen, current)
+                step, i = step + 1, i + 1
+                yield state, x
+
+    def _propose(
+        self,
+        logits: Float[Tensor, "batch pos vocab"],
+        candidates: Bool[Tensor, "batch pos"],
+        mask_id: int,
+        generator: Optional[torch.Generator],
+    ) -> tuple[Int[Tensor, "batch pos"], Float[Tensor, "batch pos"]]:
+        """(proposed token, float64 confidence) per window position as Fast-dLLM (`get_transfer_index`);
+        non-candidates get confidence -inf. Unless `upstream_quirks`, a candidate whose best token is the
+        mask token proposes its best other token instead (upstream would commit the mask and loop)."""
+        noisy = logits if self.temperature == 0 else _gumbel_perturb(logits, self.temperature, generator)
+        chosen = noisy.argmax(dim=-1)
+        if not self.upstream_quirks:
+            bad = candidates & (chosen == mask_id)
+            if bool(bad.any()):
+                chosen[bad] = noisy[bad].index_fill(-1, torch.tensor([mask_id], device=noisy.device), NEG_INF).argmax(-1)
+        if self.remasking == "random":
+            score = torch.rand(candidates.shape, dtype=torch.float64, device=logits.device, generator=generator)
+        else:  # the untempered float64 probability of the proposal, computed at the candidates only
+            score = torch.zeros(candidates.shape, dtype=torch.float64, device=logits.device)
+            probs = F.softmax(logits[candidates].to(torch.float64), dim=-1)
+            score[candidates] = probs.gather(-1, chosen[candidates][:, None]).squeeze(-1)
+        return chosen, score.masked_fill(~candidates, NEG_INF)
+
+    def _commit(
+        self, confidence: Float[Tensor, "batch pos"], candidates: Bool[Tensor, "batch pos"], quota: Optional[list[int]]
+    ) -> Bool[Tensor, "batch pos"]:
+        """The positions this step fills: factor rule, else threshold rule, else the quota's top-k."""
+        if self.factor is not None:
+            return select_factor(confidence, candidates, self.factor)
+        if self.threshold is not None:
+            return select_threshold(confidence, candidates, self.threshold)
+        return select_top_k(confidence, quota) & candidates
 
     def _suppressed_ids(self, cfg) -> dict[str, list[int]]:
         """Token ids set to -inf: in the logits (`logits_eos_inf`) and before the confidence softmax."""
@@ -197,19 +355,6 @@ def _gumbel_perturb(
     logits = logits.to(torch.float64)
     u = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
     return logits.exp() / (-torch.log(u)) ** temperature
-
-
-def _top_k_per_row(confidence: Float[Tensor, "batch pos"], ks: list[int]) -> Bool[Tensor, "batch pos"]:
-    """Mark the `ks[j]` most confident positions of each row j (one batched top-k when all k agree)."""
-    transfer = torch.zeros_like(confidence, dtype=torch.bool)
-    if len(set(ks)) == 1:
-        if ks[0]:
-            transfer.scatter_(1, confidence.topk(ks[0], dim=1).indices, True)
-        return transfer
-    for row, k in enumerate(ks):
-        if k:
-            transfer[row, confidence[row].topk(k).indices] = True
-    return transfer
 
 
 __all__ = ["LLaDASampler"]
