@@ -91,5 +91,8 @@ def test_a_window_covering_the_canvas_is_the_plain_forward(folder):
                                    atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="does not fit"):
         model(canvas[:, 6:], kv_cache=cache, window_start=8)
-    with pytest.raises(ValueError, match="attention_mask"):
-        model(canvas, torch.ones_like(canvas), kv_cache=cache)
+    with pytest.raises(ValueError, match="attention_mask covers the whole canvas"):  # a window's mask is ambiguous
+        model(canvas[:, 6:14], torch.ones_like(canvas[:, 6:14]), kv_cache=cache, window_start=6)
+    with torch.no_grad():  # the canvas's own all-ones mask changes nothing
+        torch.testing.assert_close(model(canvas[:, 6:14], torch.ones_like(canvas), kv_cache=cache, window_start=6),
+                                   model(canvas)[:, 6:14], atol=1e-5, rtol=0)

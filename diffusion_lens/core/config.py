@@ -14,6 +14,7 @@ import torch
 
 AttentionMaskMode = Literal["key_padding", "causal_when_padded", "query_key_padding", "ignored"]
 PositionIdsMode = Literal["absolute", "renumber_padded"]
+AttentionKind = Literal["bidirectional", "causal", "block_causal", "sliding_causal", "sliding"]
 
 
 @dataclass
@@ -60,6 +61,20 @@ class DiffusionConfig:
     #   query_key_padding   pad queries and keys masked, pad rows output zero (Dream's 4D mask)
     #   ignored             the mask never changes the output (LLaDA-MoE)
     attention_mask_mode: AttentionMaskMode = "key_padding"
+    # Which keys each layer's query at canvas column q may attend (key column a), one kind per layer;
+    # None = every layer bidirectional, the fast path (no mask tensor unless padding needs one).
+    # Applied on top of the padding mask above (both must allow a key):
+    #   bidirectional   every key (LLaDA, Dream, MMaDA, LLaDA-MoE)
+    #   causal          a <= q
+    #   block_causal    a // attention_block_size <= q // attention_block_size: bidirectional inside a
+    #                   block, causal across blocks counted from canvas column 0, prompt included (LLaDA2)
+    #   sliding_causal  q - sliding_window < a <= q: the query and the sliding_window - 1 columns before
+    #                   it (DiffusionGemma's causal sliding layers)
+    #   sliding         |a - q| <= sliding_window, the inclusive bound of DiffusionGemma's bidirectional
+    #                   ("all") sliding layers, whose config already holds the halved window
+    layer_attention: Optional[tuple[AttentionKind, ...]] = None
+    attention_block_size: Optional[int] = None  # canvas columns per block of block_causal layers
+    sliding_window: Optional[int] = None  # the window of sliding / sliding_causal layers (bounds above)
 
     # Prediction alignment: logits at residual position j-1 predict token j (Dream). 0 = no shift.
     logit_shift: int = 0
@@ -108,6 +123,8 @@ class DiffusionConfig:
         if self.rotary_dim is None:
             self.rotary_dim = self.d_head
         self.moe_layers = tuple(self.moe_layers)
+        if self.layer_attention is not None and not isinstance(self.layer_attention, str):  # a list from JSON
+            self.layer_attention = tuple(self.layer_attention)
         self._validate()
 
     def _validate(self) -> None:
@@ -126,6 +143,7 @@ class DiffusionConfig:
             problems.append(
                 f"position_ids_mode={self.position_ids_mode!r} is not one of {PositionIdsMode.__args__}"
             )
+        problems += self._attention_layout_problems()
         if self.n_ctx is not None and self.n_ctx <= 0:
             problems.append(f"n_ctx={self.n_ctx} must be a positive number of positions (or None when unknown)")
         if self.logit_shift not in (0, 1):
@@ -140,6 +158,31 @@ class DiffusionConfig:
                 problems.append(f"moe_layers {bad} are outside 0..{self.n_layers - 1}")
         if problems:
             raise ValueError("Invalid DiffusionConfig: " + "; ".join(problems))
+
+    def _attention_layout_problems(self) -> list[str]:
+        kinds = set(self.layer_attention or ())
+        problems = []
+        if isinstance(self.layer_attention, str):
+            return [f"layer_attention={self.layer_attention!r} must name one kind per layer, "
+                    f"e.g. ({self.layer_attention!r},) * n_layers"]
+        if self.layer_attention is not None:
+            if len(self.layer_attention) != self.n_layers:
+                problems.append(
+                    f"layer_attention has {len(self.layer_attention)} entries for n_layers={self.n_layers}; "
+                    "give one kind per layer (or None for all bidirectional)"
+                )
+            unknown = sorted(kinds - set(AttentionKind.__args__))
+            if unknown:
+                problems.append(f"layer_attention kinds {unknown} are not among {AttentionKind.__args__}")
+        for size_field, users in (("attention_block_size", {"block_causal"}), ("sliding_window", {"sliding", "sliding_causal"})):
+            value = getattr(self, size_field)
+            if kinds & users and not (isinstance(value, int) and value > 0):
+                problems.append(f"layer_attention has {sorted(kinds & users)} layers, so {size_field} must be a "
+                                f"positive number of canvas columns, got {value!r}")
+            if value is not None and not kinds & users:
+                problems.append(f"{size_field}={value} is set but no layer_attention entry is one of {sorted(users)}, "
+                                "which are the only layers it shapes; drop it or name those layers")
+        return problems
 
     @property
     def is_moe(self) -> bool:
@@ -174,4 +217,4 @@ class DiffusionConfig:
         return cls(**values)
 
 
-__all__ = ["DiffusionConfig", "AttentionMaskMode", "PositionIdsMode"]
+__all__ = ["DiffusionConfig", "AttentionKind", "AttentionMaskMode", "PositionIdsMode"]

@@ -8,13 +8,17 @@ values back, so the cache always holds the newest values of every position (Fast
 and dual caches are both this, with different windows). A full forward with `kv_cache=` and
 `window_start=0` builds it.
 
-Keys are stored after RoPE, rotated at their absolute canvas column, so a cached key is exactly
-the key a full forward would compute for that column from the same activations.
+Keys are stored after RoPE, rotated at their absolute canvas column (or at the canvas's
+`position_ids`), so a cached key is exactly the key a full forward would compute for that column
+from the same activations. A padded canvas passes its whole [batch n_pos] `attention_mask` (and
+`position_ids`, if any) to every forward, windowed ones included: the window's queries are masked
+and positioned as in the full forward, per layer (`DiffusionConfig.layer_attention`).
 
 Example:
     >>> cache = KVCache.empty(model.cfg, batch=1, n_pos=canvas.shape[1], like=model.W_E)
     >>> logits = model(canvas, kv_cache=cache)                      # full forward, fills the cache
     >>> logits = model(canvas[:, 8:16], kv_cache=cache, window_start=8)   # [1 8 vocab]
+    >>> logits = model(canvas[:, 8:16], canvas_mask, kv_cache=cache, window_start=8)  # padded canvas
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from transformer_lens.FactoredMatrix import FactoredMatrix
 from transformer_lens.hook_points import HookPoint
 
 from diffusion_lens.core.activation_cache import DiffusionActivationCache
-from diffusion_lens.core.components import RMSNorm, Rotary, TransformerBlock, attention_mask_for, position_ids_for
+from diffusion_lens.core.components import RMSNorm, Rotary, TransformerBlock, attention_masks_for, position_ids_for
 from diffusion_lens.core.components.errors import KeepPropertyErrors
 from diffusion_lens.core.config import DiffusionConfig
 from diffusion_lens.core.hook_lists import flatten_hooks, is_glob, name_filter, no_match_message
@@ -127,22 +127,23 @@ class HookedDiffusionCore(KeepPropertyErrors, HookedRootModule):
         columns [window_start, window_start + pos): only those positions are computed (the hook
         points see them alone), their keys and values are written into the cache and every other
         column's are read from it; logits are the window's. `window_start=0` with the whole canvas
-        fills the cache.
+        fills the cache. There `attention_mask` and `position_ids` cover the whole canvas
+        ([batch cache.n_pos], as for the forward that filled the cache): queries are the window's
+        canvas columns, keys every column, and each layer's mask is `cfg.layer_attention`'s kind
+        AND the padding mask.
         """
         if return_type not in ("logits", "loss", None):
             raise ValueError(f"return_type must be 'logits', 'loss' or None, got {return_type!r}")
         tokens = self._as_tokens(input)
         self._check_tokens(tokens)
-        if attention_mask is not None and attention_mask.shape != tokens.shape:
+        if kv_cache is not None:
+            self._check_window(tokens, attention_mask, position_ids, kv_cache, window_start)
+        elif attention_mask is not None and attention_mask.shape != tokens.shape:
             raise ValueError(
                 f"attention_mask has shape {tuple(attention_mask.shape)} but tokens have shape "
                 f"{tuple(tokens.shape)}; pass one 0/1 entry per token."
             )
-        if kv_cache is not None:
-            self._check_window(tokens, attention_mask, position_ids, kv_cache, window_start)
-            logits = self._logits(tokens, None, None, kv_cache, window_start)
-        else:
-            logits = self._logits(tokens, attention_mask, position_ids)
+        logits = self._logits(tokens, attention_mask, position_ids, kv_cache, window_start)
         if return_type == "logits":
             return logits
         if return_type == "loss":
@@ -152,36 +153,37 @@ class HookedDiffusionCore(KeepPropertyErrors, HookedRootModule):
     def _logits(
         self,
         tokens: Int[Tensor, "batch pos"],
-        attention_mask: Optional[Shaped[Tensor, "batch pos"]],
-        position_ids: Optional[Int[Tensor, "batch pos"]],
+        attention_mask: Optional[Shaped[Tensor, "batch k_pos"]],
+        position_ids: Optional[Int[Tensor, "batch k_pos"]],
         kv_cache: Optional[KVCache] = None,
         window_start: int = 0,
     ) -> Float[Tensor, "batch pos d_vocab"]:
-        """embed -> blocks -> ln_final -> unembed on checked tokens: every hook point fires below here."""
-        mask = attention_mask_for(self.cfg, attention_mask)
-        if kv_cache is not None:  # the window's absolute canvas columns
-            cos, sin = self.rotary.tables(window_start + tokens.shape[1], tokens.device)
-            rope = (cos[window_start:], sin[window_start:])
+        """embed -> blocks -> ln_final -> unembed on checked tokens: every hook point fires below here.
+
+        `tokens` are canvas columns [window_start, window_start + pos); `attention_mask` and
+        `position_ids` cover every key column (the whole canvas: the input, or the cache's columns).
+        """
+        queries = range(window_start, window_start + tokens.shape[1])
+        n_keys = tokens.shape[1] if kv_cache is None else kv_cache.n_pos
+        masks = attention_masks_for(self.cfg, attention_mask, queries, n_keys, tokens.device)
+        if position_ids is None:  # renumbers padded rows where cfg.position_ids_mode asks for it
+            position_ids = position_ids_for(self.cfg, attention_mask)
+        if position_ids is None:  # RoPE at the canvas columns, from the tables cached per canvas length
+            cos, sin = self.rotary.tables(n_keys, tokens.device)
+            rope = (cos[queries.start : queries.stop], sin[queries.start : queries.stop])
         else:
-            if position_ids is None:  # renumbers padded rows where cfg.position_ids_mode asks for it
-                position_ids = position_ids_for(self.cfg, attention_mask)
-            rope = self.rotary.tables(tokens.shape[1], tokens.device, position_ids)
+            rope = self.rotary.tables(tokens.shape[1], tokens.device, position_ids[:, queries.start : queries.stop])
         embedded = self.embed(tokens)
         if not embedded.requires_grad and torch.is_grad_enabled() and self._activation_grads_requested():
             embedded.requires_grad_(True)  # every later activation is then differentiable
         resid = self.hook_embed(embedded)
         for layer, block in enumerate(self.blocks):
             kv = None if kv_cache is None else kv_cache.layer(layer)
-            resid = block(resid, mask, rope, kv, window_start)
+            resid = block(resid, masks[layer], rope, kv, window_start)
         return self.unembed(self.ln_final(resid))
 
     def _check_window(self, tokens: Tensor, attention_mask, position_ids, kv_cache: KVCache, window_start: int) -> None:
-        """A windowed forward must fit its cache; masks and renumbered positions are not supported yet."""
-        if attention_mask is not None or position_ids is not None:
-            raise ValueError(
-                "kv_cache= runs without attention_mask / position_ids (the window's RoPE positions are its "
-                "canvas columns); pass unpadded rows, or run full forwards for padded batches."
-            )
+        """A windowed forward must fit its cache, and its mask / positions must cover the whole canvas."""
         if len(kv_cache.keys) != self.cfg.n_layers or kv_cache.batch != tokens.shape[0]:
             raise ValueError(
                 f"The KVCache holds {len(kv_cache.keys)} layers x batch {kv_cache.batch}; this model has "
@@ -192,6 +194,15 @@ class HookedDiffusionCore(KeepPropertyErrors, HookedRootModule):
                 f"The window [{window_start}, {window_start + tokens.shape[1]}) does not fit the cache's "
                 f"{kv_cache.n_pos} canvas positions."
             )
+        canvas = (kv_cache.batch, kv_cache.n_pos)
+        for name, given in (("attention_mask", attention_mask), ("position_ids", position_ids)):
+            if given is not None and tuple(given.shape) != canvas:
+                raise ValueError(
+                    f"With kv_cache= {name} covers the whole canvas, shape [batch n_pos] = {list(canvas)} "
+                    f"(the cache's columns, keys included), but it has shape {list(given.shape)}; one of the "
+                    "window's shape would leave the other columns unknown. Pass the canvas's own, e.g. "
+                    f"model(canvas[:, s:e], {name}=canvas_{name}, kv_cache=cache, window_start=s)."
+                )
 
     def _check_tokens(self, tokens: Int[Tensor, "batch pos"]) -> None:
         """Fail before the run, with a sentence, on an empty input, an input longer than the model's

@@ -1,4 +1,5 @@
-"""Bidirectional multi-head attention (MHA or GQA) with TransformerLens hook points.
+"""Multi-head attention (MHA or GQA) with TransformerLens hook points, and its masks (padding and
+per-layer kinds: bidirectional, causal, block-causal, sliding window).
 
 The fast path is `scaled_dot_product_attention`; the explicit path (scores, softmax, pattern) runs
 only when `hook_attn_scores` or `hook_pattern` has a hook, e.g. while they are being cached.
@@ -7,7 +8,7 @@ Both compute the same function (tested to 1e-5).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import einops
 import torch
@@ -19,34 +20,97 @@ from transformer_lens.hook_points import HookPoint
 from diffusion_lens.core.components.mlp import bias_or_zeros
 from diffusion_lens.core.components.norm import RMSNorm
 from diffusion_lens.core.components.rotary import Rotary
-from diffusion_lens.core.config import DiffusionConfig
+from diffusion_lens.core.config import AttentionKind, DiffusionConfig
 
-AttentionMask = Optional[Bool[Tensor, "batch 1 _q_pos k_pos"]]  # broadcast over heads (and queries)
+# True = may attend; broadcast over heads (and over batch / queries where they are 1).
+AttentionMask = Optional[Bool[Tensor, "#batch 1 #pos k_pos"]]
 
 
 def attention_mask_for(
-    cfg: DiffusionConfig, padding_mask: Optional[Int[Tensor, "batch pos"]]
+    cfg: DiffusionConfig, padding_mask: Optional[Int[Tensor, "batch k_pos"]], queries: Optional[range] = None
 ) -> AttentionMask:
-    """Turn a [batch pos] padding mask (1 = real token) into the boolean mask SDPA takes
-    (True = may attend), following `cfg.attention_mask_mode` (documented on `DiffusionConfig`).
+    """Turn a [batch k_pos] padding mask of the canvas (1 = real token) into the boolean mask SDPA
+    takes (True = may attend), following `cfg.attention_mask_mode` (documented on `DiffusionConfig`),
+    for the queries at canvas columns `queries` (default: every column).
 
     Returns None when attention is fully bidirectional, which is also what every family does for
     an all-ones mask.
+
+    Example:
+        >>> attention_mask_for(cfg, torch.tensor([[0, 1, 1]]), queries=range(1, 3)).shape  # key_padding
+        torch.Size([1, 1, 1, 3])
     """
     if padding_mask is None or cfg.attention_mask_mode == "ignored":
         return None
     valid = padding_mask.bool()
     if bool(valid.all()):
         return None
-    n_pos = valid.shape[1]
+    queries = range(valid.shape[1]) if queries is None else queries
     keys = valid[:, None, None, :]
     if cfg.attention_mask_mode == "key_padding":
         return keys
     if cfg.attention_mask_mode == "query_key_padding":
-        return keys & valid[:, None, :, None]
+        return keys & valid[:, None, queries.start : queries.stop, None]
     # causal_when_padded: the Feb-2025 LLaDA file switches the whole batch to causal attention.
-    causal = torch.ones(n_pos, n_pos, dtype=torch.bool, device=valid.device).tril()
-    return keys & causal
+    return keys & layer_kind_mask(cfg, "causal", queries, valid.shape[1], valid.device)
+
+
+def layer_kind_mask(
+    cfg: DiffusionConfig, kind: AttentionKind, queries: range, n_keys: int, device: Union[torch.device, str]
+) -> Optional[Bool[Tensor, "q_pos k_pos"]]:
+    """Which keys (canvas columns 0..n_keys-1) the queries at canvas columns `queries` may attend in a
+    layer of `kind` (bounds on `DiffusionConfig.layer_attention`); None for bidirectional.
+
+    Queries are absolute columns, so a windowed forward gets exactly its [window canvas] rows.
+
+    Example:
+        >>> layer_kind_mask(cfg, "causal", range(1, 3), 3, "cpu")   # columns 1, 2 of a 3-column canvas
+        tensor([[ True,  True, False],
+                [ True,  True,  True]])
+    """
+    if kind == "bidirectional":
+        return None
+    q = torch.arange(queries.start, queries.stop, device=device)[:, None]
+    a = torch.arange(n_keys, device=device)[None, :]
+    if kind == "causal":
+        return a <= q
+    if kind == "block_causal":
+        return a // cfg.attention_block_size <= q // cfg.attention_block_size
+    if kind == "sliding_causal":
+        return (a <= q) & (a > q - cfg.sliding_window)
+    if kind == "sliding":
+        return (a - q).abs() <= cfg.sliding_window
+    raise ValueError(f"Unknown attention kind {kind!r}; DiffusionConfig.layer_attention takes {AttentionKind.__args__}.")
+
+
+def attention_masks_for(
+    cfg: DiffusionConfig,
+    padding_mask: Optional[Int[Tensor, "batch k_pos"]],
+    queries: range,
+    n_keys: int,
+    device: Union[torch.device, str],
+) -> list[AttentionMask]:
+    """One mask per layer for the queries at canvas columns `queries` over keys 0..n_keys-1: the
+    padding mask (`attention_mask_for`) AND the layer's kind (`cfg.layer_attention`).
+
+    Each distinct kind's mask is built once per forward and shared by its layers; with every layer
+    bidirectional and no padding to mask, no mask tensor is built at all (SDPA's fast path).
+
+    Example:
+        >>> masks = attention_masks_for(cfg, None, range(8, 16), 24, tokens.device)   # a window of 8
+        >>> [None if m is None else tuple(m.shape) for m in masks]    # e.g. [None, (1, 1, 8, 24)]
+    """
+    padding = attention_mask_for(cfg, padding_mask, queries)
+    if cfg.layer_attention is None:
+        return [padding] * cfg.n_layers
+    by_kind: dict[str, AttentionMask] = {}
+    for kind in dict.fromkeys(cfg.layer_attention):
+        layer = layer_kind_mask(cfg, kind, queries, n_keys, device)
+        if layer is None or padding is None:
+            by_kind[kind] = padding if layer is None else layer[None, None]
+        else:
+            by_kind[kind] = padding & layer
+    return [by_kind[kind] for kind in cfg.layer_attention]
 
 
 class Attention(nn.Module):
@@ -91,6 +155,8 @@ class Attention(nn.Module):
         """`x` holds the canvas positions computed this forward; with `kv` (this layer's
         `KVCache` tensors) they are columns [window_start, window_start + pos) of the canvas, and
         the queries attend to the keys / values of every column, this window's written in first.
+        `mask` (`attention_masks_for`: this layer's kind AND the padding) says which, per query
+        column; None attends to every key.
 
         Example:
             >>> out = block.attn(x, None, rope)                                     # plain
