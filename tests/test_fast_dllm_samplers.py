@@ -186,3 +186,21 @@ def test_replaying_a_cached_run(models):
     replayed = model.generate(prompt, replay=recorded, capture_logits=[1, 5], chat=False, progress=False)
     for step in (1, 5):
         torch.testing.assert_close(replayed.logits[step], recorded.logits[step])
+
+
+def test_padded_batches_under_a_kv_cache(models):
+    """Pads stay masked in cached forwards (upstream crashes or attends them): LLaDA's cached run with a
+    refresh every step is its uncached run, and a padded Dream row is that prompt generated alone."""
+    tokens = torch.tensor([[0, 0, 65, 149, 131, 203], [65, 149, 131, 203, 211, 108]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6])
+    run = dict(steps=16, gen_length=16, block_length=8, chat=False, progress=False)
+    llada = models["llada-tiny-gqa"]
+    refreshed = llada.generate(tokens, attention_mask=mask, kv_cache="prefix", refresh=1, threshold=0.03, **run)
+    uncached = llada.generate(tokens, attention_mask=mask, threshold=0.03, **run)
+    assert torch.equal(refreshed.sequences, uncached.sequences)
+    dream = models["dream-tiny"]
+    for mode in ("prefix", "dual"):
+        rule = dict(kv_cache=mode, alg="confidence_threshold", threshold=0.3, **run)
+        batch = dream.generate(tokens, attention_mask=mask, **rule)
+        alone = dream.generate(tokens[:1, 2:], **rule)
+        assert torch.equal(batch.responses[0], alone.responses[0])

@@ -308,7 +308,9 @@ def generate(
     Why: the one entry point for per-step work: one call runs the reference sampler while hooks
     steer / record with `hook.state`, and the options below observe, record, replay or cut the run.
     `sampler_options` override the sampler's (e.g. steps, gen_length or max_new_tokens,
-    block_length, temperature, cfg_scale, remasking for LLaDA); the same names work for every
+    block_length, temperature, cfg_scale, remasking for LLaDA; `kv_cache="prefix" | "dual"`,
+    `threshold=`, `factor=`, `refresh=` for Fast-dLLM's cached, parallel decoding, where hooks see
+    only the columns each forward computes: docs "Caching and what hooks see"); the same names work for every
     family (`Sampler.with_options`); an unknown keyword raises a TypeError naming both the
     sampler's options and these. `hooks`: a `(name, fn)` pair, a list or nested lists of them;
     each is checked against the run before the first forward (a typo, a step or block the run does
@@ -535,6 +537,7 @@ def estimate_cache_bytes(
     else:
         tokens, _ = prepare_input(model, input, driver.get("attention_mask"), driver.get("chat", True))
         batch, response_start = tokens.shape
+    _check_observers_fit(sampler, cache, ())
     request = CacheRequest.build(model, cache, sampler.n_steps())
     n_pos = response_start + sampler.response_length()
     return estimate(model, request, batch, n_pos, response_start, sampler.n_copies()).total

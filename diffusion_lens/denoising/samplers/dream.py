@@ -68,7 +68,15 @@ class DreamSampler(Sampler):
     `generator` the driver seeds them with `DEFAULT_SEED`. Sampled runs (temperature > 0 or
     `alg_temp`) draw from `generator`, else the global torch RNG, as upstream.
 
+    Fast-dLLM (NVlabs/Fast-dLLM `v1/dream`): `kv_cache="prefix"` / `"dual"` (upstream's `use_cache=True`
+    and `dual_cache=True` are accepted) runs the block sampler `_run_blocks` with `block_length`
+    (default 32); `alg="confidence_threshold"` commits by `threshold` (with a KV cache, or alone:
+    upstream's uncached threshold loop, one prompt at a time). Intended semantics by default: the
+    mask token is never proposed, and the forward upstream computes and discards at the end of a
+    schedule-path block is skipped; `upstream_quirks=True` restores both.
+
     Example:
+        >>> fast = model.generate(tokens, max_new_tokens=256, steps=256, kv_cache="prefix", alg="confidence_threshold")
         >>> out = model.generate("Write a haiku", max_new_tokens=64, steps=64, alg="entropy",
         ...                      temperature=0.2, top_p=0.95, alg_temp=0.0)
         >>> pin = lambda step, x, logits: x.index_fill_(1, torch.tensor([-1]), eos_id)  # tokens hook

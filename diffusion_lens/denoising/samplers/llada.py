@@ -56,10 +56,26 @@ class LLaDASampler(Sampler):
     passes a generator seeded with `DEFAULT_SEED` when none is given, so random remasking is
     deterministic too.
 
+    Fast-dLLM (Wu et al. 2025, NVlabs/Fast-dLLM `v1/llada/generate.py`; any of these options runs
+    its loop, `_run_fast`, instead of the reference one): `kv_cache="prefix"` or `"dual"` caches keys
+    and values (each block opens with a full forward that rebuilds the cache; later forwards
+    compute the block and everything after it, or the block only); `threshold=τ` commits every
+    candidate with confidence >= τ plus the best one, `factor=f` the top ranks while rank j's
+    confidence >= 1 - f/(j+1) (both adaptive: `n_steps()` becomes an upper bound, `steps` only sets
+    steps per block for the dual cap); `refresh=k` rebuilds the cache every k steps of a block.
+    Confidences are float64 softmax probabilities, as upstream. Intended semantics by default:
+    the mask token is never proposed (upstream commits it and loops), the dual cache has no step
+    cap (upstream stops a block after steps / n_blocks forwards, leaving masks), and a prefix-cached
+    step draws Gumbel noise once (upstream draws twice and discards one); `upstream_quirks=True`
+    restores all three, to match upstream runs. Padded prompts: pads are attended (upstream's
+    model ignores the mask) only when the model's `attention_mask_mode` says so.
+
     Example:
         >>> sampler = LLaDASampler(steps=64, gen_length=64, block_length=32)
         >>> out = model.generate("Hi", sampler=sampler)
         >>> out = model.generate("Hi", steps=64, gen_length=64, block_length=32)  # same, via the adapter
+        >>> fast = model.generate("Hi", gen_length=256, steps=256, block_length=32, kv_cache="dual", threshold=0.9)
+        >>> fast.n_forwards   # usually far fewer than 256
     """
 
     steps: int = 128
