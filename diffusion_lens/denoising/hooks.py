@@ -201,10 +201,11 @@ def at(
 def position_mask(state: DenoisingState, positions: PositionScope) -> Bool[Tensor, "batch pos"]:
     """The [batch pos] bool mask a scope selects in this step's conditional canvas.
 
-    Why: inside a hook, to read or write the scoped positions yourself.
+    Why: inside a hook, to read or write the scoped positions yourself. The mask covers the whole
+    canvas; under a KV cache slice it to the columns the forward computes (`hook.state.computed`).
     Example:
         >>> def fn(act, hook):
-        ...     m = hook.state.rows(H.position_mask(hook.state, "masked"))   # [rows pos]
+        ...     m = hook.state.rows(H.position_mask(hook.state, "masked"))[:, hook.state.computed]  # [rows pos]
         ...     return act.masked_fill(m[..., None], 0.0)
     """
     mask = scope_mask(positions, state, state.n_pos, state.canvas.device)
