@@ -39,3 +39,4 @@ bench: setup
 	$(PY) bench/generate.py
 	$(PY) bench/forward_families.py
 	$(PY) bench/steering.py
+	$(PY) bench/fast_dllm.py
