@@ -202,7 +202,9 @@ def main() -> int:
     print(f"torch {torch.__version__}, {args.threads} threads on {available_threads()} cores, {platform.machine()}; "
           f"model {SHAPE.describe()}, fp32, batch 1")
     print(f"headline: prompt {PROMPT}, gen_length {GEN}, block_length {BLOCK}, steps {GEN} (quota schedule), "
-          f"{args.repeats} round(s); grid SHRUNK to gen_length {args.grid_gen}, {args.grid_repeats} round(s)")
+          f"{args.repeats} round(s); SHRUNK to fit ~8 min on 2 cores: grid at gen_length {args.grid_gen}, "
+          f"{args.grid_repeats} round(s); hook cost at gen_length {HOOK_GEN}, {args.hook_repeats} rounds; "
+          f"correctness at prompt {CHECK['prompt']}, gen_length {CHECK['gen_length']}")
     print(f"low threshold {tau:.5f} = 75th percentile of the first forward's confidences over block 0 "
           f"(random weights: flat, ~0.005); threshold 0.9 commits one token per forward here: the schedule's "
           "tokens (checked below), so the grid does not time it again\n")
