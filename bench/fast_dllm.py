@@ -14,17 +14,17 @@ Printed (and written to bench_out/fast_dllm.json):
      when both runs compute the same windows; one round, so only indicative);
   3. hook cost per cache mode, the goal row (<= 1.05; bench/generate.py measures 1.02-1.04
      uncached): quota schedule at gen_length 64, with and without the ablation hook, 4 rounds;
-  4. correctness (run first): an independent bare-torch loop of Fast-dLLM's algorithm, written from the spec
-     (shared/reference/fast_dllm.md sections 4.1-4.5) over `transformers.LlamaForCausalLM` holding
+  4. correctness (run first): an independent bare-torch loop of Fast-dLLM's algorithm, written
+     from the spec (shared/reference/fast_dllm.md sections 4.1-4.5) over `transformers.LlamaForCausalLM` holding
      the same weights (`bench/_reference.py`), its cache a `DynamicCache` built from the full
      forward's keys and values; tokens and forward counts must equal `model.generate`'s for every
      mode and rule; an identity hook at every layer must leave the tokens unchanged in every mode;
-     threshold 0.9 must give the schedule's tokens (below).
+     threshold 0.9 must give the schedule's tokens (next paragraph).
 
 Random weights give flat confidences (the best token's probability is ~0.005 with vocab 4096), so
 threshold 0.9 commits exactly one token per forward here (the forced best), which is the schedule
-with steps = gen_length token for token (checked in every mode, so it is not timed again); the low threshold
-is read off the model: the 75th percentile of the first forward's confidences over block 0.
+with steps = gen_length token for token (checked in every mode, so it is not timed again); the low
+threshold is read off the model: the 75th percentile of the first forward's confidences over block 0.
 `factor=4` commits 3 tokens per forward whenever at least 4 candidates are left (ranks 2 and 3 pass
 1 - 4/(j+1) <= 0; rank 4 needs 0.2).
 
@@ -32,7 +32,8 @@ Timing as bench/generate.py: rounds that run every configuration once in a rotat
 median over rounds of per-round ratios, process CPU time (headline clock) and wall time; one torch
 thread by default.
 
-Run: `.venv/bin/python bench/fast_dllm.py [--repeats N] [--grid-repeats N] [--grid-gen G] [--threads T]`.
+Run: `.venv/bin/python bench/fast_dllm.py [--repeats N] [--grid-repeats N] [--grid-gen G]
+[--hook-repeats N] [--threads T]` (~7-8 min with the defaults on a 2-core machine).
 """
 
 from __future__ import annotations
