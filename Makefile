@@ -40,3 +40,4 @@ bench: setup
 	$(PY) bench/forward_families.py
 	$(PY) bench/steering.py
 	$(PY) bench/fast_dllm.py
+	$(PY) bench/steering_cache.py --threads 1
