@@ -204,3 +204,18 @@ def test_padded_batches_under_a_kv_cache(models):
         batch = dream.generate(tokens, attention_mask=mask, **rule)
         alone = dream.generate(tokens[:1, 2:], **rule)
         assert torch.equal(batch.responses[0], alone.responses[0])
+
+
+@pytest.mark.parametrize("folder", ["mmada-tiny", "llada-moe-tiny"])
+def test_the_other_llada_family_samplers_take_the_kv_cache(folder):
+    """MMaDA and LLaDA-MoE run Fast-dLLM's loop through LLaDASampler: a cached run refreshed at every
+    step is their uncached run, and a dual-cached run computes one block per cached forward."""
+    model = HookedDiffusionTransformer.from_pretrained(FIXTURES / folder)
+    prompt = torch.arange(3, 9)[None]
+    run = dict(steps=8, gen_length=16, block_length=8, factor=2.0, chat=False, progress=False)
+    if model.cfg.mask_token_id is None:
+        run["mask_id"] = 310  # the MoE fixture's config names no mask token
+    refreshed = model.generate(prompt, kv_cache="prefix", refresh=1, **run)
+    assert torch.equal(refreshed.sequences, model.generate(prompt, **run).sequences)
+    dual = model.generate(prompt, kv_cache="dual", record=True, **run)
+    assert {s.window for s in dual.states if s.is_cached_forward} <= {(6, 14), (14, 22)}
