@@ -81,12 +81,21 @@ class DenoisingState:
     @property
     def is_cached_forward(self) -> bool:
         """True when this forward computes only `window` and reads every other column's keys / values
-        from the KV cache (those columns get no fresh activations: hooks never see them)."""
+        from the KV cache (those columns get no fresh activations: hooks never see them).
+
+        Example:
+            >>> H.at("blocks.*.hook_resid_post", fn, steps=lambda s: not s.is_cached_forward)  # full forwards only
+        """
         return self.window is not None
 
     @property
     def builds_cache(self) -> bool:
-        """True for a full forward of a KV-cached run: it computes every column and (re)fills the cache."""
+        """True for a full forward of a KV-cached run: it computes every column and (re)fills the cache.
+
+        Example:
+            >>> out = model.generate(tokens, kv_cache="prefix", record=True, steps=8, gen_length=16, block_length=8)
+            >>> [s.step for s in out.states if s.builds_cache]   # [0, 4]: one per denoising block
+        """
         return self.kv_cache is not None and self.window is None
 
     @property

@@ -120,12 +120,22 @@ class Sampler:
         return 1
 
     def kv_cache_mode(self) -> KVCacheMode:
-        """The KV cache the run uses (`kv_cache=` option): None, "prefix" or "dual"."""
+        """The KV cache the run uses (`kv_cache=` option): None, "prefix" or "dual".
+
+        Example:
+            >>> LLaDASampler(kv_cache="dual").kv_cache_mode()
+            'dual'
+        """
         return None
 
     def fixed_steps(self) -> bool:
         """True when `n_steps()` is the exact number of forwards; False when the commit rule is adaptive
-        (threshold=, factor=) and `n_steps()` is an upper bound: the run may end earlier."""
+        (threshold=, factor=) and `n_steps()` is an upper bound: the run may end earlier.
+
+        Example:
+            >>> LLaDASampler(steps=16, gen_length=32, threshold=0.9).fixed_steps()   # n_steps() == 32, a bound
+            False
+        """
         return True
 
     def step_windows(self, prompt_width: int) -> Optional[list[Optional[tuple[int, int]]]]:

@@ -134,7 +134,12 @@ class LLaDASampler(Sampler):
             raise ValueError("Invalid LLaDASampler options: " + "; ".join(problems))
 
     def fast(self) -> bool:
-        """True when Fast-dLLM's loop runs (a KV cache or an adaptive commit rule), else the reference loop."""
+        """True when Fast-dLLM's loop runs (a KV cache or an adaptive commit rule), else the reference loop.
+
+        Example:
+            >>> LLaDASampler(factor=1.0).fast(), LLaDASampler().fast()
+            (True, False)
+        """
         return self.kv_cache is not None or self.threshold is not None or self.factor is not None
 
     def n_steps(self) -> int:
