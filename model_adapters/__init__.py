@@ -7,3 +7,4 @@ from model_adapters import llada  # noqa: F401
 from model_adapters import dream  # noqa: F401
 from model_adapters import llada_moe  # noqa: F401
 from model_adapters import mmada  # noqa: F401
+from model_adapters import diffusion_gemma  # noqa: F401

@@ -46,6 +46,9 @@ class ModelAdapter:
     key_rules: ClassVar[tuple[KeyRule, ...]]
     # Checkpoint keys that exist upstream but carry nothing the model needs (e.g. rotary caches).
     ignored_checkpoint_keys: ClassVar[tuple[str, ...]] = ()
+    # Checkpoint keys (regexes) the model does not use but `save_pretrained` must write back unchanged
+    # (e.g. DiffusionGemma's vision tower): kept aside in `model.carried_tensors`, as stored.
+    carried_checkpoint_keys: ClassVar[tuple[str, ...]] = ()
 
     # config.json, declared per family and checked by `read` (one place for every family):
     # the upstream config class's defaults, used for absent keys;
@@ -165,6 +168,9 @@ class ModelAdapter:
 
     def is_ignored(self, key: str) -> bool:
         return any(re.fullmatch(pattern, key) for pattern in self.ignored_checkpoint_keys)
+
+    def is_carried(self, key: str) -> bool:
+        return any(re.fullmatch(pattern, key) for pattern in self.carried_checkpoint_keys)
 
 
 def unsupported(adapter: str, key: str, value, supported) -> ValueError:

@@ -332,6 +332,9 @@ def load_pretrained(model_cls, name_or_path, *, dtype=None, device="cpu", adapte
     for header in headers:
         shard = {}
         for key, tensor in iter_safetensors(header.path, header):
+            if family.is_carried(key):  # unused here, written back by save_pretrained as stored
+                model.carried_tensors[key] = tensor
+                continue
             internal = family.to_internal_key(key)
             if internal is None or internal not in expected:
                 if not family.is_ignored(key):
@@ -483,6 +486,7 @@ def _checkpoint_tensors(model) -> tuple[dict[str, torch.Tensor], dict[str, torch
             biases[weight_key.removesuffix(".weight") + ".bias"] = value
         else:
             unmapped.append(name)
+    tensors.update(model.carried_tensors)
     if unmapped:
         raise KeyError(
             f"The {adapter.name} checkpoint format has no key for {_count_and_name(unmapped, 'weights')}, and they "

@@ -15,6 +15,9 @@ import torch
 AttentionMaskMode = Literal["key_padding", "causal_when_padded", "query_key_padding", "ignored"]
 PositionIdsMode = Literal["absolute", "renumber_padded"]
 AttentionKind = Literal["bidirectional", "causal", "block_causal", "sliding_causal", "sliding"]
+MlpAct = Literal["silu", "gelu_tanh"]
+BlockLayout = Literal["pre_norm", "gemma4"]
+RopeKind = Literal["default", "proportional"]
 
 
 @dataclass
@@ -33,6 +36,10 @@ class DiffusionConfig:
     n_key_value_heads: Optional[int] = None  # None -> n_heads (MHA); fewer -> GQA
     d_head: Optional[int] = None  # None -> d_model // n_heads
     d_vocab_out: Optional[int] = None  # rows of the LM head / embedding ("embedding_size"); None -> d_vocab
+    # Per-layer attention geometry (DiffusionGemma: full-attention layers have wider heads and fewer
+    # KV heads than sliding ones); None = every layer has d_head / n_key_value_heads.
+    layer_head_dims: Optional[tuple[int, ...]] = None
+    layer_kv_heads: Optional[tuple[int, ...]] = None
 
     # Positions
     # Longest canvas (prompt + response) the checkpoint was trained for, from its config.json
@@ -45,6 +52,13 @@ class DiffusionConfig:
     #   absolute         0..pos-1 whatever the padding (LLaDA, MMaDA, LLaDA-MoE)
     #   renumber_padded  real tokens cumsum(mask)-1, pad positions 1 (Dream's sampler)
     position_ids_mode: PositionIdsMode = "absolute"
+    # Per-layer RoPE, one spec per layer; None = every layer rotates rotary_dim dims with rope_theta.
+    # A spec is {"kind": "default" | "proportional", "theta": float, "partial_rotary_factor": float}:
+    #   default       inv_freq[j] = theta^(-2j/d), j < d/2, over the layer's whole head dim d
+    #   proportional  the same exponents over the whole d, but only the first int(factor * d // 2)
+    #                 frequencies rotate (the others are 0: cos 1, sin 0) (DiffusionGemma's full layers)
+    # Tables are built once per distinct spec (and head dim) per forward.
+    layer_rope: Optional[tuple[dict, ...]] = None
 
     # Norms and biases
     norm_eps: float = 1e-5
@@ -54,6 +68,25 @@ class DiffusionConfig:
     qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (LLaDA-MoE)
     clip_qkv: Optional[float] = None
     tie_word_embeddings: bool = False
+    # RMSNorm: False = normalise in fp32, cast back, then times the weight (LLaDA, Qwen2, OLMoE);
+    # True = the weight multiplies in fp32 before the cast back (Gemma-4).
+    norm_weight_in_fp32: bool = False
+    attn_scale: Optional[float] = None  # attention logits scale; None -> d_head ** -0.5 (DiffusionGemma 1.0)
+    # Layers whose values are the raw k_proj output (no v_proj; DiffusionGemma's full layers); None = none.
+    layer_values_from_keys: Optional[tuple[bool, ...]] = None
+    v_norm: bool = False  # a weightless per-head RMSNorm on the values (DiffusionGemma)
+    mlp_act: MlpAct = "silu"  # activation of every gated MLP / expert: silu(gate) * up, or gelu(tanh)(gate) * up
+    # Block layout:
+    #   pre_norm  resid_mid = x + attn(ln1(x)); resid_post = resid_mid + mlp(ln2(resid_mid)) (every family but Gemma)
+    #   gemma4    sandwich norms, a dense MLP and a mixture of experts in parallel in every layer, the
+    #             residual times a per-layer scalar (core/components/gemma4.py; DiffusionGemma)
+    block_layout: BlockLayout = "pre_norm"
+    # gemma4 layout: per-layer scalar buffers, one set per named pass (DiffusionGemma keeps separate
+    # encoder and decoder scalars), and the pass whose scalars the forward applies.
+    layer_scalar_passes: tuple[str, ...] = ()
+    active_pass: Optional[str] = None
+    embed_scale: Optional[float] = None  # embeddings times this (cast to the weight dtype); None = 1 (Gemma: sqrt(d_model))
+    final_logit_softcap: Optional[float] = None  # logits = c * tanh(logits / c); None = no softcap
 
     # Attention-mask semantics for a [batch pos] padding mask (1 = real token):
     #   key_padding         padded keys are masked, all queries computed (LLaDA, current HF file)
@@ -104,7 +137,7 @@ class DiffusionConfig:
     attn_only: bool = field(default=False, init=False)
     final_rms: bool = field(default=True, init=False)
     positional_embedding_type: str = field(default="rotary", init=False)
-    act_fn: str = field(default="silu", init=False)  # every family's MLP is SwiGLU: silu(gate) * up
+    act_fn: str = field(default="silu", init=False)  # the gated MLP's activation, set from mlp_act
     # Where the weights live; kept in sync by the model (with `dtype`) on `.to()`, `.cuda()`, `.half()`.
     device: str = field(default="cpu", init=False)
 
@@ -123,8 +156,12 @@ class DiffusionConfig:
         if self.rotary_dim is None:
             self.rotary_dim = self.d_head
         self.moe_layers = tuple(self.moe_layers)
-        if self.layer_attention is not None and not isinstance(self.layer_attention, str):  # a list from JSON
-            self.layer_attention = tuple(self.layer_attention)
+        for name in ("layer_attention", "layer_head_dims", "layer_kv_heads", "layer_rope", "layer_values_from_keys"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):  # a list from JSON
+                setattr(self, name, tuple(value))
+        self.layer_scalar_passes = tuple(self.layer_scalar_passes)
+        self.act_fn = "silu" if self.mlp_act == "silu" else "gelu_pytorch_tanh"
         self._validate()
 
     def _validate(self) -> None:
@@ -144,6 +181,7 @@ class DiffusionConfig:
                 f"position_ids_mode={self.position_ids_mode!r} is not one of {PositionIdsMode.__args__}"
             )
         problems += self._attention_layout_problems()
+        problems += self._per_layer_problems()
         if self.n_ctx is not None and self.n_ctx <= 0:
             problems.append(f"n_ctx={self.n_ctx} must be a positive number of positions (or None when unknown)")
         if self.logit_shift not in (0, 1):
@@ -184,6 +222,51 @@ class DiffusionConfig:
                                 "which are the only layers it shapes; drop it or name those layers")
         return problems
 
+    def _per_layer_problems(self) -> list[str]:
+        problems = []
+        for name in ("layer_head_dims", "layer_kv_heads", "layer_rope", "layer_values_from_keys"):
+            value = getattr(self, name)
+            if value is not None and len(value) != self.n_layers:
+                problems.append(f"{name} has {len(value)} entries for n_layers={self.n_layers}; give one per layer or None")
+        for layer, kv in enumerate(self.layer_kv_heads or ()):
+            if self.n_heads % kv:
+                problems.append(f"layer_kv_heads[{layer}]={kv} must divide n_heads={self.n_heads}")
+        for layer, spec in enumerate(self.layer_rope or ()):
+            if not isinstance(spec, dict) or spec.get("kind") not in RopeKind.__args__ or "theta" not in spec \
+                    or set(spec) - {"kind", "theta", "partial_rotary_factor"}:
+                problems.append(f"layer_rope[{layer}]={spec!r} must be a dict with kind in {RopeKind.__args__}, theta "
+                                "and (proportional only) partial_rotary_factor")
+        if self.mlp_act not in MlpAct.__args__:
+            problems.append(f"mlp_act={self.mlp_act!r} is not one of {MlpAct.__args__}")
+        if self.block_layout not in BlockLayout.__args__:
+            problems.append(f"block_layout={self.block_layout!r} is not one of {BlockLayout.__args__}")
+        if self.block_layout == "gemma4" and not (self.n_experts and self.n_experts_per_token and self.d_expert_mlp):
+            problems.append("block_layout='gemma4' runs a mixture of experts in every layer, so n_experts, "
+                            "n_experts_per_token and d_expert_mlp are required")
+        if self.layer_scalar_passes and self.block_layout != "gemma4":
+            problems.append("layer_scalar_passes is only read by block_layout='gemma4'")
+        if self.active_pass is not None and self.active_pass not in self.layer_scalar_passes:
+            problems.append(f"active_pass={self.active_pass!r} is not one of layer_scalar_passes={self.layer_scalar_passes}")
+        if self.layer_scalar_passes and self.active_pass is None:
+            problems.append(f"layer_scalar_passes={self.layer_scalar_passes} needs an active_pass naming the set the forward applies")
+        return problems
+
+    def head_dim(self, layer: int) -> int:
+        """Head dim of `layer` (`layer_head_dims`, else `d_head`).
+
+        Example:
+            >>> cfg.head_dim(1)   # 32 on diffusion-gemma-tiny's full layer, 16 on its sliding ones
+        """
+        return self.d_head if self.layer_head_dims is None else self.layer_head_dims[layer]
+
+    def kv_heads(self, layer: int) -> int:
+        """KV heads of `layer` (`layer_kv_heads`, else `n_key_value_heads`).
+
+        Example:
+            >>> cfg.kv_heads(1)
+        """
+        return self.n_key_value_heads if self.layer_kv_heads is None else self.layer_kv_heads[layer]
+
     @property
     def is_moe(self) -> bool:
         return bool(self.moe_layers)
@@ -217,4 +300,4 @@ class DiffusionConfig:
         return cls(**values)
 
 
-__all__ = ["DiffusionConfig", "AttentionKind", "AttentionMaskMode", "PositionIdsMode"]
+__all__ = ["DiffusionConfig", "AttentionKind", "AttentionMaskMode", "BlockLayout", "MlpAct", "PositionIdsMode", "RopeKind"]

@@ -34,15 +34,16 @@ from diffusion_lens.core.config import DiffusionConfig
 
 @dataclass
 class KVCache:
-    """Per layer, keys (rotated) and values of every canvas position: [batch kv_head n_pos d_head].
+    """Per layer, keys (rotated) and values of every canvas position: [batch kv_head n_pos d_head]
+    (each layer's own kv_head / d_head where `cfg.layer_kv_heads` / `cfg.layer_head_dims` differ).
 
     Example:
         >>> cache = KVCache.empty(model.cfg, batch=2, n_pos=22, like=model.W_E)
         >>> cache.keys[0].shape    # [2 n_kv_heads 22 d_head]
     """
 
-    keys: list[Float[Tensor, "batch kv_head n_pos d_head"]]
-    values: list[Float[Tensor, "batch kv_head n_pos d_head"]]
+    keys: list[Float[Tensor, "batch _kv_head n_pos _d_head"]]  # per layer: its own kv_head / d_head
+    values: list[Float[Tensor, "batch _kv_head n_pos _d_head"]]
 
     @classmethod
     def empty(cls, cfg: DiffusionConfig, batch: int, n_pos: int, like: Tensor) -> "KVCache":
@@ -53,8 +54,8 @@ class KVCache:
             >>> cache = KVCache.empty(model.cfg, batch=1, n_pos=canvas.shape[1], like=model.W_E)
             >>> _ = model(canvas, kv_cache=cache)    # fills every layer
         """
-        shape = (batch, cfg.n_key_value_heads, n_pos, cfg.d_head)
-        keys, values = ([torch.zeros(shape, dtype=like.dtype, device=like.device) for _ in range(cfg.n_layers)]
+        shapes = [(batch, cfg.kv_heads(layer), n_pos, cfg.head_dim(layer)) for layer in range(cfg.n_layers)]
+        keys, values = ([torch.zeros(shape, dtype=like.dtype, device=like.device) for shape in shapes]
                         for _ in range(2))
         return cls(keys, values)
 

@@ -21,7 +21,7 @@ from transformer_lens.FactoredMatrix import FactoredMatrix
 from transformer_lens.hook_points import HookPoint
 
 from diffusion_lens.core.activation_cache import DiffusionActivationCache
-from diffusion_lens.core.components import RMSNorm, Rotary, TransformerBlock, attention_masks_for, position_ids_for
+from diffusion_lens.core.components import RMSNorm, attention_masks_for, build_block, layer_rotaries, position_ids_for
 from diffusion_lens.core.components.errors import KeepPropertyErrors
 from diffusion_lens.core.config import DiffusionConfig
 from diffusion_lens.core.hook_lists import flatten_hooks, is_glob, name_filter, no_match_message
@@ -67,11 +67,15 @@ class HookedDiffusionCore(KeepPropertyErrors, HookedRootModule):
         # the checkpoint family's adapter (`diffusion_lens.checkpoints.ModelAdapter`), set by
         # `from_pretrained`; `save_pretrained` writes its format and `generate` runs its sampler
         self.adapter = None
-        self.rotary = Rotary(cfg)
+        # checkpoint tensors this model does not use, kept as stored for save_pretrained (the adapter's
+        # `carried_checkpoint_keys`, e.g. a vision tower): checkpoint key -> tensor
+        self.carried_tensors: dict[str, Tensor] = {}
+        self.rotaries = layer_rotaries(cfg)  # one per layer, shared by layers with the same RoPE
+        self.rotary = self.rotaries[0]  # every layer's, unless cfg.layer_rope differs per layer
         self.embed = nn.Embedding(cfg.d_vocab_out, cfg.d_model)
-        self.hook_embed = HookPoint()  # [batch pos d_model]
-        self.blocks = nn.ModuleList(TransformerBlock(cfg, layer, self.rotary) for layer in range(cfg.n_layers))
-        self.ln_final = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.hook_embed = HookPoint()  # [batch pos d_model], after cfg.embed_scale
+        self.blocks = nn.ModuleList(build_block(cfg, layer, self.rotaries[layer]) for layer in range(cfg.n_layers))
+        self.ln_final = RMSNorm(cfg.d_model, cfg.norm_eps, weight_in_fp32=cfg.norm_weight_in_fp32)
         self.unembed = nn.Linear(cfg.d_model, cfg.d_vocab_out, bias=False)
         if cfg.tie_word_embeddings:
             self.unembed.weight = self.embed.weight
@@ -168,19 +172,30 @@ class HookedDiffusionCore(KeepPropertyErrors, HookedRootModule):
         masks = attention_masks_for(self.cfg, attention_mask, queries, n_keys, tokens.device)
         if position_ids is None:  # renumbers padded rows where cfg.position_ids_mode asks for it
             position_ids = position_ids_for(self.cfg, attention_mask)
-        if position_ids is None:  # RoPE at the canvas columns, from the tables cached per canvas length
-            cos, sin = self.rotary.tables(n_keys, tokens.device)
-            rope = (cos[queries.start : queries.stop], sin[queries.start : queries.stop])
-        else:
-            rope = self.rotary.tables(tokens.shape[1], tokens.device, position_ids[:, queries.start : queries.stop])
+        tables: dict[int, tuple[Tensor, Tensor]] = {}  # per distinct Rotary (cfg.layer_rope)
+        for rotary in self.rotaries:
+            if id(rotary) in tables:
+                continue
+            if position_ids is None:  # RoPE at the canvas columns, from the tables cached per canvas length
+                cos, sin = rotary.tables(n_keys, tokens.device)
+                tables[id(rotary)] = (cos[queries.start : queries.stop], sin[queries.start : queries.stop])
+            else:
+                tables[id(rotary)] = rotary.tables(
+                    tokens.shape[1], tokens.device, position_ids[:, queries.start : queries.stop])
         embedded = self.embed(tokens)
+        if self.cfg.embed_scale is not None:  # the scale cast to the weights' dtype first, as Gemma does
+            embedded = embedded * embedded.new_tensor(self.cfg.embed_scale)
         if not embedded.requires_grad and torch.is_grad_enabled() and self._activation_grads_requested():
             embedded.requires_grad_(True)  # every later activation is then differentiable
         resid = self.hook_embed(embedded)
         for layer, block in enumerate(self.blocks):
             kv = None if kv_cache is None else kv_cache.layer(layer)
-            resid = block(resid, masks[layer], rope, kv, window_start)
-        return self.unembed(self.ln_final(resid))
+            resid = block(resid, masks[layer], tables[id(self.rotaries[layer])], kv, window_start)
+        logits = self.unembed(self.ln_final(resid))
+        if self.cfg.final_logit_softcap is not None:
+            cap = self.cfg.final_logit_softcap
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     def _check_window(self, tokens: Tensor, attention_mask, position_ids, kv_cache: KVCache, window_start: int) -> None:
         """A windowed forward must fit its cache, and its mask / positions must cover the whole canvas."""

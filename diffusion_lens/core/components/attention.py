@@ -114,20 +114,33 @@ def attention_masks_for(
 
 
 class Attention(nn.Module):
-    """Multi-head (or grouped-query) attention with RoPE, optional q/k norm and a hook on each stage."""
+    """Multi-head (or grouped-query) attention with RoPE, optional q/k norm and a hook on each stage.
 
-    def __init__(self, cfg: DiffusionConfig, rotary: Rotary):
+    Layer `layer`'s geometry comes from `cfg.head_dim(layer)` / `cfg.kv_heads(layer)`; with
+    `cfg.layer_values_from_keys[layer]` there is no `v_proj` and the values are the raw `k_proj`
+    output (before `k_norm`); `cfg.v_norm` adds a weightless per-head norm on the values.
+
+    Example:
+        >>> attn = Attention(cfg, Rotary(cfg), layer=0)
+    """
+
+    def __init__(self, cfg: DiffusionConfig, rotary: Rotary, layer: int = 0):
         super().__init__()
         self.cfg = cfg
         self.rotary = rotary
-        n_q, n_kv, d_head = cfg.n_heads, cfg.n_key_value_heads, cfg.d_head
+        self.n_heads, self.n_kv_heads, self.d_head = cfg.n_heads, cfg.kv_heads(layer), cfg.head_dim(layer)
+        self.scale = cfg.attn_scale  # None: SDPA's default d_head ** -0.5
+        n_q, n_kv, d_head = self.n_heads, self.n_kv_heads, self.d_head
+        self.values_from_keys = bool(cfg.layer_values_from_keys and cfg.layer_values_from_keys[layer])
         self.q_proj = nn.Linear(cfg.d_model, n_q * d_head, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.d_model, n_kv * d_head, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.d_model, n_kv * d_head, bias=cfg.qkv_bias)
+        self.v_proj = None if self.values_from_keys else nn.Linear(cfg.d_model, n_kv * d_head, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(n_q * d_head, cfg.d_model, bias=cfg.attn_out_bias)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(d_head, cfg.norm_eps)
-            self.k_norm = RMSNorm(d_head, cfg.norm_eps)
+            self.q_norm = RMSNorm(d_head, cfg.norm_eps, weight_in_fp32=cfg.norm_weight_in_fp32)
+            self.k_norm = RMSNorm(d_head, cfg.norm_eps, weight_in_fp32=cfg.norm_weight_in_fp32)
+        if cfg.v_norm:
+            self.v_norm = RMSNorm(d_head, cfg.norm_eps, weight_in_fp32=cfg.norm_weight_in_fp32, weight=False)
         self.use_attn_result = False  # opt-in per-head `hook_result`, as in TransformerLens
 
         self.hook_q = HookPoint()  # [batch pos head d_head]
@@ -164,11 +177,13 @@ class Attention(nn.Module):
         """
         batch, n_pos, _ = x.shape
         cfg = self.cfg
-        q = self.q_proj(x).view(batch, n_pos, cfg.n_heads, cfg.d_head)
-        k = self.k_proj(x).view(batch, n_pos, cfg.n_key_value_heads, cfg.d_head)
-        v = self.v_proj(x).view(batch, n_pos, cfg.n_key_value_heads, cfg.d_head)
+        q = self.q_proj(x).view(batch, n_pos, self.n_heads, self.d_head)
+        k = self.k_proj(x).view(batch, n_pos, self.n_kv_heads, self.d_head)
+        v = k if self.v_proj is None else self.v_proj(x).view(batch, n_pos, self.n_kv_heads, self.d_head)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
+        if cfg.v_norm:
+            v = self.v_norm(v)
         if cfg.clip_qkv is not None:
             q, k, v = (t.clamp(-cfg.clip_qkv, cfg.clip_qkv) for t in (q, k, v))
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
@@ -185,19 +200,19 @@ class Attention(nn.Module):
             z = self._explicit_attention(q, k, v, mask)
         else:
             z = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, enable_gqa=cfg.n_key_value_heads != cfg.n_heads
+                q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads, scale=self.scale
             )
         z = self.hook_z(z.transpose(1, 2))  # [batch pos head d_head]
         if self.use_attn_result:
             return self._per_head_result(z)
-        return self.o_proj(z.reshape(batch, n_pos, cfg.n_heads * cfg.d_head))
+        return self.o_proj(z.reshape(batch, n_pos, self.n_heads * self.d_head))
 
     def _explicit_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
-        groups = self.cfg.n_heads // self.cfg.n_key_value_heads
+        groups = self.n_heads // self.n_kv_heads
         if groups > 1:  # (repeat_interleave copies even for groups == 1)
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         # Scale in place: one [batch head q k] temporary fewer (mm's backward does not need its output).
-        scores = (q @ k.transpose(-1, -2)).mul_(self.cfg.d_head**-0.5)
+        scores = (q @ k.transpose(-1, -2)).mul_(self.d_head**-0.5 if self.scale is None else self.scale)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         scores = self.hook_attn_scores(scores)
@@ -218,7 +233,7 @@ class Attention(nn.Module):
     # TransformerLens weight views (kv heads expanded for GQA), read-only copies of the weights.
     @property
     def W_Q(self) -> Float[Tensor, "head d_model d_head"]:
-        return einops.rearrange(self.q_proj.weight, "(head d_head) d_model -> head d_model d_head", head=self.cfg.n_heads)
+        return einops.rearrange(self.q_proj.weight, "(head d_head) d_model -> head d_model d_head", head=self.n_heads)
 
     @property
     def W_K(self) -> Float[Tensor, "head d_model d_head"]:
@@ -226,21 +241,22 @@ class Attention(nn.Module):
 
     @property
     def W_V(self) -> Float[Tensor, "head d_model d_head"]:
-        return self._expand_kv(self.v_proj.weight)
+        """The value projection (k_proj's weight on layers whose values are the raw keys)."""
+        return self._expand_kv((self.k_proj if self.v_proj is None else self.v_proj).weight)
 
     @property
     def W_O(self) -> Float[Tensor, "head d_head d_model"]:
-        return einops.rearrange(self.o_proj.weight, "d_model (head d_head) -> head d_head d_model", head=self.cfg.n_heads)
+        return einops.rearrange(self.o_proj.weight, "d_model (head d_head) -> head d_head d_model", head=self.n_heads)
 
     def _expand_kv(self, weight: Tensor) -> Tensor:
-        per_kv = einops.rearrange(weight, "(kv d_head) d_model -> kv d_model d_head", kv=self.cfg.n_key_value_heads)
-        return per_kv.repeat_interleave(self.cfg.n_heads // self.cfg.n_key_value_heads, dim=0)
+        per_kv = einops.rearrange(weight, "(kv d_head) d_model -> kv d_model d_head", kv=self.n_kv_heads)
+        return per_kv.repeat_interleave(self.n_heads // self.n_kv_heads, dim=0)
 
     # Biases in TransformerLens shapes: the real values where the family has them (Dream's q/k/v),
     # zeros elsewhere, so `x @ W_Q + b_Q` is always the query whatever the family.
     @property
     def b_Q(self) -> Float[Tensor, "head d_head"]:
-        return bias_or_zeros(self.q_proj).view(self.cfg.n_heads, self.cfg.d_head)
+        return bias_or_zeros(self.q_proj).view(self.n_heads, self.d_head)
 
     @property
     def b_K(self) -> Float[Tensor, "head d_head"]:
@@ -248,12 +264,12 @@ class Attention(nn.Module):
 
     @property
     def b_V(self) -> Float[Tensor, "head d_head"]:
-        return self._expand_kv_bias(bias_or_zeros(self.v_proj))
+        return self._expand_kv_bias(bias_or_zeros(self.k_proj if self.v_proj is None else self.v_proj))
 
     @property
     def b_O(self) -> Float[Tensor, " d_model"]:
         return bias_or_zeros(self.o_proj)
 
     def _expand_kv_bias(self, bias: Tensor) -> Tensor:
-        per_kv = bias.view(self.cfg.n_key_value_heads, self.cfg.d_head)
-        return per_kv.repeat_interleave(self.cfg.n_heads // self.cfg.n_key_value_heads, dim=0)
+        per_kv = bias.view(self.n_kv_heads, self.d_head)
+        return per_kv.repeat_interleave(self.n_heads // self.n_kv_heads, dim=0)

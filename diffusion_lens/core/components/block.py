@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 from diffusion_lens.core.components.attention import Attention, AttentionMask
+from diffusion_lens.core.components.gemma4 import Gemma4Block
 from diffusion_lens.core.components.mlp import GatedMLP
 from diffusion_lens.core.components.moe import MixtureOfExperts
 from diffusion_lens.core.components.norm import RMSNorm
@@ -20,7 +21,18 @@ def build_mlp(cfg: DiffusionConfig, layer: int) -> nn.Module:
     """The block's MLP: a mixture of experts on `cfg.moe_layers`, a dense SwiGLU elsewhere."""
     if layer in cfg.moe_layers:
         return MixtureOfExperts(cfg)
-    return GatedMLP(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)
+    return GatedMLP(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias, act=cfg.mlp_act)
+
+
+def build_block(cfg: DiffusionConfig, layer: int, rotary: Rotary) -> nn.Module:
+    """Layer `layer` in `cfg.block_layout`: a pre-norm `TransformerBlock` or a `Gemma4Block`.
+
+    Example:
+        >>> build_block(cfg, 0, Rotary(cfg)).hook_resid_pre
+    """
+    if cfg.block_layout == "gemma4":
+        return Gemma4Block(cfg, layer, rotary)
+    return TransformerBlock(cfg, layer, rotary)
 
 
 class TransformerBlock(nn.Module):
@@ -29,9 +41,9 @@ class TransformerBlock(nn.Module):
     def __init__(self, cfg: DiffusionConfig, layer: int, rotary: Rotary):
         super().__init__()
         self.layer = layer
-        self.ln1 = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg, rotary)
-        self.ln2 = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ln1 = RMSNorm(cfg.d_model, cfg.norm_eps, weight_in_fp32=cfg.norm_weight_in_fp32)
+        self.attn = Attention(cfg, rotary, layer)
+        self.ln2 = RMSNorm(cfg.d_model, cfg.norm_eps, weight_in_fp32=cfg.norm_weight_in_fp32)
         self.mlp = build_mlp(cfg, layer)
         self.hook_resid_pre = HookPoint()  # [batch pos d_model]
         self.hook_attn_out = HookPoint()  # [batch pos d_model]

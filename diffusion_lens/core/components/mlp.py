@@ -1,4 +1,4 @@
-"""SwiGLU MLP: down(silu(gate(x)) * up(x))."""
+"""Gated MLP: down(act(gate(x)) * up(x)), act = silu (SwiGLU) or tanh-approximated gelu (GeGLU, Gemma)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,21 @@ from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
 
+ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}  # `DiffusionConfig.mlp_act`
+
+
 class GatedMLP(nn.Module):
     """`hook_pre` is the gate pre-activation, `hook_pre_linear` the up branch, `hook_post` their
-    product after the activation [batch pos d_mlp] (TransformerLens' gated-MLP names)."""
+    product after the activation [batch pos d_mlp] (TransformerLens' gated-MLP names).
 
-    def __init__(self, d_model: int, d_mlp: int, bias: bool = False):
+    Example:
+        >>> GatedMLP(64, 96, act="gelu_tanh")(torch.randn(2, 3, 64)).shape
+        torch.Size([2, 3, 64])
+    """
+
+    def __init__(self, d_model: int, d_mlp: int, bias: bool = False, act: str = "silu"):
         super().__init__()
+        self.act = ACTIVATIONS[act]
         self.gate_proj = nn.Linear(d_model, d_mlp, bias=bias)
         self.up_proj = nn.Linear(d_model, d_mlp, bias=bias)
         self.down_proj = nn.Linear(d_mlp, d_model, bias=bias)
@@ -25,7 +34,7 @@ class GatedMLP(nn.Module):
     def forward(self, x: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch d_model"]:
         gate = self.hook_pre(self.gate_proj(x))
         up = self.hook_pre_linear(self.up_proj(x))
-        return self.down_proj(self.hook_post(F.silu(gate) * up))
+        return self.down_proj(self.hook_post(self.act(gate) * up))
 
     # TransformerLens weight views (TransformerLens' gated-MLP names and shapes); biases are zeros
     # where the family has none, so `hook_post @ W_out + b_out` is always the MLP output.
@@ -36,7 +45,7 @@ class GatedMLP(nn.Module):
 
     @property
     def W_gate(self) -> Float[Tensor, "d_model d_mlp"]:
-        """Gate branch (the one silu is applied to)."""
+        """Gate branch (the one the activation is applied to)."""
         return self.gate_proj.weight.T
 
     @property

@@ -46,8 +46,8 @@ class Expert(GatedMLP):
     """One routed SwiGLU expert. It sees only its routed tokens, so its hooks are
     [n_routed d_expert_mlp] (and `hook_out` [n_routed d_model]) rather than [batch pos ...]."""
 
-    def __init__(self, d_model: int, d_mlp: int, bias: bool = False):
-        super().__init__(d_model, d_mlp, bias=bias)
+    def __init__(self, d_model: int, d_mlp: int, bias: bool = False, act: str = "silu"):
+        super().__init__(d_model, d_mlp, bias=bias, act=act)
         self.hook_out = HookPoint()  # [n_routed d_model]
 
     def forward(self, x: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch d_model"]:
@@ -77,10 +77,10 @@ class MixtureOfExperts(KeepPropertyErrors, nn.Module):
         else:
             self.expert_bias = None
         self.experts = nn.ModuleList(
-            Expert(cfg.d_model, cfg.d_expert_mlp, bias=cfg.mlp_bias) for _ in range(cfg.n_experts)
+            Expert(cfg.d_model, cfg.d_expert_mlp, bias=cfg.mlp_bias, act=cfg.mlp_act) for _ in range(cfg.n_experts)
         )
         self.shared_expert = (
-            GatedMLP(cfg.d_model, cfg.d_shared_expert_mlp, bias=cfg.mlp_bias) if cfg.d_shared_expert_mlp else None
+            GatedMLP(cfg.d_model, cfg.d_shared_expert_mlp, bias=cfg.mlp_bias, act=cfg.mlp_act) if cfg.d_shared_expert_mlp else None
         )
         self.hook_router_logits = HookPoint()  # [batch pos n_experts]
         self.hook_router_probs = HookPoint()  # [batch pos n_experts] fp32
