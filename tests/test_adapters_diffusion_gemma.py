@@ -299,3 +299,29 @@ def test_encoder_matches_transformers_on_a_fresh_random_config(tmp_path):
         torch.testing.assert_close(ours[real], theirs[real], atol=ATOL, rtol=RTOL, msg=lambda m, n=layer: f"state {n}: {m}")
     final = cache["ln_final.hook_normalized"] * model.ln_final.weight
     torch.testing.assert_close(final[real], expected.last_hidden_state[real], atol=ATOL, rtol=RTOL)
+
+
+def test_branch_and_per_expert_hooks_add_up_and_views_explain_themselves(gemma):
+    model, golden, _ = gemma
+    enc = golden.passes["enc"]
+    _, cache = model.run_with_cache(enc.input_ids, enc.attention_mask, names_filter=lambda n: "blocks.0." in n)
+    mlp, cfg = model.blocks[0].mlp, model.cfg
+    torch.testing.assert_close(mlp.ln_out(cache["blocks.0.mlp.hook_dense_out"] + cache["blocks.0.mlp.hook_moe_out"]),
+                               cache["blocks.0.hook_mlp_out"])
+    weights = cache["blocks.0.mlp.hook_expert_weights"].reshape(-1, cfg.n_experts)
+    summed = torch.zeros(weights.shape[0], cfg.d_model)
+    for e in range(cfg.n_experts):
+        tokens = (weights[:, e] != 0).nonzero().flatten()
+        out = cache[f"blocks.0.mlp.experts.{e}.hook_out"]
+        assert out.shape == (len(tokens), cfg.d_model)
+        assert cache[f"blocks.0.mlp.experts.{e}.hook_post"].shape == (len(tokens), cfg.d_expert_mlp)
+        summed.index_add_(0, tokens, weights[tokens, e : e + 1] * out)
+    torch.testing.assert_close(summed, cache["blocks.0.mlp.hook_routed_out"].reshape(-1, cfg.d_model))
+    with pytest.raises(AttributeError, match="mlp.dense or .mlp.experts"):
+        model.W_in
+    if len(set(cfg.layer_head_dims)) > 1:
+        with pytest.raises(AttributeError, match="different head dims"):
+            model.W_Q
+    assert model.blocks[-1].attn.v_proj is None and torch.equal(model.blocks[-1].attn.W_V, model.blocks[-1].attn.W_K)
+    with pytest.raises(NotImplementedError, match="issue 13"):
+        model.generate(enc.input_ids[:1])

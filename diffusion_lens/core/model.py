@@ -478,19 +478,19 @@ class HookedDiffusionCore(KeepPropertyErrors, HookedRootModule):
 
     @property
     def W_Q(self) -> Float[Tensor, "n_layers n_heads d_model d_head"]:
-        return torch.stack([block.attn.W_Q for block in self.blocks])
+        return self._stack_attn("W_Q")
 
     @property
     def W_K(self) -> Float[Tensor, "n_layers n_heads d_model d_head"]:
-        return torch.stack([block.attn.W_K for block in self.blocks])
+        return self._stack_attn("W_K")
 
     @property
     def W_V(self) -> Float[Tensor, "n_layers n_heads d_model d_head"]:
-        return torch.stack([block.attn.W_V for block in self.blocks])
+        return self._stack_attn("W_V")
 
     @property
     def W_O(self) -> Float[Tensor, "n_layers n_heads d_head d_model"]:
-        return torch.stack([block.attn.W_O for block in self.blocks])
+        return self._stack_attn("W_O")
 
     @property
     def W_in(self) -> Float[Tensor, "n_layers d_model d_mlp"]:
@@ -510,15 +510,15 @@ class HookedDiffusionCore(KeepPropertyErrors, HookedRootModule):
     # elsewhere, so TransformerLens formulas such as `x @ W_Q + b_Q` hold for every family.
     @property
     def b_Q(self) -> Float[Tensor, "n_layers n_heads d_head"]:
-        return torch.stack([block.attn.b_Q for block in self.blocks])
+        return self._stack_attn("b_Q")
 
     @property
     def b_K(self) -> Float[Tensor, "n_layers n_heads d_head"]:
-        return torch.stack([block.attn.b_K for block in self.blocks])
+        return self._stack_attn("b_K")
 
     @property
     def b_V(self) -> Float[Tensor, "n_layers n_heads d_head"]:
-        return torch.stack([block.attn.b_V for block in self.blocks])
+        return self._stack_attn("b_V")
 
     @property
     def b_O(self) -> Float[Tensor, "n_layers d_model"]:
@@ -559,8 +559,22 @@ class HookedDiffusionCore(KeepPropertyErrors, HookedRootModule):
     def QK(self) -> FactoredMatrix:
         return FactoredMatrix(self.W_Q, self.W_K.transpose(-2, -1))
 
+    def _stack_attn(self, name: str) -> Tensor:
+        """Every layer's `attn.<name>` stacked [n_layers ...], or advice where head dims differ per layer."""
+        if len({self.cfg.head_dim(layer) for layer in range(self.cfg.n_layers)}) > 1:
+            raise AttributeError(
+                f"The layers of this model have different head dims ({self.cfg.layer_head_dims}), so their {name} "
+                f"do not stack into one [n_layers ...] tensor; use model.blocks[l].attn.{name} per layer."
+            )
+        return torch.stack([getattr(block.attn, name) for block in self.blocks])
+
     def _dense_mlp(self, layer: int) -> nn.Module:
         mlp = self.blocks[layer].mlp
+        if hasattr(mlp, "dense"):  # Gemma-4 layout: a dense MLP beside the experts
+            raise AttributeError(
+                f"Block {layer} runs a dense MLP and a mixture of experts in parallel, so there is no single "
+                f"W_in/W_gate/W_out; use model.blocks[{layer}].mlp.dense or .mlp.experts.gate_up_proj / .down_proj."
+            )
         if not hasattr(mlp, "up_proj"):
             raise AttributeError(
                 f"Block {layer} has a mixture-of-experts MLP, so there is no single W_in/W_gate/W_out; "
