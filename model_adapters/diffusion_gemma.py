@@ -11,14 +11,22 @@ that multiply their weight in fp32 (`norm_weight_in_fp32`), gelu-tanh MLPs, the 
 (`block_layout="gemma4"`: sandwich norms, dense MLP and MoE in parallel, per-layer scalars),
 `embed_scale` sqrt(d_model) and `final_logit_softcap` (30.0 when config.json omits it).
 
-One set of text weights runs twice upstream: a causal encoder and a bidirectional decoder. For
-now the model is the **encoder pass**: the forward applies the encoder's `layer_scalar`s
-(`cfg.active_pass="encoder"`) and the encoder's attention (`causal` on full layers,
-`sliding_causal` with `sliding_window` on sliding ones). Both scalar sets are kept
-(`blocks.{l}.encoder_layer_scalar`, `blocks.{l}.decoder_layer_scalar`); the decoder pass, the
-self-conditioning MLP and the sampler come with the rest of issue 13. Until then the
-self-conditioning weights are carried like the vision tower: read, never used, written back
-unchanged by `save_pretrained` (`model.carried_tensors`).
+One set of text weights runs in two passes (`cfg.layer_scalar_passes`), picked per forward with
+`model(..., pass_name=)`; a plain forward runs the encoder (`cfg.default_pass`):
+
+- `"encoder"`: the encoder's `layer_scalar`s and causal attention (`causal` on full layers,
+  `sliding_causal` with `sliding_window` on sliding ones). Over a `KVCache` whose canvas is the
+  prompt and every block (P + n_blocks * C columns), it encodes the prompt (window [0, P)) and then
+  each committed block k (window [P + kC, P + (k+1)C)) at the positions it had as a canvas.
+- `"decoder"`: the decoder's `layer_scalar`s, the self-conditioning MLP at its input
+  (`self_conditioning_logits=`, `cfg.self_conditioning_pass`), and the window-relative kinds
+  (`cfg.pass_layer_attention["decoder"]`): full layers see every column before the window's end,
+  sliding layers the `W - 1` columns before the window plus the whole window (reference §5.3, Q1).
+  The decoder writes its canvas's keys / values into the cache at the window's columns; that is
+  harmless, since no other pass reads them before the next decoder step or the block's encoder
+  append overwrites them, and later columns stay invisible to both passes.
+
+Padding: pass the prompt's mask padded with ones to the cache's width (reference Q15).
 
 Config layouts: the hub file (`global_head_dim`, default 512, and `num_global_key_value_heads` for
 full layers) and the `save_pretrained` one (`per_layer_config`, keys layer indices or layer types)
@@ -53,7 +61,10 @@ SUPPORTED_TEXT_VALUES = {
 }
 # Encoder attention per layer type (reference §5.2): causal, and causal within the window.
 ENCODER_ATTENTION = {"sliding_attention": "sliding_causal", "full_attention": "causal"}
-ISSUE = "issue 13 (DiffusionGemma: decoder pass, self-conditioning and its sampler)"
+# Decoder attention per layer type (reference §5.3): the cached context before the (canvas) window,
+# truncated to W - 1 columns on sliding layers, and the whole window; nothing after it.
+DECODER_ATTENTION = {"sliding_attention": "window_sliding_prefix", "full_attention": "window_prefix"}
+ISSUE = "issue 13 (DiffusionGemma: its block-diffusion sampler)"
 
 _TEXT = "model.decoder"
 _LAYER = f"{_TEXT}.layers.{{l}}"
@@ -83,7 +94,7 @@ def _layer_rules() -> tuple[KeyRule, ...]:
 
 @register_adapter
 class DiffusionGemmaAdapter(ModelAdapter):
-    """`DiffusionGemmaForBlockDiffusion` checkpoints (text path; encoder pass for now, see the module docstring)."""
+    """`DiffusionGemmaForBlockDiffusion` checkpoints (text path: encoder and decoder passes, see the module docstring)."""
 
     name = "diffusion_gemma"
     key_rules = (
@@ -91,11 +102,12 @@ class DiffusionGemmaAdapter(ModelAdapter):
         KeyRule(f"{_TEXT}.norm.weight", "ln_final.weight"),
         KeyRule("lm_head.weight", "unembed.weight"),  # tied: never in the file
         KeyRule("model.encoder.language_model.layers.{l}.layer_scalar", "blocks.{l}.encoder_layer_scalar"),
+        KeyRule(f"{_TEXT}.self_conditioning.pre_norm.weight", "self_conditioning.pre_norm.weight"),
+        KeyRule(f"{_TEXT}.self_conditioning.gate_proj.weight", "self_conditioning.mlp.gate_proj.weight"),
+        KeyRule(f"{_TEXT}.self_conditioning.up_proj.weight", "self_conditioning.mlp.up_proj.weight"),
+        KeyRule(f"{_TEXT}.self_conditioning.down_proj.weight", "self_conditioning.mlp.down_proj.weight"),
     ) + _layer_rules()
-    carried_checkpoint_keys = (
-        r"model\.encoder\.vision_tower\..*", r"model\.encoder\.embed_vision\..*",
-        r"model\.decoder\.self_conditioning\..*",  # until the decoder pass uses it (issue 13)
-    )
+    carried_checkpoint_keys = (r"model\.encoder\.vision_tower\..*", r"model\.encoder\.embed_vision\..*")
 
     def matches(self, config: dict) -> bool:
         return config.get("model_type") == "diffusion_gemma"
@@ -139,9 +151,11 @@ class DiffusionGemmaAdapter(ModelAdapter):
             rope_in_fp32=False, norm_eps=c["rms_norm_eps"], qk_norm=True, tie_word_embeddings=True,
             norm_weight_in_fp32=True, attn_scale=1.0, layer_values_from_keys=tuple(t == "full_attention" for t in types),
             v_norm=True, mlp_act="gelu_tanh", block_layout="gemma4", layer_scalar_passes=("encoder", "decoder"),
-            active_pass="encoder", embed_scale=math.sqrt(c["hidden_size"]),
+            default_pass="encoder", self_conditioning_pass="decoder", embed_scale=math.sqrt(c["hidden_size"]),
             final_logit_softcap=c["final_logit_softcapping"],
             layer_attention=tuple(ENCODER_ATTENTION[t] for t in types),
+            pass_layer_attention={"encoder": tuple(ENCODER_ATTENTION[t] for t in types),
+                                  "decoder": tuple(DECODER_ATTENTION[t] for t in types)},
             sliding_window=c["sliding_window"] if sliding else None,
             eos_token_id=c["eos_token_id"], pad_token_id=c["pad_token_id"], bos_token_id=c["bos_token_id"],
             n_experts=c["num_experts"], n_experts_per_token=c["top_k_experts"], d_expert_mlp=c["moe_intermediate_size"],
@@ -183,6 +197,6 @@ class DiffusionGemmaAdapter(ModelAdapter):
     def sampler(self, cfg: DiffusionConfig):
         """Not yet: DiffusionGemma's block-diffusion sampler (uniform-noise canvas, encoder + decoder passes)."""
         raise NotImplementedError(
-            "diffusion_gemma has no sampler yet, so generate() cannot run: the decoder pass, self-conditioning "
-            f"and the entropy-bound sampler are {ISSUE}. The forward (encoder pass) and its hooks work."
+            "diffusion_gemma has no sampler yet, so generate() cannot run: the entropy-bound block sampler is "
+            f"{ISSUE}. The forward (pass_name='encoder' / 'decoder', over a KVCache) and its hooks work."
         )

@@ -1,4 +1,5 @@
-"""Issue 13 (part 1): DiffusionGemma's layer in the core and its adapter, encoder pass.
+"""Issue 13 (part 1): DiffusionGemma's layer in the core and its adapter, encoder pass (the decoder
+pass and self-conditioning: tests/test_diffusion_gemma_passes.py).
 
 The Gemma-4 components (fp32-weight norms, proportional partial RoPE, gelu-tanh MLPs, fused
 experts, per-layer head geometry) against direct formulas; loading both fixtures in both config
@@ -96,9 +97,9 @@ def test_per_layer_fields_are_checked_and_default_to_the_uniform_model():
         _cfg(layer_kv_heads=(2, 3))
     with pytest.raises(ValueError, match="layer_rope\\[0\\]"):
         _cfg(layer_rope=({"kind": "yarn", "theta": 1.0}, {"kind": "default", "theta": 1.0}))
-    with pytest.raises(ValueError, match="active_pass='decoder' is not one of"):
+    with pytest.raises(ValueError, match="default_pass='decoder' is not one of"):
         _cfg(block_layout="gemma4", n_experts=2, n_experts_per_token=1, d_expert_mlp=4,
-             layer_scalar_passes=("encoder",), active_pass="decoder")
+             layer_scalar_passes=("encoder",), default_pass="decoder")
     with pytest.raises(ValueError, match="mlp_act='relu'"):
         _cfg(mlp_act="relu")
     cfg = _cfg(layer_head_dims=(8, 16), layer_kv_heads=(2, 1))
@@ -140,7 +141,10 @@ def test_both_config_layouts_give_the_fixture_geometry(name):
         assert cfg.layer_values_from_keys == tuple(not facts.sliding(i) for i in range(facts.n_layers))
         assert cfg.layer_attention == tuple("sliding_causal" if facts.sliding(i) else "causal" for i in range(facts.n_layers))
         assert (cfg.sliding_window, cfg.final_logit_softcap, cfg.attn_scale) == (facts.sliding_window, 30.0, 1.0)
-        assert cfg.embed_scale == math.sqrt(facts.d_model) and cfg.active_pass == "encoder"
+        assert cfg.embed_scale == math.sqrt(facts.d_model) and cfg.default_pass == "encoder"
+        assert cfg.pass_layer_attention["encoder"] == cfg.layer_attention and cfg.self_conditioning_pass == "decoder"
+        assert cfg.pass_layer_attention["decoder"] == tuple(
+            "window_sliding_prefix" if facts.sliding(i) else "window_prefix" for i in range(facts.n_layers))
     assert saved.layer_rope == hub.layer_rope
     no_global = _hub_layout(config)
     del no_global["text_config"]["global_head_dim"]
@@ -171,8 +175,12 @@ def test_loading_reads_every_text_key_and_keeps_both_layer_scalar_sets(gemma):
         assert torch.equal(block.decoder_layer_scalar, stored[f"model.decoder.layers.{layer}.layer_scalar"])
         assert not torch.equal(block.encoder_layer_scalar, block.decoder_layer_scalar)
     assert model.unembed.weight is model.embed.weight
-    carried = {key for key in stored if ".vision_tower." in key or ".embed_vision." in key or ".self_conditioning." in key}
-    assert set(model.carried_tensors) == carried and len(carried) >= 22
+    carried = {key for key in stored if ".vision_tower." in key or ".embed_vision." in key}
+    assert set(model.carried_tensors) == carried and len(carried) >= 18
+    conditioning = model.self_conditioning  # read into the decoder's input module, not carried
+    assert torch.equal(conditioning.mlp.down_proj.weight, stored["model.decoder.self_conditioning.down_proj.weight"])
+    assert torch.equal(conditioning.pre_norm.weight, stored["model.decoder.self_conditioning.pre_norm.weight"])
+    assert conditioning.post_norm.weight is None
 
 
 def test_save_pretrained_round_trip_is_byte_exact(gemma, tmp_path):

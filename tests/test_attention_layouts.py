@@ -170,7 +170,7 @@ def test_a_windowed_forward_takes_only_canvas_wide_masks_and_positions():
     (dict(layer_attention=("block_causal",) * 4), "attention_block_size must be a positive number"),
     (dict(layer_attention=("block_causal",) * 4, attention_block_size=0), "attention_block_size must be a positive"),
     (dict(layer_attention=("sliding_causal",) * 4), "sliding_window must be a positive number"),
-    (dict(sliding_window=8), r"sliding_window=8 is set but no layer_attention entry is one of \['sliding', 'sliding_causal'\]"),
+    (dict(sliding_window=8), r"sliding_window=8 is set but no layer_attention entry is one of \['sliding', 'sliding_causal', 'window_sliding_prefix'\]"),
     (dict(layer_attention=("causal",) * 4, attention_block_size=2), "attention_block_size=2 is set but no layer_attention"),
 ])
 def test_config_rejects_a_bad_attention_layout(fields, message):

@@ -14,7 +14,8 @@ import torch
 
 AttentionMaskMode = Literal["key_padding", "causal_when_padded", "query_key_padding", "ignored"]
 PositionIdsMode = Literal["absolute", "renumber_padded"]
-AttentionKind = Literal["bidirectional", "causal", "block_causal", "sliding_causal", "sliding"]
+AttentionKind = Literal["bidirectional", "causal", "block_causal", "sliding_causal", "sliding", "window_prefix",
+                        "window_sliding_prefix"]
 MlpAct = Literal["silu", "gelu_tanh"]
 BlockLayout = Literal["pre_norm", "gemma4"]
 RopeKind = Literal["default", "proportional"]
@@ -81,10 +82,17 @@ class DiffusionConfig:
     #   gemma4    sandwich norms, a dense MLP and a mixture of experts in parallel in every layer, the
     #             residual times a per-layer scalar (core/components/gemma4.py; DiffusionGemma)
     block_layout: BlockLayout = "pre_norm"
-    # gemma4 layout: per-layer scalar buffers, one set per named pass (DiffusionGemma keeps separate
-    # encoder and decoder scalars), and the pass whose scalars the forward applies.
+    # Named passes of one set of weights (DiffusionGemma: "encoder", "decoder"). A forward picks one
+    # with `pass_name=` (None = `default_pass`, the pass a plain forward runs); the pass selects the
+    # gemma4 layout's per-layer scalar buffers (`blocks.{l}.{pass}_layer_scalar`, one set per name)
+    # and the per-layer attention kinds (`pass_layer_attention[pass]`, else `layer_attention`).
     layer_scalar_passes: tuple[str, ...] = ()
-    active_pass: Optional[str] = None
+    default_pass: Optional[str] = None
+    pass_layer_attention: dict[str, tuple[AttentionKind, ...]] = field(default_factory=dict)
+    # The pass whose input runs the self-conditioning MLP (core/components/self_conditioning.py;
+    # DiffusionGemma's "decoder"): the previous step's logits, softly embedded, through a gated MLP of
+    # width d_mlp, added to the token embeddings and normalised. None = no such module.
+    self_conditioning_pass: Optional[str] = None
     embed_scale: Optional[float] = None  # embeddings times this (cast to the weight dtype); None = 1 (Gemma: sqrt(d_model))
     final_logit_softcap: Optional[float] = None  # logits = c * tanh(logits / c); None = no softcap
 
@@ -105,6 +113,12 @@ class DiffusionConfig:
     #                   it (DiffusionGemma's causal sliding layers)
     #   sliding         |a - q| <= sliding_window, the inclusive bound of DiffusionGemma's bidirectional
     #                   ("all") sliding layers, whose config already holds the halved window
+    # Kinds relative to the forward's window [s, e) of the canvas (every query of the window alike):
+    #   window_prefix          a < e: every column before the window and the whole window, none after
+    #                          (DiffusionGemma's decoder, full layers)
+    #   window_sliding_prefix  s - (sliding_window - 1) <= a < e: the sliding_window - 1 columns
+    #                          before the window and the whole window (DiffusionGemma's decoder, sliding
+    #                          layers: its window is only the encoder cache's truncation, reference Q1)
     layer_attention: Optional[tuple[AttentionKind, ...]] = None
     attention_block_size: Optional[int] = None  # canvas columns per block of block_causal layers
     sliding_window: Optional[int] = None  # the window of sliding / sliding_causal layers (bounds above)
@@ -161,6 +175,7 @@ class DiffusionConfig:
             if value is not None and not isinstance(value, str):  # a list from JSON
                 setattr(self, name, tuple(value))
         self.layer_scalar_passes = tuple(self.layer_scalar_passes)
+        self.pass_layer_attention = {name: tuple(kinds) for name, kinds in self.pass_layer_attention.items()}
         self.act_fn = "silu" if self.mlp_act == "silu" else "gelu_pytorch_tanh"
         self._validate()
 
@@ -198,21 +213,25 @@ class DiffusionConfig:
             raise ValueError("Invalid DiffusionConfig: " + "; ".join(problems))
 
     def _attention_layout_problems(self) -> list[str]:
-        kinds = set(self.layer_attention or ())
-        problems = []
         if isinstance(self.layer_attention, str):
             return [f"layer_attention={self.layer_attention!r} must name one kind per layer, "
                     f"e.g. ({self.layer_attention!r},) * n_layers"]
-        if self.layer_attention is not None:
-            if len(self.layer_attention) != self.n_layers:
+        problems, kinds = [], set()
+        per_pass = {f"pass_layer_attention[{name!r}]": layout for name, layout in self.pass_layer_attention.items()}
+        for label, layout in {"layer_attention": self.layer_attention, **per_pass}.items():
+            if layout is None:
+                continue
+            kinds |= set(layout)
+            if len(layout) != self.n_layers:
                 problems.append(
-                    f"layer_attention has {len(self.layer_attention)} entries for n_layers={self.n_layers}; "
+                    f"{label} has {len(layout)} entries for n_layers={self.n_layers}; "
                     "give one kind per layer (or None for all bidirectional)"
                 )
-            unknown = sorted(kinds - set(AttentionKind.__args__))
+            unknown = sorted(set(layout) - set(AttentionKind.__args__))
             if unknown:
-                problems.append(f"layer_attention kinds {unknown} are not among {AttentionKind.__args__}")
-        for size_field, users in (("attention_block_size", {"block_causal"}), ("sliding_window", {"sliding", "sliding_causal"})):
+                problems.append(f"{label} kinds {unknown} are not among {AttentionKind.__args__}")
+        sliding = {"sliding", "sliding_causal", "window_sliding_prefix"}
+        for size_field, users in (("attention_block_size", {"block_causal"}), ("sliding_window", sliding)):
             value = getattr(self, size_field)
             if kinds & users and not (isinstance(value, int) and value > 0):
                 problems.append(f"layer_attention has {sorted(kinds & users)} layers, so {size_field} must be a "
@@ -245,11 +264,39 @@ class DiffusionConfig:
                             "n_experts_per_token and d_expert_mlp are required")
         if self.layer_scalar_passes and self.block_layout != "gemma4":
             problems.append("layer_scalar_passes is only read by block_layout='gemma4'")
-        if self.active_pass is not None and self.active_pass not in self.layer_scalar_passes:
-            problems.append(f"active_pass={self.active_pass!r} is not one of layer_scalar_passes={self.layer_scalar_passes}")
-        if self.layer_scalar_passes and self.active_pass is None:
-            problems.append(f"layer_scalar_passes={self.layer_scalar_passes} needs an active_pass naming the set the forward applies")
+        named = {"default_pass": self.default_pass, "self_conditioning_pass": self.self_conditioning_pass}
+        for label, name in named.items():
+            if name is not None and name not in self.layer_scalar_passes:
+                problems.append(f"{label}={name!r} is not one of layer_scalar_passes={self.layer_scalar_passes}")
+        unknown = sorted(set(self.pass_layer_attention) - set(self.layer_scalar_passes))
+        if unknown:
+            problems.append(f"pass_layer_attention names passes {unknown} that are not among "
+                            f"layer_scalar_passes={self.layer_scalar_passes}")
+        if self.layer_scalar_passes and self.default_pass is None:
+            problems.append(f"layer_scalar_passes={self.layer_scalar_passes} needs a default_pass naming the pass "
+                            "a forward without pass_name= runs")
         return problems
+
+    def resolve_pass(self, pass_name: Optional[str]) -> Optional[str]:
+        """The pass a forward runs: `pass_name`, or `default_pass` when None; an unknown name raises.
+
+        Example:
+            >>> cfg.resolve_pass(None), cfg.resolve_pass("decoder")   # ('encoder', 'decoder') on DiffusionGemma
+        """
+        if pass_name is None:
+            return self.default_pass
+        if pass_name not in self.layer_scalar_passes:
+            raise ValueError(f"pass_name={pass_name!r} is not one of this model's passes {self.layer_scalar_passes}"
+                             + ("" if self.layer_scalar_passes else " (it has one pass: leave pass_name=None)"))
+        return pass_name
+
+    def attention_kinds(self, pass_name: Optional[str]) -> Optional[tuple[AttentionKind, ...]]:
+        """Per-layer attention kinds of a resolved pass: `pass_layer_attention[pass]`, else `layer_attention`.
+
+        Example:
+            >>> cfg.attention_kinds("decoder")   # ('window_sliding_prefix', 'window_prefix', ...) on DiffusionGemma
+        """
+        return self.pass_layer_attention.get(pass_name, self.layer_attention) if pass_name else self.layer_attention
 
     def head_dim(self, layer: int) -> int:
         """Head dim of `layer` (`layer_head_dims`, else `d_head`).

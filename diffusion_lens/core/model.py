@@ -21,7 +21,9 @@ from transformer_lens.FactoredMatrix import FactoredMatrix
 from transformer_lens.hook_points import HookPoint
 
 from diffusion_lens.core.activation_cache import DiffusionActivationCache
-from diffusion_lens.core.components import RMSNorm, attention_masks_for, build_block, layer_rotaries, position_ids_for
+from diffusion_lens.core.components import (
+    RMSNorm, SelfConditioning, attention_masks_for, build_block, layer_rotaries, position_ids_for,
+)
 from diffusion_lens.core.components.errors import KeepPropertyErrors
 from diffusion_lens.core.config import DiffusionConfig
 from diffusion_lens.core.hook_lists import flatten_hooks, is_glob, name_filter, no_match_message
@@ -73,8 +75,12 @@ class HookedDiffusionCore(KeepPropertyErrors, HookedRootModule):
         self.rotaries = layer_rotaries(cfg)  # one per layer, shared by layers with the same RoPE
         self.rotary = self.rotaries[0]  # every layer's, unless cfg.layer_rope differs per layer
         self.embed = nn.Embedding(cfg.d_vocab_out, cfg.d_model)
-        self.hook_embed = HookPoint()  # [batch pos d_model], after cfg.embed_scale
+        # [batch pos d_model], after cfg.embed_scale; in cfg.self_conditioning_pass the blocks read the
+        # conditioned input instead (blocks.0.hook_resid_pre)
+        self.hook_embed = HookPoint()
         self.blocks = nn.ModuleList(build_block(cfg, layer, self.rotaries[layer]) for layer in range(cfg.n_layers))
+        if cfg.self_conditioning_pass is not None:  # the pass input's MLP (cfg.self_conditioning_pass)
+            self.self_conditioning = SelfConditioning(cfg)
         self.ln_final = RMSNorm(cfg.d_model, cfg.norm_eps, weight_in_fp32=cfg.norm_weight_in_fp32)
         self.unembed = nn.Linear(cfg.d_model, cfg.d_vocab_out, bias=False)
         if cfg.tie_word_embeddings:
@@ -116,6 +122,8 @@ class HookedDiffusionCore(KeepPropertyErrors, HookedRootModule):
         loss_weights: Optional[Float[Tensor, "batch pos"]] = None,
         kv_cache: Optional[KVCache] = None,
         window_start: int = 0,
+        pass_name: Optional[str] = None,
+        self_conditioning_logits: Optional[Float[Tensor, "batch pos d_vocab"]] = None,
     ) -> Union[Float[Tensor, "batch pos d_vocab"], Float[Tensor, ""], None]:
         """One denoising forward over a canvas.
 
@@ -133,8 +141,19 @@ class HookedDiffusionCore(KeepPropertyErrors, HookedRootModule):
         column's are read from it; logits are the window's. `window_start=0` with the whole canvas
         fills the cache. There `attention_mask` and `position_ids` cover the whole canvas
         ([batch cache.n_pos], as for the forward that filled the cache): queries are the window's
-        canvas columns, keys every column, and each layer's mask is `cfg.layer_attention`'s kind
-        AND the padding mask.
+        canvas columns, keys every column, and each layer's mask is its attention kind AND the
+        padding mask.
+        `pass_name` picks one of the config's passes (`cfg.layer_scalar_passes`; None runs
+        `cfg.default_pass`): its layer scalars and its attention kinds (`cfg.attention_kinds`).
+        `self_conditioning_logits` [batch pos d_vocab] (the previous step's) feed the
+        self-conditioning of `cfg.self_conditioning_pass`; None there means no signal.
+
+        Example (DiffusionGemma: a prompt, then one block's decoder step over a cache of the prompt
+        and n_blocks canvases; masks cover the whole cache, 1 = real):
+            >>> cache = KVCache.empty(model.cfg, batch=1, n_pos=P + n_blocks * C, like=model.W_E)
+            >>> _ = model(prompt, mask, kv_cache=cache, pass_name="encoder")        # columns [0, P)
+            >>> logits = model(canvas, mask, kv_cache=cache, window_start=P, pass_name="decoder",
+            ...                self_conditioning_logits=previous)                  # [1 C vocab]
         """
         if return_type not in ("logits", "loss", None):
             raise ValueError(f"return_type must be 'logits', 'loss' or None, got {return_type!r}")
@@ -147,7 +166,10 @@ class HookedDiffusionCore(KeepPropertyErrors, HookedRootModule):
                 f"attention_mask has shape {tuple(attention_mask.shape)} but tokens have shape "
                 f"{tuple(tokens.shape)}; pass one 0/1 entry per token."
             )
-        logits = self._logits(tokens, attention_mask, position_ids, kv_cache, window_start)
+        pass_name = self.cfg.resolve_pass(pass_name)
+        self._check_self_conditioning(tokens, pass_name, self_conditioning_logits)
+        logits = self._logits(tokens, attention_mask, position_ids, kv_cache, window_start, pass_name,
+                              self_conditioning_logits)
         if return_type == "logits":
             return logits
         if return_type == "loss":
@@ -161,15 +183,19 @@ class HookedDiffusionCore(KeepPropertyErrors, HookedRootModule):
         position_ids: Optional[Int[Tensor, "batch k_pos"]],
         kv_cache: Optional[KVCache] = None,
         window_start: int = 0,
+        pass_name: Optional[str] = None,
+        self_conditioning_logits: Optional[Float[Tensor, "batch pos d_vocab"]] = None,
     ) -> Float[Tensor, "batch pos d_vocab"]:
         """embed -> blocks -> ln_final -> unembed on checked tokens: every hook point fires below here.
 
         `tokens` are canvas columns [window_start, window_start + pos); `attention_mask` and
         `position_ids` cover every key column (the whole canvas: the input, or the cache's columns).
+        `pass_name` is resolved (`cfg.resolve_pass`).
         """
         queries = range(window_start, window_start + tokens.shape[1])
         n_keys = tokens.shape[1] if kv_cache is None else kv_cache.n_pos
-        masks = attention_masks_for(self.cfg, attention_mask, queries, n_keys, tokens.device)
+        masks = attention_masks_for(self.cfg, attention_mask, queries, n_keys, tokens.device,
+                                    self.cfg.attention_kinds(pass_name))
         if position_ids is None:  # renumbers padded rows where cfg.position_ids_mode asks for it
             position_ids = position_ids_for(self.cfg, attention_mask)
         tables: dict[int, tuple[Tensor, Tensor]] = {}  # per distinct Rotary (cfg.layer_rope)
@@ -188,14 +214,32 @@ class HookedDiffusionCore(KeepPropertyErrors, HookedRootModule):
         if not embedded.requires_grad and torch.is_grad_enabled() and self._activation_grads_requested():
             embedded.requires_grad_(True)  # every later activation is then differentiable
         resid = self.hook_embed(embedded)
+        if pass_name is not None and pass_name == self.cfg.self_conditioning_pass:
+            resid = self.self_conditioning(resid, self_conditioning_logits, self.embed.weight)
+        per_pass = {} if pass_name is None else {"pass_name": pass_name}  # gemma4 blocks only (cfg._validate)
         for layer, block in enumerate(self.blocks):
             kv = None if kv_cache is None else kv_cache.layer(layer)
-            resid = block(resid, masks[layer], tables[id(self.rotaries[layer])], kv, window_start)
+            resid = block(resid, masks[layer], tables[id(self.rotaries[layer])], kv, window_start, **per_pass)
         logits = self.unembed(self.ln_final(resid))
         if self.cfg.final_logit_softcap is not None:
             cap = self.cfg.final_logit_softcap
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+    def _check_self_conditioning(self, tokens: Tensor, pass_name: Optional[str], logits: Optional[Tensor]) -> None:
+        """Self-conditioning logits need the pass that reads them, and one row per token."""
+        if logits is None:
+            return
+        if self.cfg.self_conditioning_pass is None or pass_name != self.cfg.self_conditioning_pass:
+            raise ValueError(
+                f"self_conditioning_logits are read only by the self-conditioning pass "
+                f"(cfg.self_conditioning_pass={self.cfg.self_conditioning_pass!r}); this forward runs pass "
+                f"{pass_name!r}. Pass pass_name={self.cfg.self_conditioning_pass!r}, or drop the logits."
+            )
+        expected = (*tokens.shape, self.cfg.d_vocab_out)
+        if tuple(logits.shape) != expected:
+            raise ValueError(f"self_conditioning_logits have shape {list(logits.shape)}; the input needs "
+                             f"[batch pos d_vocab] = {list(expected)} (the previous step's logits of these tokens).")
 
     def _check_window(self, tokens: Tensor, attention_mask, position_ids, kv_cache: KVCache, window_start: int) -> None:
         """A windowed forward must fit its cache, and its mask / positions must cover the whole canvas."""

@@ -6,7 +6,8 @@ from diffusion_lens.core.components.gemma4 import FusedExperts, Gemma4Block, Gem
 from diffusion_lens.core.components.mlp import GatedMLP
 from diffusion_lens.core.components.norm import RMSNorm
 from diffusion_lens.core.components.rotary import Rotary, layer_rotaries, position_ids_for
+from diffusion_lens.core.components.self_conditioning import SelfConditioning
 
 __all__ = ["Attention", "FusedExperts", "GatedMLP", "Gemma4Block", "Gemma4FeedForward", "RMSNorm", "Rotary",
-           "TransformerBlock", "attention_mask_for", "attention_masks_for", "build_block", "layer_kind_mask",
+           "SelfConditioning", "TransformerBlock", "attention_mask_for", "attention_masks_for", "build_block", "layer_kind_mask",
            "layer_rotaries", "position_ids_for"]

@@ -1,5 +1,6 @@
 """Multi-head attention (MHA or GQA) with TransformerLens hook points, and its masks (padding and
-per-layer kinds: bidirectional, causal, block-causal, sliding window).
+per-layer kinds: bidirectional, causal, block-causal, sliding window, and the window-relative
+prefix kinds of a decoder pass reading a cache).
 
 The fast path is `scaled_dot_product_attention`; the explicit path (scores, softmax, pattern) runs
 only when `hook_attn_scores` or `hook_pattern` has a hook, e.g. while they are being cached.
@@ -61,7 +62,8 @@ def layer_kind_mask(
     """Which keys (canvas columns 0..n_keys-1) the queries at canvas columns `queries` may attend in a
     layer of `kind` (bounds on `DiffusionConfig.layer_attention`); None for bidirectional.
 
-    Queries are absolute columns, so a windowed forward gets exactly its [window canvas] rows.
+    Queries are absolute columns, so a windowed forward gets exactly its [window canvas] rows; the
+    `window_*` kinds are relative to the window `queries` itself (every query row is the same).
 
     Example:
         >>> layer_kind_mask(cfg, "causal", range(1, 3), 3, "cpu")   # columns 1, 2 of a 3-column canvas
@@ -80,6 +82,10 @@ def layer_kind_mask(
         return (a <= q) & (a > q - cfg.sliding_window)
     if kind == "sliding":
         return (a - q).abs() <= cfg.sliding_window
+    if kind == "window_prefix":
+        return (a < queries.stop).expand(len(queries), n_keys)
+    if kind == "window_sliding_prefix":
+        return ((a < queries.stop) & (a >= queries.start - (cfg.sliding_window - 1))).expand(len(queries), n_keys)
     raise ValueError(f"Unknown attention kind {kind!r}; DiffusionConfig.layer_attention takes {AttentionKind.__args__}.")
 
 
@@ -89,9 +95,11 @@ def attention_masks_for(
     queries: range,
     n_keys: int,
     device: Union[torch.device, str],
+    kinds: Optional[tuple[str, ...]] = None,
 ) -> list[AttentionMask]:
     """One mask per layer for the queries at canvas columns `queries` over keys 0..n_keys-1: the
-    padding mask (`attention_mask_for`) AND the layer's kind (`cfg.layer_attention`).
+    padding mask (`attention_mask_for`) AND the layer's kind (`kinds`, default `cfg.layer_attention`;
+    a pass's are `cfg.attention_kinds(pass_name)`).
 
     Each distinct kind's mask is built once per forward and shared by its layers; with every layer
     bidirectional and no padding to mask, no mask tensor is built at all (SDPA's fast path).
@@ -101,16 +109,17 @@ def attention_masks_for(
         >>> [None if m is None else tuple(m.shape) for m in masks]    # e.g. [None, (1, 1, 8, 24)]
     """
     padding = attention_mask_for(cfg, padding_mask, queries)
-    if cfg.layer_attention is None:
+    kinds = cfg.layer_attention if kinds is None else kinds
+    if kinds is None:
         return [padding] * cfg.n_layers
     by_kind: dict[str, AttentionMask] = {}
-    for kind in dict.fromkeys(cfg.layer_attention):
+    for kind in dict.fromkeys(kinds):
         layer = layer_kind_mask(cfg, kind, queries, n_keys, device)
         if layer is None or padding is None:
             by_kind[kind] = padding if layer is None else layer[None, None]
         else:
             by_kind[kind] = padding & layer
-    return [by_kind[kind] for kind in cfg.layer_attention]
+    return [by_kind[kind] for kind in kinds]
 
 
 class Attention(nn.Module):

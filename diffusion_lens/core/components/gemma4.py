@@ -6,7 +6,7 @@ dense MLP and a mixture of experts in parallel in every layer, the residual time
     routing    = top-k of softmax(router.proj(rms(resid_mid) * router.scale * d_model^-1/2)), renormalised
                  over the k chosen, times router.per_expert_scale[e]
     moe        = mlp.ln_moe_out(sum_k routing_k * expert_k(mlp.ln_moe_in(resid_mid)))
-    resid_post = (resid_mid + mlp.ln_out(dense + moe)) * <cfg.active_pass>_layer_scalar
+    resid_post = (resid_mid + mlp.ln_out(dense + moe)) * <pass>_layer_scalar  (the forward's pass_name)
 
 Norms multiply their weight as stored (no `1 + w`), in fp32 when `cfg.norm_weight_in_fp32`. Experts
 are fused tensors as in the checkpoint: `experts.gate_up_proj` [n_experts 2*d_expert_mlp d_model]
@@ -161,7 +161,7 @@ class Gemma4Block(nn.Module):
     """Layer `layer` in the Gemma-4 layout (module docstring); hook points `blocks.{layer}.hook_*`.
 
     One persistent scalar buffer per `cfg.layer_scalar_passes` entry (`{pass}_layer_scalar`, [1]);
-    the forward applies `cfg.active_pass`'s.
+    the forward applies its `pass_name`'s (the model resolves None to `cfg.default_pass`).
 
     Example:
         >>> model.blocks[0].encoder_layer_scalar   # tensor([...]) on DiffusionGemma
@@ -190,16 +190,18 @@ class Gemma4Block(nn.Module):
         rope: tuple[Tensor, Tensor],
         kv: Optional[tuple[Tensor, Tensor]] = None,
         window_start: int = 0,
+        pass_name: Optional[str] = None,
     ) -> Float[Tensor, "batch pos d_model"]:
-        """resid_post = (resid_mid + mlp(resid_mid)) * scalar, resid_mid = resid_pre + ln_attn_out(attn(ln1(resid_pre))).
+        """resid_post = (resid_mid + mlp(resid_mid)) * scalar, resid_mid = resid_pre + ln_attn_out(attn(ln1(resid_pre))),
+        with `pass_name`'s scalar (None: no scalar, for a config without passes).
 
         Example:
-            >>> resid = model.blocks[0](model.hook_embed(model.embed(tokens)), None, rope)
+            >>> resid = model.blocks[0](model.hook_embed(model.embed(tokens)), None, rope, pass_name="encoder")
         """
         resid_pre = self.hook_resid_pre(resid_pre)
         attn_out = self.hook_attn_out(self.ln_attn_out(self.attn(self.ln1(resid_pre), mask, rope, kv, window_start)))
         resid_mid = self.hook_resid_mid(resid_pre + attn_out)
         resid_post = resid_mid + self.hook_mlp_out(self.mlp(resid_mid))
-        if self.cfg.active_pass is not None:
-            resid_post = resid_post * getattr(self, f"{self.cfg.active_pass}_layer_scalar")
+        if pass_name is not None:
+            resid_post = resid_post * getattr(self, f"{pass_name}_layer_scalar")
         return self.hook_resid_post(resid_post)
