@@ -14,6 +14,12 @@ from the same activations. A padded canvas passes its whole [batch n_pos] `atten
 `position_ids`, if any) to every forward, windowed ones included: the window's queries are masked
 and positioned as in the full forward, per layer (`DiffusionConfig.layer_attention`).
 
+A model with passes (`DiffusionConfig.layer_scalar_passes`, DiffusionGemma) shares one cache
+between them: its canvas is the prompt and every block (P + n_blocks * C columns); the encoder
+pass writes the prompt's and each committed block's columns, the decoder pass reads every column
+before its window (window-relative attention kinds) and the columns after a window are masked
+in both, so never-written zeros there are never read.
+
 Example:
     >>> cache = KVCache.empty(model.cfg, batch=1, n_pos=canvas.shape[1], like=model.W_E)
     >>> logits = model(canvas, kv_cache=cache)                      # full forward, fills the cache
