@@ -361,8 +361,8 @@ def load_pretrained(model_cls, name_or_path, *, dtype=None, device="cpu", adapte
     _apply_bias_sidecar(model, family, folder / BIAS_SIDECAR, device)
     model.adapter = family
     model.tokenizer = family.load_tokenizer(folder)
+    model.checkpoint_folder = folder  # before on_loaded: an adapter may read files beside config.json
     family.on_loaded(model)
-    model.checkpoint_folder = folder
     return model.eval().requires_grad_(False)
 
 

@@ -120,7 +120,7 @@ def resolve_sampler(model: HookedDiffusionCore, sampler: Optional[Sampler], opti
         except TypeError as error:  # name both kinds of keyword, so a typo of either is found
             raise TypeError(f"{error} generate's own options are {list(DRIVER_OPTIONS)}.") from None
     n_steps, length = sampler.n_steps(), sampler.response_length()
-    if n_steps > length:
+    if n_steps > length and "steps" in sampler.options():
         raise ValueError(
             f"steps={n_steps} is more than the response length ({length} positions): a step commits at least one "
             f"token, so {n_steps - length} forwards would be wasted. Pass steps<={length}, or a longer response "
@@ -177,20 +177,27 @@ class _Run:
             point.__dict__["state"] = state  # plain attribute: skips nn.Module.__setattr__
 
     def _model_forward(self, state: DenoisingState) -> Float[Tensor, "rows pos vocab"]:
-        """The model on `state.model_input`: plain, or under a KV cache either a full forward that
-        (re)fills the cache or a forward of `state.window` that reads every other column from it."""
+        """The model on `state.model_input` (in `state.pass_name`, with its self-conditioning logits):
+        plain, or under a KV cache either a full forward that (re)fills the cache or a forward of
+        `state.window` that reads every other column from it. A run whose first forward already
+        computes a window (`kv_cache="passes"`) gets a cache of the state's canvas width there."""
+        passes = {key: value for key, value in (("pass_name", state.pass_name),
+                                                ("self_conditioning_logits", state.self_conditioning_logits))
+                  if value is not None}
         if state.kv_cache is None:
-            return self.model(state.model_input, state.model_attention_mask)
+            return self.model(state.model_input, state.model_attention_mask, **passes)
+        rows, cfg, like = state.model_input.shape[0], self.model.cfg, self.model.embed.weight
         if state.window is None:
-            rows, n_pos = state.model_input.shape
-            cache = self.kv_cache
+            n_pos, cache = state.model_input.shape[1], self.kv_cache
             if cache is None or cache.batch != rows or cache.n_pos != n_pos:
-                cache = self.kv_cache = KVCache.empty(self.model.cfg, rows, n_pos, like=self.model.embed.weight)
-            return self.model(state.model_input, state.model_attention_mask, kv_cache=cache)
+                cache = self.kv_cache = KVCache.empty(cfg, rows, n_pos, like=like)
+            return self.model(state.model_input, state.model_attention_mask, kv_cache=cache, **passes)
         if self.kv_cache is None:
-            raise RuntimeError(f"Step {state.step} reads the KV cache, but no full forward of this run has built it.")
+            if state.kv_cache != "passes":
+                raise RuntimeError(f"Step {state.step} reads the KV cache, but no full forward of this run has built it.")
+            self.kv_cache = KVCache.empty(cfg, rows, state.n_pos, like=like)
         return self.model(state.model_input, state.model_attention_mask, kv_cache=self.kv_cache,
-                          window_start=state.window[0])
+                          window_start=state.window[0], **passes)
 
     def forward(self, state: DenoisingState) -> Float[Tensor, "rows pos vocab"]:
         self.publish(state)
@@ -397,7 +404,8 @@ def generate(
     return GenerationOutput(
         sequences=canvas,
         texts=texts,
-        trajectory=torch.stack(canvases) if return_trajectory and canvases else None,
+        # a sampler that ends before its last planned block (DiffusionGemma) yields a shorter final canvas
+        trajectory=torch.stack([c[:, : canvas.shape[1]] for c in canvases]) if return_trajectory and canvases else None,
         cache=recorder.cache if recorder is not None else None,
         response_start=response_start,
         attention_mask=full_mask,

@@ -17,7 +17,7 @@ from functools import cached_property
 from typing import Optional
 
 import torch
-from jaxtyping import Bool, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from diffusion_lens.core.deprecation import renamed_attribute
@@ -48,16 +48,22 @@ class DenoisingState:
     steps_in_block: int  # forwards of this block (an upper bound under an adaptive commit rule)
     canvas: Int[Tensor, "batch pos"]  # conditional canvas entering this step
     response_start: int  # width of the (left-padded) prompt: the response starts here in every row
-    mask_id: int
+    mask_id: Optional[int]  # None on a noise canvas (DiffusionGemma): no mask token, see `is_masked`
     attention_mask: Optional[Int[Tensor, "batch pos"]] = None  # 1 = real token; None = no padding
     previous_canvas: Optional[Int[Tensor, "batch pos"]] = None  # canvas entering the previous step
     # what the forward gets: canvas, or [canvas; uncond]; only the `window` columns in a KV-cached forward
     model_input: Optional[Int[Tensor, "rows computed_pos"]] = None
     model_attention_mask: Optional[Int[Tensor, "rows pos"]] = None
     n_copies: int = 1  # 2 under classifier-free guidance (`guidance`; conditional rows first)
-    kv_cache: Optional[str] = None  # the run's KV cache: "prefix" | "dual" | None (every forward full)
+    # the run's KV cache: "prefix" | "dual" | "passes" (one cache the encoder and decoder passes share,
+    # allocated at the run's first forward; every forward computes its `window`) | None (every forward full)
+    kv_cache: Optional[str] = None
     window: Optional[tuple[int, int]] = None  # canvas columns [start, stop) this forward computes; None = all
     cache_step: Optional[int] = None  # step whose full forward computed the cached keys / values read here
+    pass_name: Optional[str] = None  # the model pass this forward runs (`cfg.layer_scalar_passes`); None = default
+    # the previous step's logits fed back to the decoder (`cfg.self_conditioning_pass`); None = none
+    self_conditioning_logits: Optional[Float[Tensor, "rows computed_pos vocab"]] = None
+    # "masked" = undecided: the mask token's positions, or on a noise canvas the positions holding noise
     _is_masked: Optional[Bool[Tensor, "batch pos"]] = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ shapes
@@ -134,8 +140,13 @@ class DenoisingState:
     # ------------------------------------------------------------------ position masks [batch pos]
     @cached_property
     def is_masked(self) -> Bool[Tensor, "batch pos"]:
-        """Positions holding the mask token in the canvas entering this step (prompt included)."""
-        return self._is_masked if self._is_masked is not None else self.canvas == self.mask_id
+        """Undecided positions of the canvas entering this step: those holding the mask token (prompt
+        included) or, on a noise canvas (`mask_id` None), those holding noise (the sampler's `_is_masked`)."""
+        if self._is_masked is not None:
+            return self._is_masked
+        if self.mask_id is None:
+            raise ValueError("This state has no mask token and its sampler gave no undecided positions.")
+        return self.canvas == self.mask_id
 
     @cached_property
     def is_pad(self) -> Bool[Tensor, "batch pos"]:
@@ -172,8 +183,8 @@ class DenoisingState:
 
     @cached_property
     def newly_unmasked(self) -> Bool[Tensor, "batch pos"]:
-        """Positions the previous step unmasked (all False at step 0)."""
-        if self.previous_canvas is None:
+        """Positions the previous step unmasked (all False at step 0 and on a noise canvas)."""
+        if self.previous_canvas is None or self.mask_id is None:
             return torch.zeros_like(self.canvas, dtype=torch.bool)
         return (self.previous_canvas == self.mask_id) & ~self.is_masked
 
