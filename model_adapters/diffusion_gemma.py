@@ -35,10 +35,13 @@ are both read; `to_checkpoint_config` writes the loaded config.json back unchang
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 from diffusion_lens.checkpoints.adapters import KeyRule, ModelAdapter, register_adapter, unsupported
 from diffusion_lens.core.config import DiffusionConfig
+from diffusion_lens.denoising.samplers import EntropyBoundSampler
 
 # `DiffusionGemmaTextConfig` class defaults (reference §2.2) for the keys that do not describe sizes.
 TEXT_CONFIG_DEFAULTS = {
@@ -64,7 +67,9 @@ ENCODER_ATTENTION = {"sliding_attention": "sliding_causal", "full_attention": "c
 # Decoder attention per layer type (reference §5.3): the cached context before the (canvas) window,
 # truncated to W - 1 columns on sliding layers, and the whole window; nothing after it.
 DECODER_ATTENTION = {"sliding_attention": "window_sliding_prefix", "full_attention": "window_prefix"}
-ISSUE = "issue 13 (DiffusionGemma: its block-diffusion sampler)"
+# generation_config.json keys that are `EntropyBoundSampler` options (`sampler_config` holds the entropy bound)
+GENERATION_OPTIONS = ("max_new_tokens", "max_length", "max_denoising_steps", "t_min", "t_max", "stability_threshold",
+                      "confidence_threshold", "eos_token_id", "pad_token_id")
 
 _TEXT = "model.decoder"
 _LAYER = f"{_TEXT}.layers.{{l}}"
@@ -194,9 +199,24 @@ class DiffusionGemmaAdapter(ModelAdapter):
         """The loaded config.json, unchanged (nothing here edits the architecture)."""
         return dict(cfg.extra["checkpoint_config"])
 
-    def sampler(self, cfg: DiffusionConfig):
-        """Not yet: DiffusionGemma's block-diffusion sampler (uniform-noise canvas, encoder + decoder passes)."""
-        raise NotImplementedError(
-            "diffusion_gemma has no sampler yet, so generate() cannot run: the entropy-bound block sampler is "
-            f"{ISSUE}. The forward (pass_name='encoder' / 'decoder', over a KVCache) and its hooks work."
-        )
+    def on_loaded(self, model) -> None:
+        """Keep `generation_config.json` (the only source of EOS and pad, reference Q8) for `sampler`."""
+        path = Path(model.checkpoint_folder) / "generation_config.json"
+        if path.is_file():
+            model.cfg.extra["generation_config"] = json.loads(path.read_text())
+
+    def sampler(self, cfg: DiffusionConfig) -> EntropyBoundSampler:
+        """The entropy-bound block sampler with `generation_config.json`'s values over upstream's
+        defaults (reference §6.1); without that file no EOS stopping and no padding (Q8).
+
+        Example:
+            >>> model.adapter.sampler(model.cfg).max_denoising_steps   # 12 for the tiny fixture
+        """
+        given = dict(cfg.extra.get("generation_config", {}))
+        bound = given.pop("sampler_config", {}) or {}
+        options = {name: given[name] for name in GENERATION_OPTIONS if given.get(name) is not None}
+        if "entropy_bound" in bound:
+            options["entropy_bound"] = bound["entropy_bound"]
+        if isinstance(options.get("eos_token_id"), int):
+            options["eos_token_id"] = [options["eos_token_id"]]
+        return EntropyBoundSampler(canvas_length=cfg.extra["canvas_length"], **options)

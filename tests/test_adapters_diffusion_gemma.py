@@ -151,7 +151,7 @@ def test_both_config_layouts_give_the_fixture_geometry(name):
     assert adapter.to_config(no_global).layer_head_dims[-1] == 512  # the class default (reference Q2)
 
 
-def test_unsupported_values_and_generate_say_what_is_missing(gemma):
+def test_unsupported_values_say_what_is_missing_and_generate_runs(gemma):
     model, _, folder = gemma
     config = json.loads((folder / "config.json").read_text())
     adapter = get_adapter("diffusion_gemma")
@@ -162,8 +162,10 @@ def test_unsupported_values_and_generate_say_what_is_missing(gemma):
     untied = {**config, "tie_word_embeddings": False}
     with pytest.raises(ValueError, match="tie_word_embeddings=False"):
         adapter.to_config(untied)
-    with pytest.raises(NotImplementedError, match="issue 13"):
-        adapter.sampler(model.cfg)
+    C = model.cfg.extra["canvas_length"]  # generate runs the adapter's entropy-bound sampler (issue 13, part 3)
+    out = model.generate(torch.tensor([[2, 5, 6]]), chat=False, progress=False, seed=0, max_new_tokens=C,
+                         max_denoising_steps=2)
+    assert out.sequences.shape == (1, 3 + C) and out.n_forwards <= 3
 
 
 def test_loading_reads_every_text_key_and_keeps_both_layer_scalar_sets(gemma):
@@ -331,5 +333,5 @@ def test_branch_and_per_expert_hooks_add_up_and_views_explain_themselves(gemma):
         with pytest.raises(AttributeError, match="different head dims"):
             model.W_Q
     assert model.blocks[-1].attn.v_proj is None and torch.equal(model.blocks[-1].attn.W_V, model.blocks[-1].attn.W_K)
-    with pytest.raises(NotImplementedError, match="issue 13"):
-        model.generate(enc.input_ids[:1])
+    generated = model.generate(enc.input_ids[:1], chat=False, progress=False, seed=0, max_denoising_steps=1)
+    assert generated.sequences[:, : enc.input_ids.shape[1]].equal(enc.input_ids[:1])

@@ -1,0 +1,138 @@
+"""Issue 13 (part 3): DiffusionGemma's entropy-bound block sampler through `generate`.
+
+Every `golden_generate` run of both fixtures (tests/fixtures/README-diffusion-gemma.md), replayed
+under its seed from the global RNG as upstream's, is token-exact: the sequences, the committed
+(finalized) blocks, and per decoder step the noisy canvas the decoder read, the undecided
+positions (the previous step's rejected ones), the re-noised canvas, the argmax (through the fed-back
+self-conditioning logits) and where the rows' finished flags end each block. Batched, left-padded
+runs are among them. The pure helpers (temperature, entropy, acceptance, stopping, finalization)
+are checked against the reference's formulas.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from diffusion_lens import HookedDiffusionTransformer
+from diffusion_lens.denoising.samplers import EntropyBoundSampler
+from diffusion_lens.denoising.samplers.diffusion_gemma import (
+    categorical_entropy, entropy_bound_accept, finalize_block, stable_and_confident, temperature,
+)
+from tests._diffusion_gemma import RUNS, entropy_bound_accept as reference_accept, planned_blocks, read_runs
+from tests.conftest import FIXTURES
+
+GEMMA = ["diffusion-gemma-tiny", "diffusion-gemma-tiny-dense"]
+
+
+@pytest.fixture(scope="module", params=GEMMA)
+def gemma(request):
+    folder = FIXTURES / request.param
+    return HookedDiffusionTransformer.from_pretrained(folder), read_runs(folder)
+
+
+def _generate(model, run):
+    """`run` through `model.generate`, seeded like upstream (global RNG), every state recorded."""
+    kwargs = run.generate_kwargs()
+    bound = kwargs.pop("sampler_config", None)
+    if bound is not None:
+        kwargs["entropy_bound"] = bound["entropy_bound"]
+    torch.manual_seed(run.seed)
+    return model.generate(run.prompt_ids, attention_mask=run.attention_mask, chat=False, progress=False,
+                          record=True, **kwargs)
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_every_golden_run_is_token_exact(gemma, name):
+    model, golden = gemma
+    run = golden.runs[name]
+    out = _generate(model, run)
+    assert out.sequences.equal(run.sequences)
+    C = model.cfg.extra["canvas_length"]
+    P = run.prompt_ids.shape[1]
+    assert out.sequences[:, P:].equal(torch.cat(list(run.blocks), 1))
+    assert run.n_blocks <= planned_blocks(run, C, P)
+
+    encoder = [s for s in out.states if s.pass_name == "encoder"]
+    decoder = [s for s in out.states if s.pass_name == "decoder"]
+    assert [s.window for s in encoder] == [(0, P)] + [(P + k * C, P + (k + 1) * C) for k in range(run.n_blocks - 1)]
+    assert len(decoder) == run.n_steps == len(out.states) - run.n_blocks == out.n_forwards - run.n_blocks
+    trajectory = {s.step: canvas for s, canvas in zip(out.states, out.trajectory)}
+    trace = run.trace
+    for s, state in enumerate(decoder):
+        block = int(trace.block[s])
+        cols = slice(P + block * C, P + (block + 1) * C)
+        assert state.block == block and state.window == (cols.start, cols.stop)
+        assert state.model_input.equal(run.canvas_read(s)) and state.canvas[:, cols].equal(run.canvas_read(s))
+        first = s == run.steps_of_block(block)[0]
+        assert bool(trace.has_self_conditioning[s]) == (state.self_conditioning_logits is not None)
+        undecided = torch.ones_like(trace.accepted_mask[s]) if first else ~trace.accepted_mask[s - 1]
+        assert state.is_masked[:, cols].equal(undecided) and not state.is_masked[:, :cols.start].any()
+        last = s == run.steps_of_block(block)[-1]
+        ran = s - run.steps_of_block(block)[0] + 1
+        assert last == (bool(trace.finished[s].all()) or ran == run.effective_config["max_denoising_steps"])
+        if last:
+            assert trajectory[state.step][:, cols].equal(run.blocks[block])
+            continue
+        moving = ~run.finished_before(s)  # rows stopped earlier keep their canvas
+        assert trajectory[state.step][moving][:, cols].equal(trace.renoised[s][moving])
+        assert decoder[s + 1].self_conditioning_logits.argmax(-1).equal(trace.argmax[s])
+
+
+def test_the_adapter_reads_generation_config(gemma):
+    model, golden = gemma
+    sampler = model.adapter.sampler(model.cfg)
+    config = golden.generation_config
+    assert isinstance(sampler, EntropyBoundSampler) and sampler.canvas_length == model.cfg.extra["canvas_length"]
+    assert (sampler.max_new_tokens, sampler.max_denoising_steps) == (config["max_new_tokens"], config["max_denoising_steps"])
+    assert (sampler.eos_token_id, sampler.pad_token_id) == (config["eos_token_id"], config["pad_token_id"])
+    assert sampler.entropy_bound == config["sampler_config"]["entropy_bound"]
+    assert not sampler.fixed_steps() and sampler.n_steps() == sampler.n_blocks() * (sampler.max_denoising_steps + 1)
+    bare = copy.copy(model.cfg)
+    bare.extra = {"canvas_length": model.cfg.extra["canvas_length"]}  # a checkpoint without generation_config.json
+    without = model.adapter.sampler(bare)
+    assert (without.eos_token_id, without.pad_token_id, without.max_denoising_steps) == (None, None, 48)  # Q8
+
+
+def test_hooks_see_encoder_and_decoder_steps(gemma):
+    model, golden = gemma
+    run = golden.runs["single_default"]
+    seen = []
+    model.generate(run.prompt_ids, chat=False, progress=False, max_new_tokens=run.kwargs["max_new_tokens"],
+                   max_denoising_steps=2, hooks=[("blocks.0.hook_resid_post",
+                                                  lambda act, hook: seen.append((hook.state.pass_name, act.shape[1])))])
+    C, P = model.cfg.extra["canvas_length"], run.prompt_ids.shape[1]
+    assert seen[:4] == [("encoder", P), ("decoder", C), ("decoder", C), ("encoder", C)]
+
+
+def test_helpers_follow_the_reference():
+    assert torch.allclose(temperature(12, 12, 0.4, 0.8), torch.tensor(0.8))
+    assert temperature(1, 12, 0.4, 0.8) > 0.4  # never reaches t_min (Q5)
+    logits = torch.randn(3, 5, 11)
+    expected = torch.distributions.Categorical(logits=logits).entropy()
+    assert categorical_entropy(logits).equal(expected)
+    entropy = torch.rand(4, 16)
+    assert entropy_bound_accept(entropy, 0.3).equal(reference_accept(entropy, 0.3))
+    assert entropy_bound_accept(entropy, 1e-9).sum(-1).eq(1).all()  # the lowest entropy is always accepted
+    argmax = torch.tensor([[1, 2], [3, 4]])
+    sharp = torch.nn.functional.one_hot(argmax, 6).float() * 100
+    stop, history = stable_and_confident(argmax, sharp, None, 1, 0.005)
+    assert not stop.any()
+    stop, _ = stable_and_confident(argmax, sharp, history, 1, 0.005)
+    assert stop.all()
+    seq = torch.tensor([[9, 5, 7, 5, 3], [9, 4, 4, 4, 4]])
+    padded, done = finalize_block(seq, torch.tensor([False, False]), 4, [7], 0, None)
+    assert padded.tolist() == [[9, 5, 7, 0, 0], [9, 4, 4, 4, 4]] and done.tolist() == [True, False]
+    padded, done = finalize_block(seq, torch.tensor([False, True]), 4, None, 0, 5)
+    assert padded.tolist() == [[9, 5, 7, 5, 3], [9, 0, 0, 0, 0]] and done.all()
+
+
+def test_bad_options_say_what_is_wrong():
+    with pytest.raises(ValueError, match="t_max > t_min|0 <= t_min < t_max"):
+        EntropyBoundSampler(t_min=0.5, t_max=0.4)
+    with pytest.raises(ValueError, match="max_denoising_steps=0 must be a positive int"):
+        EntropyBoundSampler(max_denoising_steps=0)
+    with pytest.raises(TypeError, match="has no option 'top_k'"):
+        EntropyBoundSampler().with_options(top_k=5)
