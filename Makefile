@@ -41,3 +41,4 @@ bench: setup
 	$(PY) bench/steering.py
 	$(PY) bench/fast_dllm.py
 	$(PY) bench/steering_cache.py --threads 1
+	$(PY) bench/diffusion_gemma.py
