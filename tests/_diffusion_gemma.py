@@ -368,3 +368,20 @@ def planned_blocks(run: GoldenRun, canvas_length: int, prompt_len: int) -> int:
     if cfg["max_length"] is not None and new == 256:
         new = cfg["max_length"] - prompt_len
     return math.ceil(new / canvas_length)
+
+
+def randomize_weights(reference: torch.nn.Module, generator: torch.Generator, self_conditioning_divisor: float = 1.0) -> None:
+    """Fill a transformers `DiffusionGemmaForBlockDiffusion` with random weights, in place, like the fixtures:
+    1-D tensors 1 + 0.2 N (q/k norms halved), embeddings N, matrices N / sqrt(fan_in); the self-conditioning
+    `down_proj` further divided by `self_conditioning_divisor` (the fixtures use 10: a contractive loop)."""
+    with torch.no_grad():
+        for name, tensor in [*reference.named_parameters(), *reference.named_buffers()]:
+            if name.endswith("inv_freq") or "embed_scale" in name:
+                continue
+            noise = torch.randn(tensor.shape, generator=generator)
+            if tensor.ndim == 1:
+                scale = 0.5 if ("q_norm" in name or "k_norm" in name) else 1.0
+                tensor.copy_(scale * (1 + 0.2 * noise))
+            else:
+                divisor = self_conditioning_divisor if "self_conditioning.down_proj" in name else 1
+                tensor.copy_(noise / (1 if "embed" in name else math.sqrt(tensor.shape[-1])) / divisor)

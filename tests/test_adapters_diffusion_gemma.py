@@ -22,7 +22,7 @@ from diffusion_lens.checkpoints.adapters import detect_adapter, get_adapter
 from diffusion_lens.core.components import FusedExperts, GatedMLP, RMSNorm, Rotary
 from diffusion_lens.core.config import DiffusionConfig
 from diffusion_lens.core.kv_cache import KVCache
-from tests._diffusion_gemma import read_config, read_forward
+from tests._diffusion_gemma import randomize_weights, read_config, read_forward
 from tests.conftest import FIXTURES
 
 ATOL = RTOL = 1e-4
@@ -283,16 +283,7 @@ def test_encoder_matches_transformers_on_a_fresh_random_config(tmp_path):
     config = DiffusionGemmaConfig(text_config=text, vision_config=vision, canvas_length=8)
     generator = torch.Generator().manual_seed(1313)
     reference = DiffusionGemmaForBlockDiffusion(config).eval()
-    with torch.no_grad():
-        for name, tensor in [*reference.named_parameters(), *reference.named_buffers()]:
-            if name.endswith("inv_freq") or "embed_scale" in name:
-                continue
-            noise = torch.randn(tensor.shape, generator=generator)
-            if tensor.ndim == 1:
-                scale = 0.5 if ("q_norm" in name or "k_norm" in name) else 1.0
-                tensor.copy_(scale * (1 + 0.2 * noise))
-            else:
-                tensor.copy_(noise / (1 if "embed" in name else math.sqrt(tensor.shape[-1])))
+    randomize_weights(reference, generator)
     reference.save_pretrained(tmp_path)
     model = HookedDiffusionTransformer.from_pretrained(tmp_path)
     assert model.cfg.layer_rope[-1]["kind"] == "proportional" and model.cfg.layer_head_dims[-1] == 24  # forced full

@@ -12,7 +12,6 @@ included); the decoder's own cache writes shown harmless; and a live comparison 
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ from diffusion_lens import HookedDiffusionTransformer
 from diffusion_lens.core.components import attention_masks_for, layer_kind_mask
 from diffusion_lens.core.config import DiffusionConfig
 from diffusion_lens.core.kv_cache import KVCache
-from tests._diffusion_gemma import read_config, read_forward
+from tests._diffusion_gemma import randomize_weights, read_config, read_forward
 from tests.conftest import FIXTURES
 
 ATOL = RTOL = 1e-4
@@ -285,17 +284,7 @@ def test_passes_match_transformers_on_a_fresh_random_config(tmp_path):
     config = DiffusionGemmaConfig(text_config=text, vision_config=vision, canvas_length=C)
     generator = torch.Generator().manual_seed(2613)
     reference = DiffusionGemmaForBlockDiffusion(config).eval()
-    with torch.no_grad():
-        for name, tensor in [*reference.named_parameters(), *reference.named_buffers()]:
-            if name.endswith("inv_freq") or "embed_scale" in name:
-                continue
-            noise = torch.randn(tensor.shape, generator=generator)
-            if tensor.ndim == 1:
-                scale = 0.5 if ("q_norm" in name or "k_norm" in name) else 1.0
-                tensor.copy_(scale * (1 + 0.2 * noise))
-            else:
-                divisor = 10 if "self_conditioning.down_proj" in name else 1
-                tensor.copy_(noise / (1 if "embed" in name else math.sqrt(tensor.shape[-1])) / divisor)
+    randomize_weights(reference, generator, self_conditioning_divisor=10)
     reference.save_pretrained(tmp_path)
     model = HookedDiffusionTransformer.from_pretrained(tmp_path)
 

@@ -33,7 +33,8 @@ import torch
 
 from diffusion_lens import HookedDiffusionTransformer, plot
 from diffusion_lens.evals import masked_kl, refusal_rate
-from diffusion_lens.steering import Directions, ablate, add, mean_difference, select_direction, sensitivity
+from diffusion_lens import steering
+from diffusion_lens.steering import Directions, ablate, add, mean_difference, select_direction
 from diffusion_lens.studies.tiny_refusal import generate_dataset, prompts
 
 POSITION_TYPES = {"pre_instruction": "pre_instruction", "post_instruction": "post_instruction", "response_mean": "mean_response"}
@@ -195,7 +196,7 @@ def _full_study(study: Study, results: dict, selection, best_label: str, ablatio
     results["transfer"] = transfer
 
     log("6/6 layer x step-window sensitivity (one layer and one step window at a time; unseen prompts)")
-    sens = sensitivity(
+    sens = steering.sensitivity(
         model, best["direction"], _both(study.unseen["harmful"]), over=("layers", "steps"), window=size.step_window,
         batch_size=size.batch_size, generate_kwargs=study.generate_kwargs,
     )
