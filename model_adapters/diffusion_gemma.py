@@ -158,6 +158,7 @@ class DiffusionGemmaAdapter(ModelAdapter):
             v_norm=True, mlp_act="gelu_tanh", block_layout="gemma4", layer_scalar_passes=("encoder", "decoder"),
             default_pass="encoder", self_conditioning_pass="decoder", embed_scale=math.sqrt(c["hidden_size"]),
             final_logit_softcap=c["final_logit_softcapping"],
+            logits_in_fp32=True,  # §4.6: fp32(y @ E^T), then the softcap
             layer_attention=tuple(ENCODER_ATTENTION[t] for t in types),
             pass_layer_attention={"encoder": tuple(ENCODER_ATTENTION[t] for t in types),
                                   "decoder": tuple(DECODER_ATTENTION[t] for t in types)},

@@ -95,7 +95,8 @@ def test_padded_forward_matches_golden(loaded):
 def expected_hook_shapes(cfg: DiffusionConfig, batch: int, n_pos: int) -> dict[str, tuple]:
     d, h, kv, dh = cfg.d_model, cfg.n_heads, cfg.n_key_value_heads, cfg.d_head
     resid, scale = (batch, n_pos, d), (batch, n_pos, 1)
-    shapes = {"hook_embed": resid, "ln_final.hook_scale": scale, "ln_final.hook_normalized": resid}
+    shapes = {"hook_embed": resid, "ln_final.hook_scale": scale, "ln_final.hook_normalized": resid,
+              "hook_unembed_in": resid}
     for layer in range(cfg.n_layers):
         b = f"blocks.{layer}"
         shapes.update({

@@ -95,6 +95,7 @@ class DiffusionConfig:
     self_conditioning_pass: Optional[str] = None
     embed_scale: Optional[float] = None  # embeddings times this (cast to the weight dtype); None = 1 (Gemma: sqrt(d_model))
     final_logit_softcap: Optional[float] = None  # logits = c * tanh(logits / c); None = no softcap
+    logits_in_fp32: bool = False  # the LM head's output cast to fp32 before the softcap (Gemma-4)
 
     # Attention-mask semantics for a [batch pos] padding mask (1 = real token):
     #   key_padding         padded keys are masked, all queries computed (LLaDA, current HF file)

@@ -26,7 +26,7 @@ from diffusion_lens.core.components import (
 )
 from diffusion_lens.core.components.errors import KeepPropertyErrors
 from diffusion_lens.core.config import DiffusionConfig
-from diffusion_lens.core.hook_lists import flatten_hooks, is_glob, name_filter, no_match_message
+from diffusion_lens.core.hook_lists import HookName, flatten_hooks, is_glob, name_filter, no_match_message
 from diffusion_lens.core.kv_cache import KVCache
 
 TextInput = Union[str, Sequence[str]]
@@ -82,12 +82,16 @@ class HookedDiffusionCore(KeepPropertyErrors, HookedRootModule):
         if cfg.self_conditioning_pass is not None:  # the pass input's MLP (cfg.self_conditioning_pass)
             self.self_conditioning = SelfConditioning(cfg)
         self.ln_final = RMSNorm(cfg.d_model, cfg.norm_eps, weight_in_fp32=cfg.norm_weight_in_fp32)
+        # [batch pos d_model] what the LM head reads: ln_final's output (its weight applied)
+        self.hook_unembed_in = HookPoint()
         self.unembed = nn.Linear(cfg.d_model, cfg.d_vocab_out, bias=False)
         if cfg.tie_word_embeddings:
             self.unembed.weight = self.embed.weight
         self.setup()
         for point in self.hook_dict.values():  # `hook.state`: the DenoisingState during generate, else None
             point.state = None
+            point.pass_name = cfg.default_pass  # the pass running (`_publish_pass`); None on one-pass models
+        self._published_pass = cfg.default_pass
         if self.embed.weight.dtype != cfg.dtype:
             self.to(cfg.dtype)
         self._sync_cfg()
@@ -134,7 +138,8 @@ class HookedDiffusionCore(KeepPropertyErrors, HookedRootModule):
         `cfg.position_ids_mode == "renumber_padded"` (Dream).
         `return_type="loss"` gives the masked-diffusion loss: cross-entropy of `targets` at the
         positions holding the mask token, weighted by `loss_weights` (e.g. 1/t in LLaDA's SFT
-        objective) and averaged over those positions. `return_type=None` runs hooks only.
+        objective) and averaged over those positions. `return_type=None` runs every hook point and skips
+        only the LM head (the [pos d_vocab] product): a forward run for its KV cache or its activations.
         With `kv_cache=` (a `KVCache` of the whole canvas) the input is a window of the canvas,
         columns [window_start, window_start + pos): only those positions are computed (the hook
         points see them alone), their keys and values are written into the cache and every other
@@ -144,7 +149,9 @@ class HookedDiffusionCore(KeepPropertyErrors, HookedRootModule):
         canvas columns, keys every column, and each layer's mask is its attention kind AND the
         padding mask.
         `pass_name` picks one of the config's passes (`cfg.layer_scalar_passes`; None runs
-        `cfg.default_pass`): its layer scalars and its attention kinds (`cfg.attention_kinds`).
+        `cfg.default_pass`): its layer scalars and its attention kinds (`cfg.attention_kinds`). Every
+        hook point carries the pass running as `hook.pass_name` (None on a one-pass model), so a hook
+        scheduled with `H.at(..., passes=)` selects by pass in plain forwards as in `generate`.
         `self_conditioning_logits` [batch pos d_vocab] (the previous step's) feed the
         self-conditioning of `cfg.self_conditioning_pass`; None there means no signal.
 
@@ -168,8 +175,9 @@ class HookedDiffusionCore(KeepPropertyErrors, HookedRootModule):
             )
         pass_name = self.cfg.resolve_pass(pass_name)
         self._check_self_conditioning(tokens, pass_name, self_conditioning_logits)
+        self._publish_pass(pass_name)
         logits = self._logits(tokens, attention_mask, position_ids, kv_cache, window_start, pass_name,
-                              self_conditioning_logits)
+                              self_conditioning_logits, unembed=return_type is not None)
         if return_type == "logits":
             return logits
         if return_type == "loss":
@@ -185,12 +193,14 @@ class HookedDiffusionCore(KeepPropertyErrors, HookedRootModule):
         window_start: int = 0,
         pass_name: Optional[str] = None,
         self_conditioning_logits: Optional[Float[Tensor, "batch pos d_vocab"]] = None,
-    ) -> Float[Tensor, "batch pos d_vocab"]:
+        unembed: bool = True,
+    ) -> Optional[Float[Tensor, "batch pos d_vocab"]]:
         """embed -> blocks -> ln_final -> unembed on checked tokens: every hook point fires below here.
 
         `tokens` are canvas columns [window_start, window_start + pos); `attention_mask` and
         `position_ids` cover every key column (the whole canvas: the input, or the cache's columns).
-        `pass_name` is resolved (`cfg.resolve_pass`).
+        `pass_name` is resolved (`cfg.resolve_pass`). `unembed=False` returns None after
+        `hook_unembed_in` (no LM head).
         """
         queries = range(window_start, window_start + tokens.shape[1])
         n_keys = tokens.shape[1] if kv_cache is None else kv_cache.n_pos
@@ -220,11 +230,23 @@ class HookedDiffusionCore(KeepPropertyErrors, HookedRootModule):
         for layer, block in enumerate(self.blocks):
             kv = None if kv_cache is None else kv_cache.layer(layer)
             resid = block(resid, masks[layer], tables[id(self.rotaries[layer])], kv, window_start, **per_pass)
-        logits = self.unembed(self.ln_final(resid))
+        final = self.hook_unembed_in(self.ln_final(resid))
+        if not unembed:
+            return None
+        logits = self.unembed(final)
+        if self.cfg.logits_in_fp32:
+            logits = logits.float()
         if self.cfg.final_logit_softcap is not None:
             cap = self.cfg.final_logit_softcap
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+    def _publish_pass(self, pass_name: Optional[str]) -> None:
+        """Set `hook.pass_name` on every hook point when the forward's pass differs from the last one's."""
+        if pass_name != self._published_pass:
+            for point in self.hook_dict.values():
+                point.__dict__["pass_name"] = pass_name  # plain attribute: skips nn.Module.__setattr__
+            self._published_pass = pass_name
 
     def _check_self_conditioning(self, tokens: Tensor, pass_name: Optional[str], logits: Optional[Tensor]) -> None:
         """Self-conditioning logits need the pass that reads them, and one row per token."""
@@ -390,8 +412,9 @@ class HookedDiffusionCore(KeepPropertyErrors, HookedRootModule):
 
     def add_hook(self, name, hook, dir="fwd", is_permanent=False, level=None, prepend=False):
         """TransformerLens `add_hook`; `name` may also be a glob, and a name, glob or filter that
-        selects no hook point raises a KeyError."""
-        self.hook_names(name)
+        selects no hook point raises a KeyError, and so does a scheduled hook (`H.at`) naming a pass
+        this model does not run."""
+        self._check_hook(name, hook)
         super().add_hook(name_filter(name), hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
 
     def remove_all_hook_fns(self, direction="both", including_permanent=False, level=None):
@@ -414,9 +437,17 @@ class HookedDiffusionCore(KeepPropertyErrors, HookedRootModule):
             ...     logits = model(tokens)
         """
         fwd, bwd = flatten_hooks(fwd_hooks, "fwd_hooks"), flatten_hooks(bwd_hooks, "bwd_hooks")
-        for name, _ in [*fwd, *bwd]:
-            self.hook_names(name)
+        for name, fn in [*fwd, *bwd]:
+            self._check_hook(name, fn)
         return super().hooks(fwd, bwd, reset_hooks_end, clear_contexts)
+
+    def _check_hook(self, name: HookName, fn) -> None:
+        """Raise before installing when `name` selects no hook point or a scheduled hook (`H.at`, which
+        keeps its request as `fn.schedule`) names a pass this model does not run."""
+        self.hook_names(name)
+        check_passes = getattr(getattr(fn, "schedule", None), "check_passes", None)
+        if check_passes is not None:
+            check_passes(self.cfg.layer_scalar_passes)
 
     def run_with_cache(
         self,

@@ -176,30 +176,33 @@ class _Run:
         for point in self.points:
             point.__dict__["state"] = state  # plain attribute: skips nn.Module.__setattr__
 
-    def _model_forward(self, state: DenoisingState) -> Float[Tensor, "rows pos vocab"]:
-        """The model on `state.model_input` (in `state.pass_name`, with its self-conditioning logits):
+    def _model_forward(self, state: DenoisingState) -> Optional[Float[Tensor, "rows pos vocab"]]:
+        """The model on `state.model_input` (in `state.pass_name`, with its self-conditioning logits;
+        None without the LM head when the sampler does not need them and `capture_logits` does not ask):
         plain, or under a KV cache either a full forward that (re)fills the cache or a forward of
         `state.window` that reads every other column from it. A run whose first forward already
         computes a window (`kv_cache="passes"`) gets a cache of the state's canvas width there."""
-        passes = {key: value for key, value in (("pass_name", state.pass_name),
+        options = {key: value for key, value in (("pass_name", state.pass_name),
                                                 ("self_conditioning_logits", state.self_conditioning_logits))
                   if value is not None}
+        if not (state.needs_logits or state.step in self.capture):
+            options["return_type"] = None
         if state.kv_cache is None:
-            return self.model(state.model_input, state.model_attention_mask, **passes)
+            return self.model(state.model_input, state.model_attention_mask, **options)
         rows, cfg, like = state.model_input.shape[0], self.model.cfg, self.model.embed.weight
         if state.window is None:
             n_pos, cache = state.model_input.shape[1], self.kv_cache
             if cache is None or cache.batch != rows or cache.n_pos != n_pos:
                 cache = self.kv_cache = KVCache.empty(cfg, rows, n_pos, like=like)
-            return self.model(state.model_input, state.model_attention_mask, kv_cache=cache, **passes)
+            return self.model(state.model_input, state.model_attention_mask, kv_cache=cache, **options)
         if self.kv_cache is None:
             if state.kv_cache != "passes":
                 raise RuntimeError(f"Step {state.step} reads the KV cache, but no full forward of this run has built it.")
             self.kv_cache = KVCache.empty(cfg, rows, state.n_pos, like=like)
         return self.model(state.model_input, state.model_attention_mask, kv_cache=self.kv_cache,
-                          window_start=state.window[0], **passes)
+                          window_start=state.window[0], **options)
 
-    def forward(self, state: DenoisingState) -> Float[Tensor, "rows pos vocab"]:
+    def forward(self, state: DenoisingState) -> Optional[Float[Tensor, "rows pos vocab"]]:
         self.publish(state)
         if self.states is not None:
             self.states.append(state)
@@ -210,6 +213,8 @@ class _Run:
                 logits = self._model_forward(state)
         else:
             logits = self._model_forward(state)
+        if logits is None:
+            return None
         if state.step in self.capture:
             # conditional rows only; cloned because the sampler may edit logits in place
             self.logits[state.step] = logits[: state.batch].clone()
@@ -265,6 +270,7 @@ def check_hooks_fit(
         model.hook_names(name)
         schedule = getattr(fn, "schedule", None)
         if schedule is not None:
+            schedule.check_passes(model.cfg.layer_scalar_passes)
             schedule.check(n_steps, n_blocks, n_pos, batch, exact=exact, windows=windows, response_start=response_start)
     for reducer in reducers:
         reducer.check_run(model, n_steps)

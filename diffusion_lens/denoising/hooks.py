@@ -1,8 +1,8 @@
 """Denoising-aware scheduling of TransformerLens hook functions (`from diffusion_lens import hooks as H`).
 
-`H.at(name, fn, steps=..., denoise_blocks=..., positions=..., guidance=...)` wraps an ordinary hook
-function `fn(act, hook)` so that it runs only at some denoising steps / denoising blocks and
-changes only some canvas positions. It returns a `(name, hook_fn)` pair for
+`H.at(name, fn, steps=..., denoise_blocks=..., positions=..., guidance=..., passes=...)` wraps an
+ordinary hook function `fn(act, hook)` so that it runs only at some denoising steps / denoising
+blocks / model passes and changes only some canvas positions. It returns a `(name, hook_fn)` pair for
 `model.generate(hooks=[...])`, `model.run_with_hooks(fwd_hooks=[...])` or `model.hooks(...)`.
 
 Vocabulary: a *denoising block* is a semi-autoregressive block of the response (`denoise_blocks=`,
@@ -36,6 +36,12 @@ columns computed. Positions a forward does not compute are not touched by it: an
 prompt positions takes effect at each block's full forward (which builds the cache) and reaches the
 cached steps through the keys and values it changed. A scheduled hook whose steps compute none of
 its positions can never fire, and is refused before the run.
+
+Passes: a model that runs its weights in more than one pass (DiffusionGemma's causal "encoder" over
+the prompt and committed blocks, and its "decoder" over the noise canvas; `cfg.layer_scalar_passes`)
+publishes the pass of every forward as `hook.pass_name`, in `generate` and in plain forwards alike;
+`passes="decoder"` (or a list) runs the hook in those passes only. A pass the model does not run is
+an error when the hook is installed.
 
 Outside generation (a plain forward: `hook.state is None`) there is no step: `steps` /
 `denoise_blocks` filters do not apply (the hook runs, as it would at every step), because steering
@@ -90,6 +96,7 @@ class HookSchedule:
     denoise_blocks: Schedule = None
     positions: PositionScope = None
     guidance: str = "both"
+    passes: Optional[frozenset[str]] = None  # model passes the hook runs in (`hook.pass_name`); None = all
 
     blocks = renamed_attribute("blocks", "denoise_blocks", "HookSchedule")
     cfg = renamed_attribute("cfg", "guidance", "HookSchedule")
@@ -124,6 +131,21 @@ class HookSchedule:
                 "count from the end)."
             )
 
+    def check_passes(self, model_passes: Sequence[str]) -> None:
+        """Raise when `passes` names a pass the model does not run (`cfg.layer_scalar_passes`).
+
+        Example:
+            >>> fn.schedule.check_passes(("encoder", "decoder"))   # fine for passes="decoder"
+            >>> fn.schedule.check_passes(())                       # ValueError: ... runs one pass ...
+        """
+        if self.passes is None:
+            return
+        unknown = sorted(self.passes - set(model_passes))
+        if unknown:
+            runs = f"runs the passes {tuple(model_passes)}" if model_passes else "runs one pass (no passes= to select)"
+            raise ValueError(f"H.at({self.name!r}, passes={sorted(self.passes)}): this model {runs}; "
+                             f"{unknown} never run{'s' if len(unknown) == 1 else ''}.")
+
     def matches(self, state: DenoisingState) -> bool:
         """Whether the hook runs at this state's step and denoising block."""
         return _selected(self.steps, state.step, state.n_steps, state) and _selected(
@@ -139,9 +161,10 @@ def at(
     denoise_blocks: Schedule = None,
     positions: PositionScope = None,
     guidance: str = "both",
+    passes: Union[None, str, Sequence[str]] = None,
     **deprecated,
 ) -> tuple[HookName, HookFn]:
-    """Schedule hook function `fn` by denoising step, denoising block and canvas positions.
+    """Schedule hook function `fn` by denoising step, denoising block, model pass and canvas positions.
 
     Why: steering or patching "only the response, only in the first 8 steps" is one line, with
     the same `fn(act, hook)` you would give TransformerLens.
@@ -150,7 +173,8 @@ def at(
     response, not layers): an int, a range, a list/set of ints (negative = from the end of the
     run: `steps=-1` is the last step) or a callable of the `DenoisingState` (None = all).
     `positions`: canvas positions, see `diffusion_lens.denoising.positions`. `guidance`: which rows
-    under classifier-free guidance, "both" | "conditional" | "unconditional". The old keywords
+    under classifier-free guidance, "both" | "conditional" | "unconditional". `passes`: a pass name
+    or a list of them (`hook.pass_name`, e.g. DiffusionGemma's "encoder" / "decoder"). The old keywords
     `blocks=` / `cfg=` warn and still work for one release. The returned function carries the
     request as `.schedule` (a `HookSchedule`); `model.generate` checks it against the run before
     the first forward.
@@ -161,6 +185,7 @@ def at(
         >>> last = H.at("blocks.*.hook_resid_post", fn, steps=-1)              # the last step, any run length
         >>> second = H.at("blocks.*.hook_resid_post", fn, denoise_blocks=1)    # the 2nd semi-AR block
         >>> cond = H.at("blocks.1.hook_resid_post", fn, guidance="conditional") # conditional rows only
+        >>> dec = H.at("blocks.*.hook_resid_post", fn, passes="decoder")        # DiffusionGemma's denoising pass
         >>> logits = model.run_with_hooks(tokens, fwd_hooks=[H.at("hook_embed", fn, positions=[0, 1])])
     """
     denoise_blocks = renamed_keyword(deprecated, "blocks", "denoise_blocks", denoise_blocks, where="H.at")
@@ -170,11 +195,15 @@ def at(
     if guidance not in ("both", "conditional", "unconditional"):
         raise ValueError(f"guidance={guidance!r} must be 'both', 'conditional' or 'unconditional'.")
     schedule = HookSchedule(
-        name, _normalise(steps, "steps"), _normalise(denoise_blocks, "denoise_blocks"), positions, guidance
+        name, _normalise(steps, "steps"), _normalise(denoise_blocks, "denoise_blocks"), positions, guidance,
+        _pass_set(passes),
     )
     scoped = not (positions is None or (isinstance(positions, str) and positions == "all")) or guidance != "both"
+    in_passes = schedule.passes
 
     def scheduled_hook(act: Tensor, hook) -> Optional[Tensor]:
+        if in_passes is not None and getattr(hook, "pass_name", None) not in in_passes:
+            return None
         state = getattr(hook, "state", None)
         if state is not None and not schedule.matches(state):
             return None
@@ -212,6 +241,16 @@ def position_mask(state: DenoisingState, positions: PositionScope) -> Bool[Tenso
     if mask is None:
         return torch.ones_like(state.canvas, dtype=torch.bool)
     return mask.expand_as(state.canvas) if mask.ndim == 1 else mask
+
+
+def _pass_set(passes: Union[None, str, Sequence[str]]) -> Optional[frozenset[str]]:
+    """None, or the pass names as a non-empty frozenset of strings."""
+    if passes is None:
+        return None
+    names = [passes] if isinstance(passes, str) else list(passes)
+    if not names or not all(isinstance(name, str) for name in names):
+        raise TypeError(f"passes must be a pass name or a non-empty list of them (e.g. 'decoder'); got {passes!r}.")
+    return frozenset(names)
 
 
 def _normalise(spec: Schedule, what: str) -> Schedule:

@@ -63,6 +63,7 @@ class DenoisingState:
     pass_name: Optional[str] = None  # the model pass this forward runs (`cfg.layer_scalar_passes`); None = default
     # the previous step's logits fed back to the decoder (`cfg.self_conditioning_pass`); None = none
     self_conditioning_logits: Optional[Float[Tensor, "rows computed_pos vocab"]] = None
+    needs_logits: bool = True  # False: the sampler ignores this forward's logits (the model skips its LM head)
     # "masked" = undecided: the mask token's positions, or on a noise canvas the positions holding noise
     _is_masked: Optional[Bool[Tensor, "batch pos"]] = field(default=None, repr=False)
 

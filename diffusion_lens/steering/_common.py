@@ -109,16 +109,21 @@ def check_strength(strength: float, *, name: str = "strength") -> float:
     return strength
 
 
-def schedule(hooks: list[Hook], steps: Any = None, positions: Any = None, denoise_blocks: Any = None) -> list[Hook]:
-    """Restrict hook functions to denoising `steps`, semi-autoregressive `denoise_blocks` and `positions`.
+def schedule(
+    hooks: list[Hook], steps: Any = None, positions: Any = None, denoise_blocks: Any = None, passes: Any = None
+) -> list[Hook]:
+    """Restrict hook functions to denoising `steps`, semi-autoregressive `denoise_blocks`, model
+    `passes` and `positions`.
 
     The scheduling rules live in `diffusion_lens.denoising.hooks.at` (one place for them); this only
-    forwards. With all three None the hooks are returned unchanged and fire at every step and
-    position. In a plain forward (no denoising state) step / block filters do not apply.
+    forwards. With all four None the hooks are returned unchanged and fire at every step, pass and
+    position. In a plain forward (no denoising state) step / block filters do not apply; pass
+    filters do (`hook.pass_name`).
     """
-    if steps is None and positions is None and denoise_blocks is None:
+    if steps is None and positions is None and denoise_blocks is None and passes is None:
         return hooks
-    return [H.at(name, fn, steps=steps, denoise_blocks=denoise_blocks, positions=positions) for name, fn in hooks]
+    return [H.at(name, fn, steps=steps, denoise_blocks=denoise_blocks, positions=positions, passes=passes)
+            for name, fn in hooks]
 
 
 def progress_bar(total: int, desc: str, progress: bool):

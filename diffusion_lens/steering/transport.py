@@ -265,21 +265,23 @@ class AffineMap:
         steps: Any = None,
         positions: Any = None,
         denoise_blocks: Any = None,
+        passes: Any = None,
         **deprecated: Any,
     ) -> list[Hook]:
         """Hook list applying the map at every site (restricted to `steps` / `denoise_blocks` /
-        `positions` if given, with `diffusion_lens.denoising.hooks.at` semantics; `blocks=` is the
-        old name of `denoise_blocks=`).
+        `positions` / model `passes` if given, with `diffusion_lens.denoising.hooks.at` semantics;
+        `blocks=` is the old name of `denoise_blocks=`).
 
         Example:
             >>> hooks = amap.as_hooks(strength=0.4)
             >>> logits = model.run_with_hooks(tokens, fwd_hooks=hooks)
             >>> out = model.generate(prompt, hooks=amap.as_hooks(0.4, steps=range(4)))
+            >>> enc = amap.as_hooks(passes="encoder")   # DiffusionGemma: the prompt / committed-block pass only
         """
         denoise_blocks = renamed_keyword(deprecated, "blocks", "denoise_blocks", denoise_blocks, where="AffineMap.as_hooks")
         no_keywords_left(deprecated, "AffineMap.as_hooks")
         hooks = [(site, self._hook(site, strength)) for site in self.sites]
-        return schedule(hooks, steps, positions, denoise_blocks)
+        return schedule(hooks, steps, positions, denoise_blocks, passes)
 
     def _hook(self, site: str, strength: Optional[float]) -> EditHook:
         support = None if self.support is None else self.support[site]

@@ -234,7 +234,7 @@ class EntropyBoundSampler(Sampler):
             window = (0, width) if block == 0 else (start - C, start)
             state = DenoisingState(step=step, block=block, step_in_block=0, steps_in_block=N + 1, canvas=sequences,
                                    model_input=sequences[:, window[0]:window[1]], window=window, pass_name="encoder",
-                                   _is_masked=undecided, **common)
+                                   needs_logits=False, _is_masked=undecided, **common)
             forward(state)
             yield state, sequences
             step += 1
