@@ -59,7 +59,8 @@ from diffusion_lens import HookedDiffusionTransformer  # noqa: E402
 
 __all__ = [
     "ModelShape", "LLADA_TO_LLAMA", "llada_config_json", "shape_from_llada_config",
-    "read_llada_checkpoint", "random_llada_state_dict", "write_llada_checkpoint", "build_model",
+    "read_llada_checkpoint", "random_llada_state_dict", "write_llada_checkpoint", "write_shards",
+    "diffusion_gemma_tensor_shapes", "write_diffusion_gemma_checkpoint", "build_model",
     "llada_to_llama_key", "llama_config",
     "build_reference", "BidirectionalReference", "build_pair", "random_tokens", "max_abs_diff",
     "available_threads", "time_interleaved", "TimingResult",
@@ -210,14 +211,43 @@ def write_llada_checkpoint(
     follow `random_llada_state_dict`'s distributions but are not the same draws; pass
     `state_dict` (LLaDA keys) to write given weights instead.
     """
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(llada_config_json(shape), indent=2) + "\n")
-    shapes = _llada_tensor_shapes(shape)
-    item = torch.finfo(dtype).bits // 8
-    sizes = {k: item * int(torch.Size(s).numel()) for k, s in shapes.items()}
+    gen = torch.Generator().manual_seed(seed)
+
+    def tensor(key: str, dims: tuple[int, ...]) -> Tensor:
+        if state_dict is not None:
+            return state_dict[key].to(dtype).contiguous()
+        # Drawn straight in `dtype` (no fp32 copy); same distributions as random_llada_state_dict.
+        if len(dims) == 1:
+            return torch.empty(dims, dtype=dtype).normal_(1.0, 0.1, generator=gen)
+        std = 1.0 if key.endswith("wte.weight") else dims[1] ** -0.5
+        return torch.empty(dims, dtype=dtype).normal_(0.0, std, generator=gen)
+
+    write_shards(folder, _llada_tensor_shapes(shape), tensor, dtype=dtype, n_shards=n_shards)
+    return folder
+
+
+def write_shards(
+    folder: Path,
+    shapes: dict[str, tuple[int, ...]],
+    tensor: Callable[[str, tuple[int, ...]], Tensor],
+    *,
+    dtype: torch.dtype,
+    n_shards: int,
+) -> None:
+    """Write the tensors `shapes` names (key -> dims, in file order), made one shard at a time by
+    `tensor(key, dims)`, as `n_shards` roughly equal safetensors files plus
+    `model.safetensors.index.json` (one `model.safetensors` if n_shards == 1). Peak memory is about
+    one shard.
+
+    Example:
+        >>> write_shards(folder, {"w": (4, 4)}, lambda key, dims: torch.zeros(dims), dtype=torch.float32, n_shards=1)
+    """
+    from safetensors.torch import save_file
+
+    sizes = {k: dtype.itemsize * int(torch.Size(s).numel()) for k, s in shapes.items()}
     total = sum(sizes.values())
     groups: list[list[str]] = [[]]
     filled = 0
@@ -226,21 +256,9 @@ def write_llada_checkpoint(
             groups.append([])
         groups[-1].append(key)
         filled += sizes[key]
-    gen = torch.Generator().manual_seed(seed)
     weight_map = {}
     for i, keys in enumerate(groups, start=1):
-        tensors = {}
-        for key in keys:
-            if state_dict is not None:
-                tensors[key] = state_dict[key].to(dtype).contiguous()
-                continue
-            dims = shapes[key]
-            # Drawn straight in `dtype` (no fp32 copy); same distributions as random_llada_state_dict.
-            if len(dims) == 1:
-                tensors[key] = torch.empty(dims, dtype=dtype).normal_(1.0, 0.1, generator=gen)
-            else:
-                std = 1.0 if key.endswith("wte.weight") else dims[1] ** -0.5
-                tensors[key] = torch.empty(dims, dtype=dtype).normal_(0.0, std, generator=gen)
+        tensors = {key: tensor(key, shapes[key]) for key in keys}
         name = "model.safetensors" if len(groups) == 1 else f"model-{i:05d}-of-{len(groups):05d}.safetensors"
         save_file(tensors, folder / name, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(keys, name))
@@ -248,6 +266,68 @@ def write_llada_checkpoint(
     if len(groups) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+# --------------------------------------------------------- DiffusionGemma-format checkpoint
+def diffusion_gemma_tensor_shapes(config) -> dict[str, tuple[int, ...]]:
+    """Checkpoint key -> dims of a `DiffusionGemmaConfig`, as transformers' `save_pretrained` writes
+    them: the state dict of `DiffusionGemmaForBlockDiffusion` built on the meta device, less its tied
+    keys (`lm_head.weight` and the encoder's text weights, which are the decoder's). So the text
+    weights appear once under `model.decoder.*`, each pass keeps its own `layer_scalar`, and the
+    vision tower (`model.encoder.vision_tower.*`, `model.encoder.embed_vision.*`) is there too.
+
+    Example:
+        >>> shapes = diffusion_gemma_tensor_shapes(DiffusionGemmaConfig.from_pretrained(fixture))
+        >>> shapes["model.decoder.layers.0.experts.gate_up_proj"]   # fused experts: (4, 64, 64)
+    """
+    from transformers import DiffusionGemmaForBlockDiffusion  # the reference implementation (heavy import)
+
+    with torch.device("meta"):
+        model = DiffusionGemmaForBlockDiffusion(config)
+    tied = set(model.all_tied_weights_keys)
+    return {key: tuple(value.shape) for key, value in model.state_dict().items() if key not in tied}
+
+
+def write_diffusion_gemma_checkpoint(
+    folder: Union[str, Path],
+    text: dict,
+    vision: dict,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    n_shards: int = 2,
+    canvas_length: int = 32,
+) -> Path:
+    """Write a random `DiffusionGemmaForBlockDiffusion` checkpoint to `folder` and return it:
+    config.json from transformers' `DiffusionGemmaConfig(text_config=text, vision_config=vision)`,
+    and the tensors `diffusion_gemma_tensor_shapes` lists, in `dtype`, over `n_shards` shards.
+
+    The tensors are drawn one shard at a time (peak memory about one shard, not the model): 1-D
+    tensors (norms, layer and router scalars) ~ 1 + N(0, 0.1), embedding tables ~ N(0, 1), every other
+    tensor ~ N(0, 1 / last dim). Key names and shapes come from transformers itself, so its
+    `from_pretrained` loads the folder with no missing or unexpected key.
+
+    Example:
+        >>> text = json.loads((fixture / "config.json").read_text())["text_config"]
+        >>> write_diffusion_gemma_checkpoint(tmp, text, vision, n_shards=2)
+        >>> HookedDiffusionTransformer.from_pretrained(tmp, dtype=torch.bfloat16)
+    """
+    from transformers import DiffusionGemmaConfig  # the reference implementation (heavy import)
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = DiffusionGemmaConfig(text_config=text, vision_config=vision, canvas_length=canvas_length)
+    config.dtype = dtype
+    config.save_pretrained(folder)
+    gen = torch.Generator().manual_seed(seed)
+
+    def tensor(key: str, dims: tuple[int, ...]) -> Tensor:
+        if len(dims) == 1:
+            return torch.empty(dims, dtype=dtype).normal_(1.0, 0.1, generator=gen)
+        std = 1.0 if "embed_tokens" in key else dims[-1] ** -0.5
+        return torch.empty(dims, dtype=dtype).normal_(0.0, std, generator=gen)
+
+    write_shards(folder, diffusion_gemma_tensor_shapes(config), tensor, dtype=dtype, n_shards=n_shards)
     return folder
 
 

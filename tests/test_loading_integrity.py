@@ -211,3 +211,28 @@ def test_every_fixture_config_loads_without_a_warning(fixture):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         detect_adapter(config).to_config(config)
+
+
+def test_sharded_bf16_diffusion_gemma_keeps_the_tie_and_the_carried_tensors(tmp_path):
+    """Issue 13 item 6: the path bench/load_memory.py measures (shards, bf16, a tied LM head, a
+    carried vision tower). The LM head stays the embedding's storage after the cast, the vision
+    tower comes back as stored, and transformers' own class loads the written shards with no key
+    missing, unexpected or mismatched, holding our weights."""
+    from transformers import DiffusionGemmaForBlockDiffusion  # the live reference (heavy import)
+
+    source = HookedDiffusionTransformer.from_pretrained(FIXTURES / "diffusion-gemma-tiny", dtype="bfloat16")
+    folder = source.save_pretrained(tmp_path / "sharded", max_shard_bytes=60_000)
+    assert len(list(folder.glob("model-*-of-*.safetensors"))) >= 2 and (folder / "model.safetensors.index.json").is_file()
+    model = HookedDiffusionTransformer.from_pretrained(folder, dtype=torch.bfloat16)
+    assert model.embed.weight.dtype == torch.bfloat16
+    assert model.unembed.weight.data_ptr() == model.embed.weight.data_ptr()
+    assert set(model.carried_tensors) == set(source.carried_tensors) and len(model.carried_tensors) >= 18
+    for key, tensor in source.carried_tensors.items():
+        assert model.carried_tensors[key].dtype == tensor.dtype == torch.float32, key  # as stored, not cast
+        assert torch.equal(model.carried_tensors[key], tensor), key
+    reference, info = DiffusionGemmaForBlockDiffusion.from_pretrained(folder, output_loading_info=True)
+    assert not any(info[kind] for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert reference.lm_head.weight.data_ptr() == reference.model.decoder.embed_tokens.weight.data_ptr()
+    assert torch.equal(reference.model.decoder.embed_tokens.weight.to(torch.bfloat16), model.embed.weight)
+    assert torch.equal(reference.model.decoder.layers[0].experts.gate_up_proj.to(torch.bfloat16),
+                       model.blocks[0].mlp.experts.gate_up_proj)
