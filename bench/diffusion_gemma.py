@@ -18,7 +18,7 @@ No hooks anywhere; goal <= 1.05 per row. fp32, CPU, one torch thread by default 
 exact). Timing as bench/generate.py: warm-up, then rounds in which every run goes once in an order
 rotated per round; a ratio is the median over rounds of the within-round ratio, on process CPU time
 (headline) and wall time. Peak memory of loading a sharded bf16 checkpoint (the other half of item
-6) is not measured here (bench/load_memory.py measures it for LLaDA).
+6) is not measured here (bench/load_memory.py measures it, DiffusionGemma included).
 
 Run: `.venv/bin/python bench/diffusion_gemma.py [--repeats N] [--threads T] [--quick]`; ~2.5 min with
 the defaults on a 2-core machine. Writes bench_out/diffusion_gemma.json; exits 1 if the tokens
