@@ -120,7 +120,7 @@ def resolve_sampler(model: HookedDiffusionCore, sampler: Optional[Sampler], opti
         except TypeError as error:  # name both kinds of keyword, so a typo of either is found
             raise TypeError(f"{error} generate's own options are {list(DRIVER_OPTIONS)}.") from None
     n_steps, length = sampler.n_steps(), sampler.response_length()
-    if n_steps > length and "steps" in sampler.options():
+    if n_steps > length and sampler.commits_a_token_per_step:
         raise ValueError(
             f"steps={n_steps} is more than the response length ({length} positions): a step commits at least one "
             f"token, so {n_steps - length} forwards would be wasted. Pass steps<={length}, or a longer response "

@@ -23,7 +23,7 @@ runs unchanged on every family.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterator, Literal, Optional, Union
+from typing import Callable, ClassVar, Iterator, Literal, Optional, Union
 
 import torch
 from jaxtyping import Float, Int
@@ -42,8 +42,9 @@ KVCacheMode = Optional[Literal["prefix", "dual"]]
 KV_CACHE_MODES = (None, "prefix", "dual")
 
 # forward(state) runs the model on state.model_input / state.model_attention_mask and returns
-# per-token logits [rows pos vocab] (the family's logit shift already applied by the driver).
-Forward = Callable[[DenoisingState], Float[Tensor, "rows pos vocab"]]
+# per-token logits [rows pos vocab] (the family's logit shift already applied by the driver), or
+# None when `state.needs_logits` is False (the forward runs for its KV cache: no LM head).
+Forward = Callable[[DenoisingState], Optional[Float[Tensor, "rows pos vocab"]]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,10 @@ class Sampler:
         >>> sampler.n_steps(), sampler.response_length()
         (64, 64)
     """
+
+    #: Every step commits at least one response token (masked diffusion): more steps than response
+    #: positions would only waste forwards, and `generate` refuses them.
+    commits_a_token_per_step: ClassVar[bool] = False
 
     def with_options(self, **options) -> "Sampler":
         """A copy with some options replaced; unknown option names raise a TypeError listing the valid ones.

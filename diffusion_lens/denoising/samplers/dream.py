@@ -83,6 +83,8 @@ class DreamSampler(Sampler):
         >>> out = model.generate(tokens, sampler=DreamSampler(max_new_tokens=16, steps=8, tokens_hook=pin))
     """
 
+    commits_a_token_per_step: ClassVar[bool] = True
+
     steps: int = 512
     max_new_tokens: int = 512
     eps: float = 1e-3

@@ -78,6 +78,8 @@ class LLaDASampler(Sampler):
         >>> fast.n_forwards   # usually far fewer than 256
     """
 
+    commits_a_token_per_step: ClassVar[bool] = True
+
     steps: int = 128
     gen_length: int = 128
     block_length: Optional[int] = None  # None = gen_length (one block)
