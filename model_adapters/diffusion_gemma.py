@@ -30,7 +30,7 @@ Padding: pass the prompt's mask padded with ones to the cache's width (reference
 
 Config layouts: the hub file (`global_head_dim`, default 512, and `num_global_key_value_heads` for
 full layers) and the `save_pretrained` one (`per_layer_config`, keys layer indices or layer types)
-are both read; `to_checkpoint_config` writes the loaded config.json back unchanged.
+are both read; `to_checkpoint_config` writes the loaded config.json back, its `dtype` the weights'.
 """
 
 from __future__ import annotations
@@ -197,8 +197,13 @@ class DiffusionGemmaAdapter(ModelAdapter):
         return spec
 
     def to_checkpoint_config(self, cfg: DiffusionConfig) -> dict:
-        """The loaded config.json, unchanged (nothing here edits the architecture)."""
-        return dict(cfg.extra["checkpoint_config"])
+        """The loaded config.json with its `dtype` the weights' (a bf16 model saves bf16 tensors, and
+        transformers loads them as config.json's `dtype` says); nothing here edits the architecture.
+
+        Example:
+            >>> model.to(torch.bfloat16).adapter.to_checkpoint_config(model.cfg)["dtype"]   # 'bfloat16'
+        """
+        return {**cfg.extra["checkpoint_config"], "dtype": str(cfg.dtype).removeprefix("torch.")}
 
     def on_loaded(self, model) -> None:
         """Keep `generation_config.json` (the only source of EOS and pad, reference Q8) for `sampler`."""

@@ -203,6 +203,20 @@ def test_save_pretrained_round_trip_is_byte_exact(gemma, tmp_path):
     shutil.rmtree(out)
 
 
+def test_a_bf16_model_saves_a_config_that_says_bf16(gemma, tmp_path):
+    """config.json's `dtype` is what transformers loads the tensors as: it must match what was written."""
+    from transformers import DiffusionGemmaForBlockDiffusion  # the live reference
+
+    _, _, folder = gemma
+    half = HookedDiffusionTransformer.from_pretrained(folder, dtype=torch.bfloat16)
+    out = half.save_pretrained(tmp_path / "bf16")
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.decoder.embed_tokens.weight").dtype == torch.bfloat16
+    reference = DiffusionGemmaForBlockDiffusion.from_pretrained(out)
+    assert reference.model.decoder.embed_tokens.weight.dtype == torch.bfloat16
+
+
 # ---------------------------------------------------------------- encoder-pass parity
 def _pre_norm(cache, name: str) -> torch.Tensor:
     """A norm's input, from its cached normalised vector and scale (the hook points carry both)."""
