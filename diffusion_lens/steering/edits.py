@@ -10,8 +10,9 @@ Every steering edit in this package is, at one site, T(x) = omega * x + (x V) U^
 * ``beta``   None (zero) or a bias with the feature shape (activation addition).
 
 `ablate`, `add` and `AffineMap.as_hooks` run `EditHook`; `fold` and `orthogonalize_weights` write
-the same edit into a linear layer with `fold_producer` / `fold_consumer` / `fold_rows`. So runtime
-hooks, transport maps and weight edits cannot drift apart: there is one formula.
+the same edit into a linear layer with `fold_producer` / `fold_consumer` / `fold_rows` (and into fused
+expert tensors with `fold_fused_producer`). So runtime hooks, transport maps and weight edits
+cannot drift apart: there is one formula.
 """
 
 from __future__ import annotations
@@ -221,6 +222,30 @@ def fold_producer(linear: nn.Linear, edit: SiteEdit, name: str) -> list[str]:
     if edit.beta is not None:
         new_b = new_b + edit.beta
     return [f"{name}.weight"] + _set_bias(linear, new_b, name)
+
+
+@torch.no_grad()
+def fold_fused_producer(weight: nn.Parameter, edit: SiteEdit, name: str) -> list[str]:
+    """W_e <- A W_e for every slice e of a fused [n d_out d_in] tensor (fused experts: each slice is a
+    producer of the site, with no bias), one slice at a time in float64.
+
+    A shift beta cannot fold here: the routing weights scale each slice's output.
+
+    Example:
+        >>> fold_fused_producer(model.blocks[0].mlp.experts.down_proj, edit, "blocks.0.mlp.experts.down_proj")
+        ['blocks.0.mlp.experts.down_proj']
+    """
+    edit = edit.flat()
+    if weight.ndim != 3:
+        raise ValueError(f"Cannot fold into {name}: a fused tensor is [n d_out d_in]; got shape {tuple(weight.shape)}.")
+    if edit.beta is not None:
+        raise ValueError(f"Cannot fold a shift (beta != 0) into the fused tensor {name}: the routing weights scale "
+                         "each slice's output. Fold an edit without beta, or use hooks.")
+    _check_features(weight.shape[1], edit.shape[0], "output", name)
+    edit = edit.to(weight.device, torch.float64)
+    for piece in weight:
+        piece.copy_(edit.left(piece.double()).to(weight.dtype))
+    return [name]
 
 
 @torch.no_grad()

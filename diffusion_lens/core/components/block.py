@@ -14,6 +14,7 @@ from diffusion_lens.core.components.mlp import GatedMLP
 from diffusion_lens.core.components.moe import MixtureOfExperts
 from diffusion_lens.core.components.norm import RMSNorm
 from diffusion_lens.core.components.rotary import Rotary
+from diffusion_lens.core.components.writers import ResidualWriter
 from diffusion_lens.core.config import DiffusionConfig
 
 
@@ -69,3 +70,17 @@ class TransformerBlock(nn.Module):
         resid_mid = self.hook_resid_mid(resid_pre + attn_out)
         mlp_out = self.hook_mlp_out(self.mlp(self.ln2(resid_mid)))
         return self.hook_resid_post(resid_mid + mlp_out)
+
+    def residual_writers(self) -> list[ResidualWriter]:
+        """The attention's `o_proj` at `hook_attn_out`; every `down_proj` of the MLP at `hook_mlp_out` (a
+        dense MLP has one, a mixture of experts one per expert and the shared expert's). No norm follows.
+
+        Example:
+            >>> [w.weights[0][0] for w in model.blocks[0].residual_writers()]   # ['attn.o_proj', 'mlp.down_proj']
+        """
+        downs = tuple((f"mlp.{name}", module) for name, module in self.mlp.named_modules()
+                      if name.split(".")[-1] == "down_proj" and isinstance(module, nn.Linear))
+        if not downs:
+            raise ValueError(f"Block {self.layer}'s MLP has no down_proj layer; cannot find the MLP's residual writer.")
+        return [ResidualWriter(("hook_attn_out",), (("attn.o_proj", self.attn.o_proj),)),
+                ResidualWriter(("hook_mlp_out",), downs)]

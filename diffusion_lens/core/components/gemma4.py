@@ -15,8 +15,10 @@ are fused tensors as in the checkpoint: `experts.gate_up_proj` [n_experts 2*d_ex
 Hook points (module `blocks.{l}`; existing names keep their meaning: what is added to the residual):
 
     hook_resid_pre, hook_resid_mid, hook_resid_post   [batch pos d_model]
+    ln_attn_out.hook_in       [batch pos d_model]   o_proj's output, before ln_attn_out
     hook_attn_out             [batch pos d_model]   attention output after ln_attn_out (added to the residual)
     hook_mlp_out              [batch pos d_model]   mlp.ln_out(dense + moe) (added to the residual)
+    mlp.ln_dense_out.hook_in  [batch pos d_model]   the dense MLP's down_proj output, before its post-norm
     mlp.hook_dense_out        [batch pos d_model]   dense branch after its post-norm
     mlp.hook_moe_out          [batch pos d_model]   expert branch after its post-norm
     mlp.hook_router_logits    [batch pos n_experts] router scores before the softmax
@@ -27,7 +29,10 @@ Hook points (module `blocks.{l}`; existing names keep their meaning: what is add
     mlp.experts.{e}.hook_pre / hook_pre_linear / hook_post   [n_routed d_expert_mlp] (rows as in moe.py)
     mlp.experts.{e}.hook_out  [n_routed d_model]    expert output before its routing weight
 
-The pre-norm attention output (`o_proj`'s) is `ln_attn_out.hook_normalized * ln_attn_out.hook_scale`.
+Residual writers (`Gemma4Block.residual_writers`): every writer reaches the residual stream through
+weighted norms, so runtime ablation that equals a weight edit acts on the pre-norm outputs
+(`ln_attn_out.hook_in`, `mlp.ln_dense_out.hook_in`, `mlp.hook_routed_out`), not on the post-norm
+`hook_attn_out` / `hook_mlp_out` (docs/families/diffusion_gemma.md, "Steering").
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from diffusion_lens.core.components.attention import Attention, AttentionMask
 from diffusion_lens.core.components.mlp import ACTIVATIONS, GatedMLP
 from diffusion_lens.core.components.norm import RMSNorm
 from diffusion_lens.core.components.rotary import Rotary
+from diffusion_lens.core.components.writers import ResidualWriter
 from diffusion_lens.core.config import DiffusionConfig
 
 
@@ -116,11 +122,11 @@ class Gemma4FeedForward(nn.Module):
 
     def __init__(self, cfg: DiffusionConfig):
         super().__init__()
-        def norm() -> RMSNorm:
-            return RMSNorm(cfg.d_model, cfg.norm_eps, weight_in_fp32=cfg.norm_weight_in_fp32)
+        def norm(input_hook: bool = False) -> RMSNorm:
+            return RMSNorm(cfg.d_model, cfg.norm_eps, weight_in_fp32=cfg.norm_weight_in_fp32, input_hook=input_hook)
 
         self.top_k = cfg.n_experts_per_token
-        self.ln_dense_in, self.ln_dense_out = norm(), norm()
+        self.ln_dense_in, self.ln_dense_out = norm(), norm(input_hook=True)
         self.dense = GatedMLP(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias, act=cfg.mlp_act)
         self.router = Gemma4Router(cfg)
         self.ln_moe_in, self.ln_moe_out = norm(), norm()
@@ -173,7 +179,7 @@ class Gemma4Block(nn.Module):
         self.layer = layer
         self.ln1 = RMSNorm(cfg.d_model, cfg.norm_eps, weight_in_fp32=cfg.norm_weight_in_fp32)
         self.attn = Attention(cfg, rotary, layer)
-        self.ln_attn_out = RMSNorm(cfg.d_model, cfg.norm_eps, weight_in_fp32=cfg.norm_weight_in_fp32)
+        self.ln_attn_out = RMSNorm(cfg.d_model, cfg.norm_eps, weight_in_fp32=cfg.norm_weight_in_fp32, input_hook=True)
         self.mlp = Gemma4FeedForward(cfg)
         for name in cfg.layer_scalar_passes:
             self.register_buffer(f"{name}_layer_scalar", torch.ones(1))
@@ -205,3 +211,21 @@ class Gemma4Block(nn.Module):
         if pass_name is not None:
             resid_post = resid_post * getattr(self, f"{pass_name}_layer_scalar")
         return self.hook_resid_post(resid_post)
+
+    def residual_writers(self) -> list[ResidualWriter]:
+        """`o_proj` through `ln_attn_out`; the dense `down_proj` through `ln_dense_out` then `ln_out`;
+        every slice of the fused `experts.down_proj` through `ln_moe_out` then `ln_out`. Each at its
+        pre-norm hook (module docstring). The layer scalar scales the residual: no direction changes.
+
+        Example:
+            >>> [w.hooks[0] for w in model.blocks[0].residual_writers()]
+            ['ln_attn_out.hook_in', 'mlp.ln_dense_out.hook_in', 'mlp.hook_routed_out']
+        """
+        mlp = self.mlp
+        return [
+            ResidualWriter(("ln_attn_out.hook_in",), (("attn.o_proj", self.attn.o_proj),), (self.ln_attn_out,)),
+            ResidualWriter(("mlp.ln_dense_out.hook_in",), (("mlp.dense.down_proj", mlp.dense.down_proj),),
+                           (mlp.ln_dense_out, mlp.ln_out)),
+            ResidualWriter(("mlp.hook_routed_out",), (("mlp.experts.down_proj", mlp.experts.down_proj),),
+                           (mlp.ln_moe_out, mlp.ln_out)),
+        ]

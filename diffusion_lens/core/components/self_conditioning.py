@@ -24,6 +24,7 @@ from transformer_lens.hook_points import HookPoint
 
 from diffusion_lens.core.components.mlp import GatedMLP
 from diffusion_lens.core.components.norm import RMSNorm
+from diffusion_lens.core.components.writers import ResidualWriter
 from diffusion_lens.core.config import DiffusionConfig
 
 
@@ -62,3 +63,13 @@ class SelfConditioning(nn.Module):
                 soft = soft * soft.new_tensor(self.cfg.embed_scale)
         signal = self.hook_signal(self.mlp(self.pre_norm(self.hook_soft_embed(soft))))
         return self.post_norm(token_embed + signal)
+
+    def residual_writers(self) -> list[ResidualWriter]:
+        """The MLP's `down_proj` writes the signal (`hook_signal`), added to the token embeddings
+        before the weightless `post_norm`. (The soft embeddings read the embedding matrix: an edit
+        of its rows reaches them at `hook_soft_embed`.)
+
+        Example:
+            >>> model.self_conditioning.residual_writers()[0].hooks    # ('hook_signal',)
+        """
+        return [ResidualWriter(("hook_signal",), (("mlp.down_proj", self.mlp.down_proj),), (self.post_norm,))]
