@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 import diffusion_lens.checkpoints.loading as loading
 from diffusion_lens import HookedDiffusionTransformer
 from diffusion_lens.checkpoints.loading import BIAS_SIDECAR
-from diffusion_lens.steering import AffineMap, fit_transport, fold
+from diffusion_lens.core.kv_cache import KVCache
+from diffusion_lens.steering import AffineMap, fit_transport, fold, orthogonalize_weights
 from tests.conftest import FIXTURES
 
 
@@ -139,3 +140,62 @@ def test_save_refuses_to_replace_a_folder_that_is_not_a_checkpoint(tmp_path):
     with pytest.raises(FileExistsError, match="not an empty folder or a checkpoint folder"):
         model.save_pretrained(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize("fixture", ["diffusion-gemma-tiny", "diffusion-gemma-tiny-dense"])
+def test_an_orthogonalized_diffusion_gemma_stays_tied_and_loads_in_transformers(fixture, tmp_path):
+    """Issue 13 item 5: the tied embedding / LM head is edited once and stays one tensor here, after a
+    save and reload, and in transformers' DiffusionGemmaForBlockDiffusion, whose encoder and decoder
+    both read the edited weights and give our logits in both passes."""
+    from transformers import DiffusionGemmaForBlockDiffusion  # the live reference
+    from transformers.cache_utils import DynamicCache  # the live reference's cache
+
+    model = HookedDiffusionTransformer.from_pretrained(FIXTURES / fixture)
+    original = {name: p.detach().clone() for name, p in model.named_parameters()}
+    r = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(7))
+    edited = orthogonalize_weights(model, r)
+    assert model.unembed.weight is model.embed.weight and edited.count("embed.weight") == 1
+    assert not torch.equal(model.W_E, original["embed.weight"])
+
+    P, C = 6, model.cfg.extra["canvas_length"]
+    g = torch.Generator().manual_seed(8)
+    prompt, canvas = torch.randint(3, model.cfg.d_vocab, (1, P), generator=g), torch.randint(0, model.cfg.d_vocab, (1, C), generator=g)
+    previous = 3 * torch.randn(1, C, model.cfg.d_vocab, generator=g)
+    mask = torch.ones(1, P + C, dtype=torch.long)
+
+    def ours(m):
+        cache = KVCache.empty(m.cfg, batch=1, n_pos=P + C, like=m.W_E)
+        encoder = m(prompt, mask, kv_cache=cache, pass_name="encoder")
+        return encoder, m(canvas, mask, kv_cache=cache, window_start=P, pass_name="decoder",
+                          self_conditioning_logits=previous)
+
+    with torch.no_grad():
+        expected = ours(model)
+        model.save_pretrained(tmp_path / "abliterated")
+        reloaded = HookedDiffusionTransformer.from_pretrained(tmp_path / "abliterated")
+        assert reloaded.unembed.weight is reloaded.embed.weight
+        assert reloaded.unembed.weight.data_ptr() == reloaded.embed.weight.data_ptr()
+        for got, want in zip(ours(reloaded), expected):
+            assert torch.equal(got, want)
+
+        reference, info = DiffusionGemmaForBlockDiffusion.from_pretrained(tmp_path / "abliterated", output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+        encoder, decoder = reference.model.encoder.language_model, reference.model.decoder
+        for layer, block in enumerate(model.blocks):
+            for theirs in (encoder.layers[layer], decoder.layers[layer]):  # both passes see the edit
+                assert torch.equal(theirs.self_attn.o_proj.weight, block.attn.o_proj.weight)
+                assert torch.equal(theirs.mlp.down_proj.weight, block.mlp.dense.down_proj.weight)
+                assert torch.equal(theirs.experts.down_proj, block.mlp.experts.down_proj)
+        for theirs in (encoder.embed_tokens.weight, decoder.embed_tokens.weight, reference.lm_head.weight):
+            assert torch.equal(theirs, model.W_E)
+        assert not torch.equal(model.blocks[0].attn.o_proj.weight, original["blocks.0.attn.o_proj.weight"])
+
+        upstream = DynamicCache(config=reference.config.text_config)
+        cap = model.cfg.final_logit_softcap
+        hidden = encoder(input_ids=prompt, attention_mask=mask[:, :P], position_ids=torch.arange(P)[None], cache=upstream)
+        their_encoder = torch.tanh(reference.lm_head(hidden.last_hidden_state) / cap) * cap
+        hidden = decoder(decoder_input_ids=canvas, self_conditioning_logits=previous, decoder_attention_mask=mask,
+                         decoder_position_ids=torch.arange(P, P + C)[None], cache=upstream)
+        their_decoder = torch.tanh(reference.lm_head(hidden.last_hidden_state) / cap) * cap
+    torch.testing.assert_close(expected[0], their_encoder, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(expected[1], their_decoder, atol=1e-4, rtol=1e-4)
