@@ -19,7 +19,8 @@ import torch
 from diffusion_lens import HookedDiffusionTransformer
 from diffusion_lens.denoising.samplers import EntropyBoundSampler
 from diffusion_lens.denoising.samplers.diffusion_gemma import (
-    categorical_entropy, entropy_bound_accept, finalize_block, stable_and_confident, temperature,
+    apply_logits_processors, categorical_entropy, entropy_bound_accept, entropy_bound_of, finalize_block,
+    stable_and_confident, temperature,
 )
 from tests._diffusion_gemma import RUNS, entropy_bound_accept as reference_accept, planned_blocks, read_runs
 from tests.conftest import FIXTURES
@@ -34,14 +35,11 @@ def gemma(request):
 
 
 def _generate(model, run):
-    """`run` through `model.generate`, seeded like upstream (global RNG), every state recorded."""
-    kwargs = run.generate_kwargs()
-    bound = kwargs.pop("sampler_config", None)
-    if bound is not None:
-        kwargs["entropy_bound"] = bound["entropy_bound"]
+    """`run` through `model.generate` with its recorded kwargs unchanged (`sampler_config` included),
+    seeded like upstream (global RNG), every state recorded."""
     torch.manual_seed(run.seed)
     return model.generate(run.prompt_ids, attention_mask=run.attention_mask, chat=False, progress=False,
-                          record=True, **kwargs)
+                          record=True, **run.generate_kwargs())
 
 
 @pytest.mark.parametrize("name", RUNS)
@@ -134,5 +132,104 @@ def test_bad_options_say_what_is_wrong():
         EntropyBoundSampler(t_min=0.5, t_max=0.4)
     with pytest.raises(ValueError, match="max_denoising_steps=0 must be a positive int"):
         EntropyBoundSampler(max_denoising_steps=0)
-    with pytest.raises(TypeError, match="has no option 'top_k'"):
+    with pytest.raises(TypeError, match="has no option 'top_k'.*TopKLogitsWarper"):
         EntropyBoundSampler().with_options(top_k=5)
+
+
+# ---------------------------------------------------------------- upstream's generate() keywords (item 3)
+PROMPT = torch.tensor([[2, 10, 11, 12, 13]])
+
+
+@pytest.mark.parametrize("name, advice", [("temperature", "t_min= / t_max="), ("do_sample", "t_min= / t_max="),
+                                          ("top_k", "TopKLogitsWarper"), ("top_p", "TopPLogitsWarper"),
+                                          ("stopping_criteria", "not supported"), ("streamer", "not supported")])
+def test_keywords_upstream_ignores_raise_with_what_to_use(gemma, name, advice):
+    """Upstream's generate() swallows temperature= / top_k= / top_p= / do_sample= (same tokens): never silent here."""
+    model, _ = gemma
+    with pytest.raises(TypeError, match=f"EntropyBoundSampler has no option '{name}': .*{advice}"):
+        model.generate(PROMPT, chat=False, progress=False, **{name: 0.5})
+
+
+def test_sampler_config_as_upstream_passes_it(gemma):
+    from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig  # upstream's class
+
+    model, _ = gemma
+    sampler = model.adapter.sampler(model.cfg)
+    for given in (EntropyBoundSamplerConfig(entropy_bound=0.3), {"entropy_bound": 0.3},
+                  {"entropy_bound": 0.3, "_cls_name": "EntropyBoundSamplerConfig"}):
+        assert sampler.with_options(sampler_config=given).entropy_bound == 0.3
+    assert sampler.with_options(sampler_config={"entropy_bound": 0.3}, entropy_bound=0.3).entropy_bound == 0.3
+    with pytest.raises(ValueError, match="entropy_bound=0.2 and sampler_config's entropy_bound=0.3 disagree"):
+        sampler.with_options(sampler_config={"entropy_bound": 0.3}, entropy_bound=0.2)
+    for wrong in (0.3, {"entropy_bound": 0.3, "top_k": 2}, {"_cls_name": "Other", "entropy_bound": 0.3}):
+        with pytest.raises(ValueError, match="is not an entropy-bound sampler config; pass transformers' "
+                                             "EntropyBoundSamplerConfig"):
+            sampler.with_options(sampler_config=wrong)
+    assert entropy_bound_of({"entropy_bound": 0.2}) == 0.2
+    torch.manual_seed(1)
+    configured = model.generate(PROMPT, chat=False, progress=False, max_denoising_steps=3,
+                                sampler_config=EntropyBoundSamplerConfig(entropy_bound=0.7)).sequences
+    torch.manual_seed(1)
+    direct = model.generate(PROMPT, chat=False, progress=False, max_denoising_steps=3, entropy_bound=0.7).sequences
+    assert configured.equal(direct)
+
+
+def test_validation_matches_upstream():
+    """Upstream's config refuses an int entropy bound / confidence threshold (`must be a float > 0`): so do we."""
+    for name, value in (("entropy_bound", 1), ("entropy_bound", -0.1), ("confidence_threshold", 1),
+                        ("confidence_threshold", 0.0)):
+        with pytest.raises(ValueError, match=f"{name}={value!r} must be a float > 0"):
+            EntropyBoundSampler(**{name: value})
+    with pytest.raises(ValueError, match="max_length=0 must be a positive int"):
+        EntropyBoundSampler(max_length=0)
+    with pytest.raises(ValueError, match="wrap it in"):
+        EntropyBoundSampler(logits_processor=lambda ids, scores: scores)
+    with pytest.raises(ValueError, match="must be a list of callables"):
+        EntropyBoundSampler(logits_processor=[3])
+
+
+class _LastTokenBias:
+    """A processor that reads all three of upstream's arguments: favours each row's last committed token,
+    more at early steps (large cur_step), and records what it was called with."""
+
+    def __init__(self, n_steps: int):
+        self.n_steps, self.calls = n_steps, []
+
+    def __call__(self, input_ids, scores, cur_step):
+        self.calls.append((tuple(input_ids.shape), int(cur_step), cur_step.dtype))
+        bias = torch.zeros_like(scores).scatter(-1, input_ids[:, -1:, None].expand(-1, scores.shape[1], 1), 3.0)
+        return scores + bias * cur_step / self.n_steps
+
+
+def test_logits_processors_match_transformers_generate():
+    """The same processors (a transformers `LogitsProcessorList`: TopK, then one taking cur_step) under the
+    same seed on the fixture's weights: transformers' own `generate` and ours give identical tokens, and
+    the processors see the same input_ids shapes and cur_step values (int32, N..1)."""
+    from transformers import DiffusionGemmaForBlockDiffusion, LogitsProcessorList, TopKLogitsWarper  # the live reference
+
+    folder = FIXTURES / GEMMA[0]
+    reference = DiffusionGemmaForBlockDiffusion.from_pretrained(folder).eval()
+    model = HookedDiffusionTransformer.from_pretrained(folder)
+    prompt = torch.tensor([[2, 10, 11, 12, 13], [0, 2, 30, 31, 32]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])
+    options = dict(max_new_tokens=32, max_denoising_steps=6)
+    theirs_bias, ours_bias = _LastTokenBias(6), _LastTokenBias(6)
+    torch.manual_seed(5)
+    theirs = reference.generate(prompt, attention_mask=mask, **options,
+                                logits_processor=LogitsProcessorList([TopKLogitsWarper(7), theirs_bias])).sequences
+    torch.manual_seed(5)
+    ours = model.generate(prompt, attention_mask=mask, chat=False, progress=False, **options,
+                          logits_processor=LogitsProcessorList([TopKLogitsWarper(7), ours_bias])).sequences
+    assert ours.equal(theirs)
+    assert ours_bias.calls == theirs_bias.calls and ours_bias.calls[0] == ((2, 5), 6, torch.int32)
+    torch.manual_seed(5)
+    plain = model.generate(prompt, attention_mask=mask, chat=False, progress=False, **options).sequences
+    assert not plain.equal(ours)  # the processors changed the run
+
+
+def test_apply_logits_processors_calls_as_transformers_does():
+    ids, scores, step = torch.tensor([[4, 1]]), torch.zeros(1, 3, 6), torch.tensor(2, dtype=torch.int32)
+    ban_1 = lambda input_ids, s: s.index_fill(-1, input_ids[:, -1], -float("inf"))  # noqa: E731
+    scale = lambda input_ids, s, cur_step: s + cur_step  # noqa: E731
+    out = apply_logits_processors([scale, ban_1], ids, scores, step)
+    assert out[..., 1].isinf().all() and out[..., 0].eq(2).all()

@@ -14,6 +14,10 @@ committed block (§6.6). RNG draws follow §6.8 exactly, so a run seeded like up
 On this noise canvas "masked" means "undecided": `state.is_masked` marks the canvas positions that
 hold noise (not accepted at the previous step; every position at a block's first step).
 
+Upstream's `generate()` keywords are accepted as they are (`sampler_config=`, `logits_processor=`),
+so a recorded call replays unchanged; the keywords upstream swallows without effect (`temperature`,
+`top_k`, `top_p`, `do_sample`) raise here, saying what to use instead.
+
 Example:
     >>> torch.manual_seed(0)
     >>> out = model.generate(prompt_ids, max_new_tokens=32, max_denoising_steps=12)   # sampler from the adapter
@@ -22,8 +26,9 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -36,6 +41,26 @@ from diffusion_lens.denoising.state import DenoisingState
 #: upstream's `max_new_tokens` default: `max_length` replaces it only while it is exactly this (§6.2, Q7).
 DEFAULT_MAX_NEW_TOKENS = 256
 
+#: `generate()` keywords upstream accepts and then ignores or that this sampler does not support (§6.1):
+#: each raises a TypeError with what to use instead, never a silent no-op.
+NOT_OPTIONS = {
+    "temperature": "its temperature falls linearly from t_max towards t_min over a block's steps: pass t_min= / "
+                   "t_max= (upstream's generate() ignores temperature=)",
+    "do_sample": "it always samples every position at the scheduled temperature (t_min= / t_max=) and commits "
+                 "each block's argmax (upstream's generate() ignores do_sample=)",
+    "top_k": "it samples from the whole distribution; to filter the logits first pass "
+             "logits_processor=[transformers.TopKLogitsWarper(top_k)] (upstream's generate() ignores top_k=)",
+    "top_p": "it samples from the whole distribution; to filter the logits first pass "
+             "logits_processor=[transformers.TopPLogitsWarper(top_p)] (upstream's generate() ignores top_p=)",
+    "stopping_criteria": "custom stopping criteria are not supported: rows stop by stability_threshold= / "
+                         "confidence_threshold=, the run at eos_token_id= or max_length=",
+    "streamer": "streamers are not supported: record=True gives every step's state and canvas "
+                "(out.states, out.trajectory), and a hook sees each step as it runs",
+}
+
+#: A custom logits processor, upstream's signature: `proc(input_ids, scores)` or `proc(input_ids, scores, cur_step=)`.
+LogitsProcessor = Callable[..., Tensor]
+
 
 def temperature(cur_step: int, n_steps: int, t_min: float, t_max: float) -> Tensor:
     """The fp32 temperature of the step counting down `cur_step` = N..1 (never reaches t_min, Q5).
@@ -45,6 +70,48 @@ def temperature(cur_step: int, n_steps: int, t_min: float, t_max: float) -> Tens
         (tensor(0.8000), tensor(0.4333))
     """
     return t_min + (t_max - t_min) * (torch.tensor(cur_step, dtype=torch.int32) / n_steps)
+
+
+def entropy_bound_of(sampler_config: Any) -> float:
+    """The `entropy_bound` of upstream's `sampler_config=`: transformers' `EntropyBoundSamplerConfig` (any
+    object with `.entropy_bound`) or its serialized dict `{"entropy_bound": x}` (`_cls_name` allowed).
+
+    Example:
+        >>> entropy_bound_of({"entropy_bound": 0.2, "_cls_name": "EntropyBoundSamplerConfig"})
+        0.2
+    """
+    if isinstance(sampler_config, dict):
+        keys = set(sampler_config) - {"_cls_name"}
+        if keys == {"entropy_bound"} and sampler_config.get("_cls_name", "EntropyBoundSamplerConfig") == \
+                "EntropyBoundSamplerConfig":
+            return sampler_config["entropy_bound"]
+    elif hasattr(sampler_config, "entropy_bound"):
+        return sampler_config.entropy_bound
+    raise ValueError(
+        f"sampler_config={sampler_config!r} is not an entropy-bound sampler config; pass "
+        "transformers' EntropyBoundSamplerConfig(entropy_bound=0.1), a dict {'entropy_bound': 0.1}, "
+        "or entropy_bound=0.1 directly."
+    )
+
+
+def apply_logits_processors(
+    processors: Sequence[LogitsProcessor],
+    input_ids: Int[Tensor, "batch pos"],
+    logits: Float[Tensor, "batch canvas vocab"],
+    cur_step: Int[Tensor, ""],
+) -> Float[Tensor, "batch canvas vocab"]:
+    """`logits` through `processors` in order, called as transformers' `LogitsProcessorList` calls them:
+    `proc(input_ids, logits, cur_step=cur_step)` when `proc` takes more than two arguments, else
+    `proc(input_ids, logits)`. Upstream runs them before the temperature division (§6.4).
+
+    Example:
+        >>> ban_3 = lambda ids, scores: scores.index_fill(-1, torch.tensor([3]), -float("inf"))
+        >>> apply_logits_processors([ban_3], prompt, logits, torch.tensor(12, dtype=torch.int32))
+    """
+    for proc in processors:
+        takes_step = len(inspect.signature(proc).parameters) > 2
+        logits = proc(input_ids, logits, cur_step=cur_step) if takes_step else proc(input_ids, logits)
+    return logits
 
 
 def categorical_entropy(logits: Float[Tensor, "*rows vocab"]) -> Float[Tensor, " *rows"]:
@@ -141,9 +208,17 @@ class EntropyBoundSampler(Sampler):
     forwards are steps too (`state.pass_name == "encoder"`). `n_steps()` is an upper bound (rows
     stop adaptively). EOS and pad come only from `generation_config.json` (Q8), which the adapter reads.
 
+    `logits_processor`: upstream's custom processors (a list, or transformers' `LogitsProcessorList`),
+    run on each decoder step's fp32 logits before the temperature division, called as
+    `proc(input_ids, logits, cur_step=...)` (input_ids: the prompt and the committed blocks; cur_step:
+    the int32 count of steps left, N..1) or `proc(input_ids, logits)`. `sampler_config=` (upstream's
+    `EntropyBoundSamplerConfig` or its dict) sets `entropy_bound` through `with_options`.
+
     Example:
         >>> EntropyBoundSampler(max_new_tokens=32, max_denoising_steps=12).n_steps()   # with C = 16
         ... # 26 = 2 blocks x (1 encoder + 12 decoder forwards)
+        >>> model.generate(ids, sampler_config=EntropyBoundSamplerConfig(entropy_bound=0.3),
+        ...                logits_processor=[transformers.TopKLogitsWarper(20)])
     """
 
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
@@ -158,6 +233,7 @@ class EntropyBoundSampler(Sampler):
     max_length: Optional[int] = None
     decoder_input_ids: Optional[Int[Tensor, "rows canvas"]] = None  # block 0's starting canvas instead of noise
     canvas_length: int = 256  # C: the adapter sets the checkpoint's (config.json `canvas_length`)
+    logits_processor: Sequence[LogitsProcessor] = ()  # stored as a tuple
 
     def __post_init__(self):
         problems = []
@@ -167,17 +243,51 @@ class EntropyBoundSampler(Sampler):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 problems.append(f"{name}={value!r} must be a positive int")
-        if not self.entropy_bound > 0:
-            problems.append(f"entropy_bound={self.entropy_bound} must be > 0")
+        if self.max_length is not None and (isinstance(self.max_length, bool) or not isinstance(self.max_length, int)
+                                            or self.max_length <= 0):
+            problems.append(f"max_length={self.max_length!r} must be a positive int (or None)")
+        if not isinstance(self.entropy_bound, float) or not self.entropy_bound > 0:  # upstream refuses an int too
+            problems.append(f"entropy_bound={self.entropy_bound!r} must be a float > 0 (as upstream: 1.0, not 1)")
         if self.stability_threshold is not None and (not isinstance(self.stability_threshold, int)
                                                      or self.stability_threshold < 0):
             problems.append(f"stability_threshold={self.stability_threshold!r} must be an int >= 0 (or None)")
-        if self.confidence_threshold is not None and not self.confidence_threshold > 0:
-            problems.append(f"confidence_threshold={self.confidence_threshold!r} must be > 0 (or None)")
+        if self.confidence_threshold is not None and (not isinstance(self.confidence_threshold, float)
+                                                      or not self.confidence_threshold > 0):
+            problems.append(f"confidence_threshold={self.confidence_threshold!r} must be a float > 0 "
+                            "(as upstream: 1.0, not 1), or None")
         if isinstance(self.eos_token_id, int):
             object.__setattr__(self, "eos_token_id", [self.eos_token_id])
+        processors = () if self.logits_processor is None else self.logits_processor
+        if callable(processors) and not isinstance(processors, (list, tuple)):
+            problems.append(f"logits_processor={processors!r} must be a list of processors "
+                            "(or transformers' LogitsProcessorList): wrap it in [ ]")
+        elif not isinstance(processors, (list, tuple)) or not all(callable(proc) for proc in processors):
+            problems.append(f"logits_processor={processors!r} must be a list of callables "
+                            "proc(input_ids, scores[, cur_step=]) -> scores")
+        else:
+            object.__setattr__(self, "logits_processor", tuple(processors))
         if problems:
             raise ValueError("EntropyBoundSampler: " + "; ".join(problems) + ".")
+
+    def with_options(self, **options) -> "EntropyBoundSampler":
+        """`Sampler.with_options`, plus upstream's `sampler_config=` (sets `entropy_bound`; giving both
+        with different values is an error); the keywords in `NOT_OPTIONS` raise with what to use instead.
+
+        Example:
+            >>> EntropyBoundSampler().with_options(sampler_config={"entropy_bound": 0.3}).entropy_bound
+            0.3
+        """
+        refused = [name for name in options if name in NOT_OPTIONS]
+        if refused:
+            raise TypeError(f"{type(self).__name__} has no option {refused[0]!r}: {NOT_OPTIONS[refused[0]]}.")
+        if "sampler_config" in options:
+            options = dict(options)
+            bound = entropy_bound_of(options.pop("sampler_config"))
+            if "entropy_bound" in options and options["entropy_bound"] != bound:
+                raise ValueError(f"entropy_bound={options['entropy_bound']} and sampler_config's entropy_bound={bound} "
+                                 "disagree; pass one of them.")
+            options["entropy_bound"] = bound
+        return super().with_options(**options)
 
     def new_tokens(self, prompt_width: int = 0) -> int:
         """Tokens asked for: `max_length - prompt_width` when `max_length` is set and `max_new_tokens`
@@ -254,6 +364,9 @@ class EntropyBoundSampler(Sampler):
                                        canvas=entering, model_input=canvas, window=(start, start + C),
                                        pass_name="decoder", self_conditioning_logits=sc, _is_masked=undecided, **common)
                 logits = forward(state).float()
+                if self.logits_processor:  # upstream's custom processors, before the temperature (§6.4)
+                    steps_left = torch.tensor(cur_step, dtype=torch.int32, device=device)
+                    logits = apply_logits_processors(self.logits_processor, sequences[:, :start], logits, steps_left)
                 scaled = logits / temperature(cur_step, N, self.t_min, self.t_max)
                 probs = torch.softmax(scaled, -1, dtype=torch.float32)
                 sampled = torch.multinomial(probs.view(batch * C, -1), 1, generator=generator).view(batch, C)
@@ -289,5 +402,5 @@ class EntropyBoundSampler(Sampler):
                 break
 
 
-__all__ = ["EntropyBoundSampler", "categorical_entropy", "entropy_bound_accept", "finalize_block",
-           "stable_and_confident", "temperature"]
+__all__ = ["EntropyBoundSampler", "NOT_OPTIONS", "apply_logits_processors", "categorical_entropy",
+           "entropy_bound_accept", "entropy_bound_of", "finalize_block", "stable_and_confident", "temperature"]
