@@ -321,15 +321,40 @@ class DiffusionConfig:
 
     @property
     def n_params(self) -> int:
-        """Parameter count implied by the config (embeddings included)."""
-        attn = self.d_model * self.d_head * (2 * self.n_heads + 2 * self.n_key_value_heads)
-        dense = 3 * self.d_model * self.d_mlp
-        expert = 3 * self.d_model * (self.d_expert_mlp or 0)
-        shared = 3 * self.d_model * (self.d_shared_expert_mlp or 0)
-        moe = (self.n_experts or 0) * expert + shared + self.d_model * (self.n_experts or 0)
-        blocks = sum(attn + (moe if layer in self.moe_layers else dense) for layer in range(self.n_layers))
-        unembed = 0 if self.tie_word_embeddings else self.d_vocab_out * self.d_model
-        return blocks + self.d_vocab_out * self.d_model + unembed
+        """Parameters of the model this config builds: embeddings (a tied LM head once), every norm
+        weight and bias, per-layer head geometry, experts; buffers (layer scalars, expert biases) not.
+
+        Why: sizes a checkpoint before loading it; equals `sum(p.numel() for p in model.parameters())`.
+
+        Example:
+            >>> model.cfg.n_params == sum(p.numel() for p in model.parameters())
+            True
+        """
+        d = self.d_model
+
+        def gated(width: int) -> int:  # GatedMLP: gate, up, down (+ their biases)
+            return 3 * d * width + (2 * width + d if self.mlp_bias else 0)
+
+        total = self.d_vocab_out * d * (1 if self.tie_word_embeddings else 2) + d  # + ln_final
+        for layer in range(self.n_layers):
+            d_head, n_kv = self.head_dim(layer), self.kv_heads(layer)
+            from_keys = bool(self.layer_values_from_keys and self.layer_values_from_keys[layer])
+            qkv_heads = self.n_heads + n_kv * (1 if from_keys else 2)  # no v_proj when values come from keys
+            total += (qkv_heads * d_head) * (d + self.qkv_bias) + self.n_heads * d_head * d + self.attn_out_bias * d
+            total += 2 * d_head * self.qk_norm + 2 * d  # q/k norms; ln1 and ln2 (gemma4: ln_attn_out)
+            n_experts = self.n_experts or 0
+            router = n_experts * d
+            if self.block_layout == "gemma4":  # dense MLP and fused experts (no bias) in parallel, 5 more norms
+                experts = n_experts * 3 * d * self.d_expert_mlp
+                total += gated(self.d_mlp) + experts + router + d + n_experts + 5 * d  # + scale, per_expert_scale
+            elif layer in self.moe_layers:
+                shared = gated(self.d_shared_expert_mlp) if self.d_shared_expert_mlp else 0
+                total += n_experts * gated(self.d_expert_mlp) + router + shared
+            else:
+                total += gated(self.d_mlp)
+        if self.self_conditioning_pass is not None:  # pre_norm and a gated MLP (post_norm has no weight)
+            total += d + gated(self.d_mlp)
+        return total
 
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
