@@ -84,6 +84,13 @@ def test_writers_are_the_pre_norm_outputs_and_every_fused_expert_slice(gemma):
     assert [name for name, _ in ablate(gemma, direction(gemma, 1), layers=1)] == [
         "blocks.1.hook_resid_pre", "blocks.1.ln_attn_out.hook_in", "blocks.1.mlp.ln_dense_out.hook_in",
         "blocks.1.mlp.hook_routed_out"]  # a subset of layers: no model-level sites
+    r = direction(gemma, 1)
+    explicit = dict(ablate(gemma, r, layers=0, sites=("ln_attn_out.hook_in", "hook_attn_out")))
+    scaled = torch.nn.functional.normalize(r.double() * gemma.blocks[0].ln_attn_out.weight.double(), dim=0)
+    assert abs(explicit["blocks.0.ln_attn_out.hook_in"].edit.v[:, 0] @ scaled) > 1 - 1e-9  # a writer's hook: u
+    assert abs(explicit["blocks.0.hook_attn_out"].edit.v[:, 0] @ r.double()) > 1 - 1e-6   # any other site: r
+    with pytest.raises(ValueError, match=r"unknown block site\(s\) \['ln_attn_out'\]"):
+        ablate(gemma, r, sites=("ln_attn_out",))
 
 
 def test_every_slice_of_the_fused_experts_loses_the_scaled_direction(gemma):

@@ -32,7 +32,7 @@ from diffusion_lens.steering.weights import direction_basis, model_writers, writ
 #: (`writer_sites`): these on LLaDA, Dream, MMaDA and LLaDA-MoE; the pre-norm writer outputs on
 #: Gemma-4 blocks (docs/families/diffusion_gemma.md, "Steering").
 ABLATION_SITES = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out")
-RESIDUAL_SITES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")
+_RESIDUAL_SITES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")
 
 
 @no_type_check  # checks its own input and explains a wrong one (the test suite's shape checks skip it)
@@ -48,14 +48,14 @@ def ablate(
     sites: Optional[tuple[str, ...]] = None,
     **deprecated: Any,
 ) -> list[Hook]:
-    """Directional ablation hooks: x <- x - (x.u) u at every site, u = r = direction / |direction|
-    except after norms (below).
+    """Directional ablation hooks: x <- x - (x.u) u, with u = r = direction / |direction|, or at a
+    writer followed by weighted norms r times their weights, renormalised (below).
 
     The default sites (Arditi et al.) are every selected block's input (`hook_resid_pre`) and the
     hooks of its residual writers (`writer_sites`): `hook_attn_out` and `hook_mlp_out` in a pre-norm
     block. Where weighted norms sit between a writer and the residual stream (Gemma-4's sandwich
-    norms) the writer's hook is its pre-norm output and u is r times those norm weights,
-    renormalised, so the norm's output loses r. With every layer selected the model-level sites
+    norms) the writer's hook is its pre-norm output and u is r times those norm weights, so that
+    the norm's output loses r. With every layer selected the model-level sites
     join: where the embedding rows are read before the blocks (`hook_embed` and the soft embeddings
     of a self-conditioning), the self-conditioning's signal, and a tied LM head's input
     (`hook_unembed_in`). So `ablate(model, r)` equals `orthogonalize_weights(model, r)` (tested, in
@@ -88,7 +88,7 @@ def ablate(
     else:
         for layer in chosen:
             writers = _writer_bases(writer_sites(model, layer, embedding=False), basis)
-            allowed = list(dict.fromkeys([*ABLATION_SITES, *RESIDUAL_SITES,
+            allowed = list(dict.fromkeys([*ABLATION_SITES, *_RESIDUAL_SITES,
                                           *(name.split(".", 2)[2] for name in writers)]))
             unknown = [site for site in sites if site not in allowed]
             if unknown:
@@ -103,7 +103,11 @@ def ablate(
 
 def _writer_bases(writers, basis: torch.Tensor) -> dict[str, torch.Tensor]:
     """hook name -> the orthonormal rows ablated there, for each writer's hooks."""
-    return {hook: q for writer in writers for q in (writer_basis(writer, basis),) for hook in writer.hooks}
+    bases = {}
+    for writer in writers:
+        q = writer_basis(writer, basis)
+        bases.update((hook, q) for hook in writer.hooks)
+    return bases
 
 
 def _projection_map(bases: dict[str, torch.Tensor]) -> AffineMap:
