@@ -2,9 +2,11 @@
 
 * `reference/hook_names.md`: every hook point of each model family, with the shape it has in a
   real forward. Each test fixture in `tests/fixtures/` (and the embedded `tiny-refusal` model when
-  it is present) is loaded and run once on a [3, 11] batch of token ids with `run_with_cache`; the
-  page lists `model.hook_dict` names and the shapes they produced. Nothing is hand-written, so the
-  page cannot drift from the code.
+  it is present) is loaded and run on a [3, 11] batch of token ids with `run_with_cache`, once per
+  pass for a model with several (`cfg.layer_scalar_passes`: DiffusionGemma's encoder and decoder,
+  the self-conditioning pass given random logits); the page lists `model.hook_dict` names, the
+  shapes they produced per layer (one row per distinct shape: sliding and full layers differ) and
+  the passes a hook point fires in. Nothing is hand-written, so the page cannot drift from the code.
 * `model_card.md`: the embedded model's card, `diffusion_lens/pretrained/tiny-refusal/README.md`,
   copied in as it is.
 * `tutorials/*.ipynb`: the notebooks, copied into the site so that the tutorials page can link to
@@ -28,7 +30,7 @@ TUTORIALS = ROOT / "tutorials"
 BATCH, POS = 3, 11  # chosen to differ from every dimension of the tiny fixtures
 
 # Families in reading order: dense LLaDA first, then the variants built on it, MoE last.
-_FIXTURE_ORDER = {"llada": 0, "mmada": 1, "dream": 2, "llada-moe": 3}
+_FIXTURE_ORDER = {"llada": 0, "mmada": 1, "dream": 2, "llada-moe": 3, "diffusion-gemma": 4}
 
 # One fixture per family is enough for the names; the others are listed when their hook set differs.
 _FAMILY_NOTES = {
@@ -36,50 +38,53 @@ _FAMILY_NOTES = {
     "mmada": "MMaDA-8B (LLaDA blocks; causal attention when a batch is padded)",
     "dream": "Dream-7B (Qwen2 blocks: q/k/v bias, GQA, logit shift 1)",
     "llada_moe": "LLaDA-MoE (per-head q/k RMSNorm, mixture-of-experts MLP)",
+    "diffusion_gemma": "DiffusionGemma (Gemma-4 MoE, two passes over one KV cache: a causal encoder and a "
+                       "denoising decoder; self-conditioning; sliding and full layers with different head "
+                       "geometry; a dense MLP and the experts in parallel in every layer)",
 }
 
 
 # ---------------------------------------------------------------------------------------------- hook names
-def _dim_names(cfg) -> list[tuple[int, str]]:
-    """Config sizes a hook dimension can be, in the order a tie is resolved."""
-    names = [(BATCH, "batch"), (POS, "pos"), (cfg.d_model, "d_model"), (cfg.d_mlp, "d_mlp"),
-             (cfg.d_head, "d_head"), (cfg.n_heads, "head")]
-    if cfg.n_key_value_heads != cfg.n_heads:
-        names.append((cfg.n_key_value_heads, "kv_head"))
-    if cfg.n_experts:
-        names += [(cfg.n_experts, "n_experts"), (cfg.d_expert_mlp, "d_expert_mlp")]
-    if cfg.d_shared_expert_mlp:
-        names.append((cfg.d_shared_expert_mlp, "d_shared_mlp"))
-    names.append((1, "1"))
+def _dim_names(cfg, name: str, layer: int | None) -> list[tuple[int, str]]:
+    """Config sizes a dimension of hook `name` (in block `layer`) can be, the first match winning a tie.
+
+    Attention hooks are named from the layer's own geometry (`d_head`, `kv_head` of that layer: they
+    differ between sliding and full layers of DiffusionGemma), the others from the MLP's and experts'.
+    """
+    names = [(POS, "pos"), (cfg.d_model, "d_model")]  # `batch` is dimension 0 only
+    if ".attn." in name and layer is not None:
+        names += [(cfg.head_dim(layer), "d_head"), (cfg.n_heads, "head")]
+        if cfg.kv_heads(layer) != cfg.n_heads:
+            names.append((cfg.kv_heads(layer), "kv_head"))
+    else:
+        names.append((cfg.d_mlp, "d_mlp"))
+        if cfg.n_experts:
+            names += [(cfg.n_experts, "n_experts"), (cfg.d_expert_mlp, "d_expert_mlp")]
+        if cfg.d_shared_expert_mlp:
+            names.append((cfg.d_shared_expert_mlp, "d_shared_mlp"))
     return names
 
 
-def symbolic_shape(name: str, shape: tuple[int, ...], cfg) -> str:
+def symbolic_shape(name: str, shape: tuple[int, ...], cfg, layer: int | None = None) -> str:
     """`[batch pos d_model]`-style shape: each size named after the config field it equals.
 
     Attention maps get `q_pos k_pos`; an expert's activations are `[routed ...]` (the tokens routed
-    to that expert, a number that varies from forward to forward). A size no field explains, or that
-    two fields explain, stays a number.
+    to that expert, a number that varies from forward to forward); a norm's divisor ends in `1`. A
+    size no field explains stays a number.
     """
     labels = []
-    table = _dim_names(cfg)
+    table = _dim_names(cfg, name, layer)
     for i, size in enumerate(shape):
         if ".experts." in name and i == 0:
             labels.append("routed")
-            continue
-        if name.endswith(("hook_attn_scores", "hook_pattern")) and i >= 2 and size == POS:
+        elif name.endswith(("hook_attn_scores", "hook_pattern")) and i >= 2 and size == POS:
             labels.append("q_pos" if i == 2 else "k_pos")
-            continue
-        matches = [label for value, label in table if value == size]
-        if i == 0 and size == BATCH:
+        elif name.endswith("hook_scale") and i == len(shape) - 1 and size == 1:
+            labels.append("1")
+        elif i == 0 and size == BATCH:
             labels.append("batch")
-        elif len(set(matches)) == 1:
-            labels.append(matches[0])
-        elif matches and name.endswith(("hook_q", "hook_k", "hook_v", "hook_rot_q", "hook_rot_k", "hook_z",
-                                        "hook_normalized")) and len(shape) == 4:
-            labels.append({2: "head", 3: "d_head"}.get(i, str(size)) if i >= 2 else str(size))
         else:
-            labels.append(str(size))
+            labels.append(next((label for value, label in table if value == size), str(size)))
     return "[" + " ".join(labels) + "]"
 
 
@@ -92,42 +97,73 @@ def _generic(name: str) -> tuple[str, int | None]:
     return generic, layer
 
 
-def _layers_text(layers: list[int], n_layers: int) -> str:
+def _layers_text(layers: list[int], cfg) -> str:
+    """`all`, or the layers listed, with their attention kind when the model mixes kinds (`0, 2 (sliding_causal)`)."""
     if not layers:
         return ""
-    if layers == list(range(n_layers)):
+    if layers == list(range(cfg.n_layers)):
         return "all"
-    return ", ".join(map(str, layers))
+    text = ", ".join(map(str, layers))
+    kinds = {cfg.layer_attention[layer] for layer in layers} if cfg.layer_attention else set()
+    if len(kinds) == 1 and len(set(cfg.layer_attention)) > 1:
+        text += f" ({kinds.pop()})"
+    return text
+
+
+def _head_geometry(cfg) -> str:
+    """`d_head` and kv heads of the summary table: one value, or each distinct value with its layers' kind."""
+    if cfg.layer_head_dims is None and cfg.layer_kv_heads is None:
+        return f"{cfg.n_heads} ({cfg.n_key_value_heads}) | {cfg.d_head}"
+    per_kind = OrderedDict()
+    for layer in range(cfg.n_layers):
+        kind = cfg.layer_attention[layer] if cfg.layer_attention else f"layer {layer}"
+        per_kind.setdefault(kind, (cfg.kv_heads(layer), cfg.head_dim(layer)))
+    heads = ", ".join(f"{cfg.n_heads} ({kv}) {kind}" for kind, (kv, _) in per_kind.items())
+    dims = ", ".join(f"{d} {kind}" for kind, (_, d) in per_kind.items())
+    return f"{heads} | {dims}"
 
 
 def describe_model(path: Path) -> dict:
-    """Load one checkpoint folder, run one forward caching everything, and describe its hooks."""
+    """Load one checkpoint folder, run one forward per pass caching everything, and describe its hooks:
+    `rows` maps each generic name to its rows, one per distinct (shape, passes it fires in)."""
     import torch
 
     from diffusion_lens import HookedDiffusionTransformer
 
     model = HookedDiffusionTransformer.from_pretrained(path)
     cfg = model.cfg
-    tokens = torch.randint(0, min(cfg.d_vocab, 50), (BATCH, POS), generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, min(cfg.d_vocab, 50), (BATCH, POS), generator=generator)
     model.set_use_attn_result(True)  # so that the opt-in `attn.hook_result` fires too
-    with torch.no_grad():
-        _, cache = model.run_with_cache(tokens)
-    rows: "OrderedDict[str, dict]" = OrderedDict()
+    passes = cfg.layer_scalar_passes or (None,)
+    caches = {}
+    for pass_name in passes:  # one forward per pass; the self-conditioning pass reads random logits
+        options = {} if pass_name is None else {"pass_name": pass_name}
+        if pass_name is not None and pass_name == cfg.self_conditioning_pass:
+            options["self_conditioning_logits"] = torch.randn(BATCH, POS, cfg.d_vocab_out, generator=generator)
+        with torch.no_grad():
+            caches[pass_name] = model.run_with_cache(tokens, **options)[1]
+    rows: "OrderedDict[tuple, dict]" = OrderedDict()
     for name in model.hook_dict:
         generic, layer = _generic(name)
-        shape = tuple(cache[name].shape) if name in cache else None
-        row = rows.setdefault(generic, {"layers": [], "shape": shape, "example": name})
+        fired = [pass_name for pass_name in passes if name in caches[pass_name]]
+        shape = tuple(caches[fired[0]][name].shape) if fired else None
+        symbolic = symbolic_shape(generic, shape, cfg, layer) if shape is not None else "(did not fire)"
+        fixed = None if shape is None else shape[1:] if ".experts." in generic else shape  # routed varies
+        only = tuple(fired) if len(fired) < len(passes) else ()  # () = every pass
+        row = rows.setdefault((generic, symbolic, fixed, only), {"layers": [], "shape": shape, "passes": only})
         if layer is not None and layer not in row["layers"]:
             row["layers"].append(layer)
-        if row["shape"] is None:
-            row["shape"] = shape
-    for generic, row in rows.items():
+    by_name: "OrderedDict[str, list[dict]]" = OrderedDict()  # a hook point's rows together, in hook_dict order
+    for (generic, symbolic, *_), row in rows.items():
         shape = row["shape"]
-        row["symbolic"] = symbolic_shape(generic, shape, cfg) if shape is not None else "(did not fire)"
+        row["generic"], row["symbolic"] = generic, symbolic
         row["concrete"] = "[" + " ".join(map(str, shape)) + "]" if shape is not None else ""
-        row["layers_text"] = _layers_text(row["layers"], cfg.n_layers)
+        row["layers_text"] = _layers_text(row["layers"], cfg)
+        by_name.setdefault(generic, []).append(row)
     family = model.adapter.name if model.adapter is not None else cfg.family
-    return {"folder": path, "family": family, "cfg": cfg, "rows": rows, "n_hooks": len(model.hook_dict)}
+    return {"folder": path, "family": family, "cfg": cfg, "rows": by_name, "n_hooks": len(model.hook_dict),
+            "passes": [p for p in passes if p is not None]}
 
 
 _NOTES = {
@@ -139,11 +175,11 @@ _NOTES = {
 }
 
 
-def _note(generic: str) -> str:
-    for key, note in _NOTES.items():
-        if key in generic:
-            return note
-    return ""
+def _note(row: dict) -> str:
+    notes = [note for key, note in _NOTES.items() if key in row["generic"]][:1]
+    if row["passes"]:
+        notes.append(f"fires only in the {' and '.join(row['passes'])} pass")
+    return "; ".join(notes)
 
 
 def _relative(path: Path) -> str:
@@ -169,7 +205,13 @@ def hook_names_page() -> str:
         "and every test fixture in `tests/fixtures/`) is loaded, run once with `run_with_cache` on a",
         f"batch of {BATCH} sequences of {POS} token ids, and its `model.hook_dict` is listed with the shape each",
         "hook point produced. Layer and expert indices are folded into `{l}` and `{e}`; the *layers*",
-        "column says which blocks have the hook (MoE models may mix dense and MoE blocks).",
+        "column says which blocks have the hook (MoE models may mix dense and MoE blocks). A hook point",
+        "whose shape differs between layers gets one row per shape (DiffusionGemma's sliding and full",
+        "layers have different `d_head` and `kv_head`; the layers column names the attention kind).",
+        "",
+        "A model with several passes over one set of weights (DiffusionGemma: `encoder` and `decoder`)",
+        "is run once per pass (`pass_name=`); every hook point fires in every pass unless its note says",
+        "otherwise, and `hook.pass_name` says which pass is running (select with `H.at(..., passes=)`).",
         "",
         "Shapes are written with the config field each size equals (`batch`, `pos`, `d_model`, `head`,",
         "`kv_head` for grouped-query attention, `d_head`, `d_mlp`, `n_experts`, `d_expert_mlp`); `routed` is",
@@ -179,19 +221,21 @@ def hook_names_page() -> str:
         "During `model.generate(...)` the same hook points fire once per denoising step, with",
         "`hook.state` set to that step's `DenoisingState` (see [Concepts](../concepts.md)).",
         "",
-        "| checkpoint | adapter | layers | d_model | heads (kv) | d_head | d_mlp | experts | hook points |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| checkpoint | adapter | layers | d_model | heads (kv) | d_head | d_mlp | experts | passes | hook points |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in models:
         c = m["cfg"]
         experts = f"{c.n_experts} (top {c.n_experts_per_token})" if c.n_experts else "-"
+        passes = ", ".join(m["passes"]) or "-"
         lines.append(
-            f"| `{_relative(m['folder'])}` | `{m['family']}` | {c.n_layers} | {c.d_model} | {c.n_heads} "
-            f"({c.n_key_value_heads}) | {c.d_head} | {c.d_mlp} | {experts} | {m['n_hooks']} |"
+            f"| `{_relative(m['folder'])}` | `{m['family']}` | {c.n_layers} | {c.d_model} | {_head_geometry(c)} "
+            f"| {c.d_mlp} | {experts} | {passes} | {m['n_hooks']} |"
         )
     seen: dict[tuple, str] = {}
     for m in models:
-        key = tuple((g, r["symbolic"], r["layers_text"]) for g, r in m["rows"].items())
+        key = tuple((r["generic"], r["symbolic"], r["layers_text"], r["passes"])
+                    for rows in m["rows"].values() for r in rows)
         title = f"`{m['family']}`: `{_relative(m['folder'])}`"
         lines += ["", f"## {title}", ""]
         if m["family"] in _FAMILY_NOTES:
@@ -201,9 +245,9 @@ def hook_names_page() -> str:
             continue
         seen[key] = f"`{_relative(m['folder'])}`"
         lines += ["| hook point | layers | shape | tiny shape | note |", "|---|---|---|---|---|"]
-        for generic, row in m["rows"].items():
+        for row in (r for rows in m["rows"].values() for r in rows):
             lines.append(
-                f"| `{generic}` | {row['layers_text']} | `{row['symbolic']}` | `{row['concrete']}` | {_note(generic)} |"
+                f"| `{row['generic']}` | {row['layers_text']} | `{row['symbolic']}` | `{row['concrete']}` | {_note(row)} |"
             )
     lines.append("")
     return "\n".join(lines)

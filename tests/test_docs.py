@@ -74,12 +74,29 @@ def test_generated_hook_reference_lists_every_hook_point_of_a_fixture():
     model = HookedDiffusionTransformer.from_pretrained(folder)
     generic = {hooks._generic(name)[0] for name in model.hook_dict}
     assert set(described["rows"]) == generic
-    assert all(row["shape"] is not None for row in described["rows"].values()), "a hook point did not fire"
-    rows = described["rows"]
+    assert all(row["shape"] is not None for rows in described["rows"].values() for row in rows), "a hook point did not fire"
+    rows = {name: only for name, (only,) in described["rows"].items()}  # one shape per hook point here
     assert rows["blocks.{l}.attn.hook_pattern"]["symbolic"] == "[batch head q_pos k_pos]"
     assert rows["blocks.{l}.attn.hook_k"]["symbolic"] == "[batch pos kv_head d_head]"
     assert rows["blocks.{l}.mlp.experts.{e}.hook_out"]["symbolic"] == "[routed d_model]"
     assert rows["blocks.{l}.mlp.hook_pre"]["layers_text"] == "0"  # the variant's one dense block
+
+
+def test_hook_reference_splits_diffusion_gemma_by_layer_kind_and_pass():
+    """Sliding and full layers get a row each (their d_head / kv_head differ); self-conditioning
+    hooks fire in the decoder pass only and say so; router shapes are named, not numbers."""
+    hooks = _docs_hooks()
+    described = hooks.describe_model(ROOT / "tests" / "fixtures" / "diffusion-gemma-tiny")
+    assert described["passes"] == ["encoder", "decoder"]
+    k = [(r["layers_text"], r["symbolic"], r["concrete"]) for r in described["rows"]["blocks.{l}.attn.hook_k"]]
+    assert k == [("0, 2 (sliding_causal)", "[batch pos kv_head d_head]", "[3 11 2 16]"),
+                 ("1, 3 (causal)", "[batch pos kv_head d_head]", "[3 11 1 32]")]
+    (signal,) = described["rows"]["self_conditioning.hook_signal"]
+    assert signal["passes"] == ("decoder",) and "fires only in the decoder pass" in hooks._note(signal)
+    (resid,) = described["rows"]["blocks.{l}.hook_resid_post"]
+    assert resid["passes"] == () and resid["layers_text"] == "all"
+    (router,) = described["rows"]["blocks.{l}.mlp.hook_router_logits"]
+    assert router["symbolic"] == "[batch pos n_experts]"
 
 
 def test_hook_reference_page_covers_every_fixture():
