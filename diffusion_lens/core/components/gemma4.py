@@ -150,7 +150,7 @@ class Gemma4FeedForward(nn.Module):
         probs = self.hook_router_probs(torch.softmax(scores, dim=-1, dtype=torch.float32))
         top_weights, top_experts = probs.topk(self.top_k, dim=-1)
         top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True) * router.per_expert_scale[top_experts]
-        dense = torch.zeros_like(probs).scatter_(-1, top_experts, top_weights).to(x.dtype)
+        dense = probs.new_zeros(probs.shape, dtype=top_weights.dtype).scatter_(-1, top_experts, top_weights).to(x.dtype)
         return self.hook_expert_weights(dense)
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
