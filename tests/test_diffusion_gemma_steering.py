@@ -127,6 +127,16 @@ def test_orthogonalized_weights_equal_runtime_ablation_in_both_passes(gemma, k):
         assert (unedited - theirs).abs().max() > 0.1, f"{name}: the edit must change the logits"
 
 
+def test_a_float64_model_routes_and_its_edit_equals_runtime_ablation(gemma):
+    """float64 weights (norms still normalise in fp32): the fp64 per-expert scale once broke the routing."""
+    gemma = gemma.to(torch.float64)
+    r = direction(gemma, 1, seed=2).double()
+    runtime = two_passes(gemma, ablate(gemma, r))
+    orthogonalize_weights(gemma, r)
+    for ours, theirs in zip(runtime, two_passes(gemma)):
+        torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+
+
 def test_orthogonalized_weights_generate_like_runtime_ablation_at_every_state(gemma):
     r = direction(gemma, 1, seed=3)
     runtime = generate(gemma, ablate(gemma, r))
