@@ -12,7 +12,7 @@ import torch
 
 from diffusion_lens import HookedDiffusionTransformer
 from diffusion_lens import hooks as H
-from diffusion_lens.denoising import LLaDASampler
+from diffusion_lens.denoising import LLaDASampler, StreamingMean
 from tests._fast_dllm import DUAL, FULL, PREFIX, read_runs
 from tests.conftest import FIXTURES
 
@@ -154,10 +154,10 @@ def test_a_hook_that_can_never_fire_is_refused(models):
 def test_what_adaptive_and_cached_runs_refuse(models):
     model, prompt = models["llada-tiny-gqa"], torch.tensor([[300, 118, 262, 143, 229, 235]])
     run = dict(steps=16, gen_length=16, block_length=8, chat=False, progress=False)
-    with pytest.raises(ValueError, match="whole-canvas activations"):
-        model.generate(prompt, cache=dict(names="hook_embed"), kv_cache="prefix", **run)
-    with pytest.raises(ValueError, match="decides the number of steps"):
-        model.generate(prompt, cache=dict(names="hook_embed"), threshold=0.5, **run)
+    with pytest.raises(ValueError, match="counts from the end"):
+        model.generate(prompt, cache=dict(names="hook_embed", steps=-1), threshold=0.5, **run)
+    with pytest.raises(ValueError, match="counts from the end"):
+        model.generate(prompt, reducers=[StreamingMean("hook_embed", steps=[0, -1])], threshold=0.5, **run)
     with pytest.raises(ValueError, match="counts from the end"):
         model.generate(prompt, hooks=[H.at("hook_embed", lambda a, h: a, steps=-1)], threshold=0.5, **run)
     with pytest.raises(ValueError, match="not reached"):
@@ -219,3 +219,26 @@ def test_the_other_llada_family_samplers_take_the_kv_cache(folder):
     assert torch.equal(refreshed.sequences, model.generate(prompt, **run).sequences)
     dual = model.generate(prompt, kv_cache="dual", record=True, **run)
     assert {s.window for s in dual.states if s.is_cached_forward} <= {(6, 14), (14, 22)}
+
+
+def test_step_caches_and_reducers_under_a_kv_cache_and_an_adaptive_rule_keep_what_each_forward_computed(models):
+    """cache= / reducers= under kv_cache="prefix" and threshold=: each step holds the requested columns its
+    forward computed (equal to a hook's reading), steps that never ran are absent, the mean is the readings'."""
+    model, prompt = models["llada-tiny-gqa"], torch.tensor([[300, 118, 262, 143, 229, 235]])
+    name, seen = "blocks.1.hook_resid_post", {}
+
+    def read(act, hook):
+        seen[hook.state.step] = (hook.state.computed, act.clone())
+
+    mean = StreamingMean(name, positions="response")
+    out = model.generate(prompt, hooks=[(name, read)], reducers=[mean], kv_cache="prefix", threshold=0.01, steps=16,
+                         gen_length=16, block_length=8, chat=False, progress=False,
+                         cache=dict(names=name, positions="response"))
+    assert out.n_forwards < 16 and out.cache.steps == sorted(seen) and out.cache.n_steps is None
+    readings = []
+    for step, (cols, act) in seen.items():
+        held = out.cache[step].positions
+        assert held.tolist() == list(range(max(cols.start, 6), cols.stop))
+        assert torch.equal(out.cache[step][name], act[:, held - cols.start])
+        readings.append(act[0, held - cols.start])
+    assert torch.allclose(mean.mean(name), torch.cat(readings).double().mean(0), atol=1e-10)

@@ -236,22 +236,6 @@ def check_context(model: HookedDiffusionCore, prompt_width: int, response_length
         )
 
 
-def _check_observers_fit(sampler: Sampler, cache, reducers: Sequence) -> None:
-    """Activation caches and reducers need every step to compute the whole canvas at known steps."""
-    if cache is None and not reducers:
-        return
-    what = "cache=" if cache is not None else "reducers="
-    if sampler.kv_cache_mode() is not None:
-        raise ValueError(
-            f"{what} records whole-canvas activations per step, but under kv_cache={sampler.kv_cache_mode()!r} most "
-            "forwards compute only a window of the canvas. Record with a hook (it sees `hook.state.computed`), or "
-            "run with kv_cache=None."
-        )
-    if not sampler.fixed_steps():
-        raise ValueError(f"{what} needs the run's steps in advance; this sampler's commit rule (threshold= / factor=) "
-                         "decides the number of steps as it goes. Record with a hook, or use the schedule.")
-
-
 def check_hooks_fit(
     model, hooks: list, reducers: Sequence, n_steps: int, n_blocks: int, n_pos: int, batch: int, *,
     exact: bool = True, windows: Optional[list] = None, response_start: Optional[int] = None,
@@ -273,7 +257,7 @@ def check_hooks_fit(
             schedule.check_passes(model.cfg.layer_scalar_passes)
             schedule.check(n_steps, n_blocks, n_pos, batch, exact=exact, windows=windows, response_start=response_start)
     for reducer in reducers:
-        reducer.check_run(model, n_steps)
+        reducer.check_run(model, n_steps, exact=exact)
 
 
 def resolve_generator(
@@ -331,8 +315,9 @@ def generate(
     reproducible without touching the global RNG (`generator` gives a generator directly). With
     neither, temperature-0 runs are deterministic (remaining draws seeded with `DEFAULT_SEED` = 0)
     and sampled runs draw from the global RNG, as upstream.
-    `cache=dict(names=, steps=, positions=, device=, dtype=, include_unconditional=)` -> `out.cache`
-    (refused before the run if predicted over `max_cache_bytes`). `reducers=[StreamingMean(...)]`.
+    `cache=dict(names=, steps=, positions=, device=, dtype=, include_unconditional=, passes=)` -> `out.cache`
+    (refused before the run if predicted over `max_cache_bytes`; under a KV cache each step keeps the
+    requested columns its forward computed, `out.cache[step].positions`). `reducers=[StreamingMean(...)]`.
     `stop_after=s`: end the run after step s's forward (`out.sequences` is the canvas after it).
     `capture_logits=[s, ...]`: raw logits of those steps in `out.logits`. `record=True`: every
     step's `DenoisingState` in `out.states`. `replay=recorded` (an output made with `record=True`):
@@ -358,7 +343,6 @@ def generate(
     last = _check_steps(stop_after, capture_logits, n_steps)
     check_context(model, response_start, sampler.response_length())
     hooks = flatten_hooks(hooks)
-    _check_observers_fit(sampler, cache, reducers)
     check_hooks_fit(model, hooks, reducers, n_steps, sampler.n_blocks(), n_pos, batch,
                     exact=sampler.fixed_steps(), windows=sampler.step_windows(response_start), response_start=response_start)
     if attention_mask is not None and model.cfg.attention_mask_mode == "ignored":
@@ -371,10 +355,11 @@ def generate(
     observers = list(reducers)
     recorder = None
     if cache is not None:
-        request = CacheRequest.build(model, cache, n_steps)
+        request = CacheRequest.build(model, cache, n_steps, exact=sampler.fixed_steps())
         if max_cache_bytes is not None:  # (estimating refuses data-dependent MoE expert hooks)
             check_budget(estimate(model, request, batch, n_pos, response_start, sampler.n_copies()), request, max_cache_bytes)
-        recorder = StepRecorder(model, request, response_start, n_pos, batch, sampler.n_copies(), n_steps)
+        recorder = StepRecorder(model, request, response_start, n_pos, batch, sampler.n_copies(),
+                                n_steps if sampler.fixed_steps() else None)
         observers.append(recorder)
     generator = resolve_generator(sampler, seed, generator, tokens.device)
     run = _Run(model, observers, capture_logits, record)
@@ -412,7 +397,7 @@ def generate(
         texts=texts,
         # a sampler that ends before its last planned block (DiffusionGemma) yields a shorter final canvas
         trajectory=torch.stack([c[:, : canvas.shape[1]] for c in canvases]) if return_trajectory and canvases else None,
-        cache=recorder.cache if recorder is not None else None,
+        cache=recorder.result() if recorder is not None else None,
         response_start=response_start,
         attention_mask=full_mask,
         logits=run.logits,
@@ -516,7 +501,7 @@ def run_with_step_cache(
     taken = sorted(set(driver) & {"cache", "stop_after", "capture_logits", "record", "replay"})
     if taken:
         raise ValueError(f"run_with_cache(step=...) sets {taken} itself; call model.generate for other uses.")
-    wanted = resolve_steps(steps, sampler.n_steps())
+    wanted = resolve_steps(steps, sampler.n_steps(), exact=sampler.fixed_steps())
     request = dict(names=names_filter, steps=wanted, positions=positions, device=device, dtype=dtype)
     out = generate(model, input, cache=request, sampler=sampler, stop_after=wanted[-1], capture_logits=wanted,
                    **{"progress": False, "return_trajectory": False, **driver})
@@ -532,7 +517,8 @@ def estimate_cache_bytes(
     cache: Union[dict, CacheRequest],
     **generate_kwargs,
 ) -> int:
-    """Exact bytes that `generate(input, cache=cache, **generate_kwargs)` would store (nothing is run).
+    """Exact bytes that `generate(input, cache=cache, **generate_kwargs)` would store (nothing is run); an
+    upper bound when forwards compute windows (a KV cache) or the run's length is adaptive.
 
     Why: size a cache request before paying for it; shapes come from the config and the sampler.
     `input` is what you would pass to generate (only tokenized), or a `(batch, prompt_width)` pair;
@@ -551,8 +537,7 @@ def estimate_cache_bytes(
     else:
         tokens, _ = prepare_input(model, input, driver.get("attention_mask"), driver.get("chat", True))
         batch, response_start = tokens.shape
-    _check_observers_fit(sampler, cache, ())
-    request = CacheRequest.build(model, cache, sampler.n_steps())
+    request = CacheRequest.build(model, cache, sampler.n_steps(), exact=sampler.fixed_steps())
     n_pos = response_start + sampler.response_length()
     return estimate(model, request, batch, n_pos, response_start, sampler.n_copies()).total
 

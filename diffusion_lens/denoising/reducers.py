@@ -3,7 +3,8 @@
 `StreamingMean` holds float64 sums whose memory does not grow with the number of prompts, so a
 difference of means over thousands of prompts costs one [d_model] vector per site. Pass reducers
 to `generate(..., reducers=[...])`; like the step cache, each installs its hooks only at the
-steps it asks for.
+steps (and model passes) it asks for. A windowed forward (a KV cache, DiffusionGemma's passes)
+adds the scoped columns it computed; an adaptive run adds the steps it runs.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from diffusion_lens.core.hook_lists import name_filter
-from diffusion_lens.denoising.cache import StepsSpec, resolve_steps
+from diffusion_lens.denoising.cache import StepsSpec, resolve_passes, resolve_steps
 from diffusion_lens.denoising.positions import PositionScope, check_scope, position_axis, scope_mask, stored_positions
 
 
@@ -28,8 +29,11 @@ class StreamingMean:
     `per_position=False` pools every selected (row, position) into one mean [*features];
     `per_position=True` keeps the stored columns (aligned scopes only) -> [n_kept *features].
     `steps`: None (every step), an int or a list (negative = from the end of the run); `by_step=True`
-    keeps one mean per step. Names (globs allowed) and steps are checked against each run before
-    its first forward.
+    keeps one mean per step. `passes`: a model pass or a list of them (`hook.pass_name`, e.g.
+    DiffusionGemma's "decoder"; None = every forward). Names (globs allowed), steps and passes are
+    checked against each run before its first forward (steps counting from the end are refused in
+    an adaptive run). A forward that computes only a window of the canvas adds the scoped columns
+    it computed (`count` says how many vectors each mean has).
     Use it as `model.generate(..., reducers=[r])`, or in a plain forward via
     `model.run_with_hooks(tokens, fwd_hooks=r.hooks(mask=valid))`.
 
@@ -37,15 +41,18 @@ class StreamingMean:
         >>> r = StreamingMean("blocks.*.hook_resid_post", positions="response", steps=0)
         >>> for batch in prompts: model.generate(batch, reducers=[r], steps=..., progress=False)
         >>> r.mean("blocks.3.hook_resid_post").shape, r.count("blocks.3.hook_resid_post")  # [d_model] float64
+        >>> dec = StreamingMean("blocks.1.hook_resid_post", positions="response", passes="decoder")
+        >>> gemma.generate(prompt, reducers=[dec], max_new_tokens=32)   # every decoder step's canvas
     """
 
     def __init__(self, names: Union[str, Sequence[str]], *, positions: PositionScope = "response",
                  steps: StepsSpec = None, per_position: bool = False, by_step: bool = False,
-                 include_unconditional: bool = False):
+                 include_unconditional: bool = False, passes: Union[None, str, Sequence[str]] = None):
         check_scope(positions)
         self.names = [names] if isinstance(names, str) else list(names)
         self.positions = positions
         self.steps = None if steps is None else frozenset([steps] if isinstance(steps, int) else steps)
+        self.passes = None if passes is None else frozenset([passes] if isinstance(passes, str) else passes)
         self.per_position = per_position
         self.by_step = by_step
         self.include_unconditional = include_unconditional
@@ -57,13 +64,18 @@ class StreamingMean:
 
     # -- hooks
     def wants(self, state) -> bool:
+        if self.passes is not None and state.pass_name not in self.passes:
+            return False
         return self.steps is None or state.step in self.steps or state.step - state.n_steps in self.steps
 
-    def check_run(self, model, n_steps: int) -> None:
-        """Raise before the run for a name that selects no hook point or a step outside 0..n_steps-1."""
+    def check_run(self, model, n_steps: int, exact: bool = True) -> None:
+        """Raise before the run for a name that selects no hook point, a step outside 0..n_steps-1
+        (`exact=False`: `n_steps` is an upper bound, and negative steps are refused) or a pass the
+        model does not run."""
         model.hook_names(self.names)
+        resolve_passes(self.passes, model.cfg.layer_scalar_passes, "StreamingMean")
         if self.steps is not None:
-            resolve_steps(self.steps, n_steps)
+            resolve_steps(self.steps, n_steps, exact=exact)
 
     def hooks(self, mask: Optional[Tensor] = None) -> list[tuple]:
         """(name, fn) pairs for `run_with_hooks` / `model.hooks`; `mask` [batch pos] marks the real
@@ -75,18 +87,26 @@ class StreamingMean:
         state = getattr(hook, "state", None)
         if state is not None and not self.wants(state):
             return
+        if state is None and self.passes is not None and getattr(hook, "pass_name", None) not in self.passes:
+            return
         if state is not None and state.guidance and not self.include_unconditional:
             act = act[: state.batch]
         axis = position_axis(hook, act.ndim)
-        n_rows, n_pos = act.shape[0], act.shape[axis]
-        valid = self._valid(state, n_rows, n_pos, act.device)
-        acts = act.movedim(axis, 1)  # [rows pos *features]
+        n_rows = act.shape[0]
+        n_pos = act.shape[axis] if state is None else state.n_pos  # canvas columns; a windowed forward computes fewer
+        computed = slice(0, n_pos) if state is None else state.computed
+        valid = self._valid(state, n_rows, n_pos, act.device)[:, computed]
+        acts = act.movedim(axis, 1)  # [rows computed_pos *features]
         key = (hook.name, state.step if (self.by_step and state is not None) else None)
         if self.per_position:
-            index = self._columns(state, n_pos)
-            acts, valid = acts[:, index], valid[:, index]
-            total = (acts.double() * valid.view(*valid.shape, *[1] * (acts.ndim - 2))).sum(0)
-            count: Union[int, Tensor] = valid.sum(0).cpu()
+            columns = self._columns(state, n_pos)  # [n_kept] canvas columns
+            inside = (columns >= computed.start) & (columns < computed.stop)
+            local = columns[inside] - computed.start
+            picked, valid = acts[:, local], valid[:, local]
+            total = acts.new_zeros((columns.numel(), *acts.shape[2:]), dtype=torch.float64)
+            total[inside] = (picked.double() * valid.view(*valid.shape, *[1] * (picked.ndim - 2))).sum(0)
+            count: Union[int, Tensor] = torch.zeros(columns.numel(), dtype=torch.long)
+            count[inside.cpu()] = valid.sum(0).cpu()
         else:
             selected = acts[valid]
             total = selected.double().sum(0)
@@ -97,13 +117,14 @@ class StreamingMean:
         else:
             self._sums[key], self._counts[key] = total, count
 
-    def _columns(self, state, n_pos: int):
+    def _columns(self, state, n_pos: int) -> Int[Tensor, " n_kept"]:
+        """The canvas columns a per-position mean keeps (on the activations' device)."""
         if state is None and self.positions in ("prompt", "response"):
             raise ValueError(
                 f"positions={self.positions!r} needs a DenoisingState; in a plain forward pass an index list."
             )
         index = stored_positions(self.positions, state.response_start if state is not None else 0, n_pos)
-        return index if isinstance(index, slice) else index.to(self._device)
+        return torch.arange(n_pos, device=self._device)[index] if isinstance(index, slice) else index.to(self._device)
 
     def _valid(self, state, n_rows: int, n_pos: int, device) -> Tensor:
         """[rows pos] bool: in the scope (pooled mode) and not a pad."""
