@@ -1,9 +1,11 @@
 """Directions from class means: difference of means, PCA of class activations, k-dim subspaces.
 
 `mean_difference` runs one forward per prompt on the canvas the sampler starts from (prompt +
-`gen_length` masks, denoising step 0) or at a later denoising step, and reads the chosen
-positions at every requested layer with the streaming float64 reducers of
-`diffusion_lens.denoising` (`StreamingMean`), so memory does not depend on the number of prompts.
+`gen_length` masks, denoising step 0) or at a later denoising step, or in one pass of a multi-pass
+model (DiffusionGemma's "encoder" over the prompt, "decoder" over its noise canvas; `pass_name=`,
+the forward `diffusion_lens.steering.collect.Reading` picks), and reads the chosen positions at
+every requested layer with the streaming float64 reducers of `diffusion_lens.denoising`
+(`StreamingMean`), so memory does not depend on the number of prompts.
 """
 
 from __future__ import annotations
@@ -17,14 +19,19 @@ from jaxtyping import Float
 from torch import Tensor
 
 from diffusion_lens.core.results_io import load_result, require_pandas, save_result
-from diffusion_lens.denoising import StreamingMean, generate
+from diffusion_lens.denoising import StreamingMean
 from diffusion_lens.denoising import hooks as H
-from diffusion_lens.denoising.generate import split_generate_kwargs
-from diffusion_lens.denoising.samplers import CanvasProbe
 from diffusion_lens.prompts.batching import PromptsInput, batch_indices, check_batch_size, left_pad, prepare_prompts
 from diffusion_lens.steering._common import LayerSpec, progress_bar, resolve_layers, unit
-from diffusion_lens.steering.collect import StopForward, collect_activations, stop_after_sites
-from diffusion_lens.steering.positions import POOLED, PositionSpec, Positions, check_positions, parse_positions
+from diffusion_lens.steering.collect import Reading, collect_activations
+from diffusion_lens.steering.positions import (
+    POOLED,
+    PositionSpec,
+    Positions,
+    check_positions,
+    parse_positions,
+    selector,
+)
 
 
 @dataclass
@@ -36,7 +43,8 @@ class Directions:
     `layers` are model layer indices, `positions` the position labels (the selectors asked for, such
     as "last_prompt" / "response[0]" / "mean_prompt", and "post_instruction[-2]" for template tokens;
     ints such as -1 in results of the deprecated int spelling). `site` is the block hook read
-    (`hook_resid_pre`, the block input, by default).
+    (`hook_resid_pre`, the block input, by default); `step` and `pass_name` say which forward was
+    read (as passed to `mean_difference`: step 0 with a pass is that pass's first forward).
 
     Example:
         >>> dirs = mean_difference(model, harmful, harmless, layers="all", positions="post_instruction")
@@ -53,6 +61,7 @@ class Directions:
     n_positive: int = 0
     n_negative: int = 0
     second_moment_positive: Optional[Float[Tensor, "layer pos d_model d_model"]] = field(default=None, repr=False)
+    pass_name: Optional[str] = None
 
     @property
     def directions(self) -> Float[Tensor, "layer pos d_model"]:
@@ -135,8 +144,9 @@ class Directions:
         return self.directions[0, 0]
 
     def __repr__(self) -> str:
-        return (f"Directions(layers={self.layers}, positions={self.positions}, site={self.site!r}, step={self.step}, "
-                f"n={self.n_positive}+{self.n_negative})")
+        in_pass = "" if self.pass_name is None else f", pass_name={self.pass_name!r}"
+        return (f"Directions(layers={self.layers}, positions={self.positions}, site={self.site!r}, step={self.step}"
+                f"{in_pass}, n={self.n_positive}+{self.n_negative})")
 
     @classmethod
     def concat(cls, parts: "list[Directions]") -> "Directions":
@@ -153,7 +163,7 @@ class Directions:
             raise TypeError("Directions.concat takes a non-empty list of Directions.")
         first = parts[0]
         for d in parts[1:]:
-            for attr in ("layers", "site", "step", "n_positive", "n_negative"):
+            for attr in ("layers", "site", "step", "pass_name", "n_positive", "n_negative"):
                 if getattr(d, attr) != getattr(first, attr):
                     raise ValueError(f"Cannot concatenate directions with different {attr}: {getattr(first, attr)!r} vs "
                                      f"{getattr(d, attr)!r}; compute them on the same prompts, layers, site and step.")
@@ -167,7 +177,7 @@ class Directions:
         return cls(
             torch.cat([d.mean_positive for d in parts], 1), torch.cat([d.mean_negative for d in parts], 1),
             list(first.layers), labels, first.site, first.step, first.n_positive, first.n_negative,
-            None if moments[0] is None else torch.cat(moments, 1),
+            None if moments[0] is None else torch.cat(moments, 1), first.pass_name,
         )
 
     def to_pandas(self):
@@ -188,7 +198,7 @@ class Directions:
         if self.second_moment_positive is not None:
             tensors["second_moment_positive"] = self.second_moment_positive
         meta = {"layers": list(self.layers), "positions": list(self.positions), "site": self.site, "step": self.step,
-                "n_positive": self.n_positive, "n_negative": self.n_negative}
+                "n_positive": self.n_positive, "n_negative": self.n_negative, "pass_name": self.pass_name}
         return tensors, meta
 
     @classmethod
@@ -243,25 +253,33 @@ class _Plan:
     / "all" (token-weighted means; pads never count).
     """
 
-    def __init__(self, sites, positions: Positions, template, response_length: int, step: int, second_moment: bool):
-        self.sites, self.positions, self.step = list(sites), positions, step
+    def __init__(self, sites, positions: Positions, template, response_length: int, reading: Reading,
+                 second_moment: bool):
+        self.sites, self.positions, self.template, self.reading = list(sites), positions, template, reading
         kind = positions.kind
+        read = dict(steps=reading.step, passes=reading.pass_name)
         if kind in POOLED:
-            self.reducers = [StreamingMean(self.sites, positions=_POOLED_SCOPES[kind], steps=step)]
+            self.reducers = [StreamingMean(self.sites, positions=_POOLED_SCOPES[kind], **read)]
             self.mode = "pooled"
         elif kind == "pre_instruction":
             n_pre = len(template.prefix)
-            self.reducers = [StreamingMean(self.sites, positions=_pre_scope(i), steps=step) for i in range(n_pre)]
+            self.reducers = [StreamingMean(self.sites, positions=_pre_scope(i), **read) for i in range(n_pre)]
             self.mode = "pre"
         else:
             offsets = list(range(-len(template.suffix), 0)) if kind == "post_instruction" else list(positions.offsets)
             self.columns = [o - response_length for o in offsets]  # negative: counted from the canvas end
-            self.reducers = [StreamingMean(self.sites, positions=self.columns, per_position=True, steps=step)]
+            self.reducers = [StreamingMean(self.sites, positions=self.columns, per_position=True, **read)]
             self.mode = "columns"
         self.moments = _SecondMoments(self) if second_moment else None
 
-    def hooks(self) -> list:
-        return [] if self.moments is None else self.moments.hooks()
+    def hooks(self, indices) -> list:
+        """The hooks of one batch (prompts `indices`): the check that the forward read computes every
+        selected position (`selector` raises naming the columns it computes), and the second moments."""
+        def check(act, hook):
+            selector(self.positions, hook.state, self.template, indices)
+
+        checks = [H.at(self.sites[0], check, steps=self.reading.step, passes=self.reading.pass_name)]
+        return checks + ([] if self.moments is None else self.moments.hooks())
 
     def means(self) -> Float[Tensor, "site pos d"]:
         if self.mode == "pooled":
@@ -271,15 +289,16 @@ class _Plan:
         return torch.stack([self.reducers[0].mean(site) for site in self.sites])
 
     def selected(self, act: Tensor, state) -> Tensor:
-        """[batch n_sel d] (or [k 1 d] pooled tokens) of one activation, for the second moments."""
-        act = act[: state.batch]
+        """[batch n_sel d] (or [k 1 d] pooled tokens) of one activation (the columns its forward
+        computed, `state.computed`), for the second moments."""
+        act, start = act[: state.batch], state.computed.start
         if self.mode == "columns":
-            return act[:, self.columns]
+            return act[:, [c % state.n_pos - start for c in self.columns]]
         if self.mode == "pre":
-            index = _n_pad(state)[:, None] + torch.arange(len(self.reducers), device=act.device)[None, :]
+            index = _n_pad(state)[:, None] + torch.arange(len(self.reducers), device=act.device)[None, :] - start
             return act.gather(1, index[..., None].expand(-1, -1, act.shape[-1]))
         valid = H.position_mask(state, _POOLED_SCOPES[self.positions.kind]) & ~state.is_pad
-        return act[valid][:, None]
+        return act[valid[:, state.computed]][:, None]
 
 
 _POOLED_SCOPES = {"mean_prompt": "prompt", "mean_response": "response", "mean_all": "all"}
@@ -300,7 +319,8 @@ class _SecondMoments:
             self.sums[hook.name] = outer if hook.name not in self.sums else self.sums[hook.name] + outer
             self.counts[hook.name] = self.counts.get(hook.name, 0) + x.shape[0]
 
-        return [H.at(site, update, steps=self.plan.step) for site in self.plan.sites]
+        reading = self.plan.reading
+        return [H.at(site, update, steps=reading.step, passes=reading.pass_name) for site in self.plan.sites]
 
     def means(self) -> Tensor:
         return torch.stack([self.sums[s] / self.counts[s] for s in self.plan.sites])
@@ -347,21 +367,14 @@ def _check_prompts_against_positions(prepared, positions: Positions, response_le
             )
 
 
-def _class_means(model, prepared, sites, positions, *, step, sampler, batch_size, second_moment, generate_kwargs,
-                 argument, bar):
-    response_length = sampler.response_length()
+def _class_means(model, prepared, sites, positions, *, reading, batch_size, second_moment, argument, bar):
+    response_length = reading.sampler.response_length()
     _check_prompts_against_positions(prepared, positions, response_length, argument)
-    plan = _Plan(sites, positions, prepared.template, response_length, step, second_moment)
-    stop = stop_after_sites(model, sites, step)
+    plan = _Plan(sites, positions, prepared.template, response_length, reading, second_moment)
     for indices in batch_indices(model, prepared, batch_size):
         bar.update()
         tokens, mask, _ = left_pad(model, [prepared.tokens[i] for i in indices])
-        try:
-            generate(model, tokens, attention_mask=mask, sampler=sampler, reducers=plan.reducers,
-                     hooks=plan.hooks() + stop, stop_after=step, return_trajectory=False, progress=False,
-                     **generate_kwargs)
-        except StopForward:
-            pass
+        reading.generate(model, tokens, mask, reading.hooks(model, sites) + plan.hooks(indices), plan.reducers)
     return plan.means(), (None if plan.moments is None else plan.moments.means())
 
 
@@ -381,6 +394,7 @@ def mean_difference(
     generate_kwargs: Optional[dict] = None,
     column: Optional[str] = None,
     progress: bool = True,
+    pass_name: Optional[str] = None,
 ) -> Directions:
     """Difference of class means of `site` activations per layer and position (float64, streaming).
 
@@ -390,6 +404,14 @@ def mean_difference(
     `gen_length` masks, `CanvasProbe`; no sampler options needed); `step=s > 0` runs the model's
     sampler with `generate_kwargs` (its options, e.g. steps / gen_length / block_length, and seed)
     up to step s and reads that step's forward (the response length is then the sampler's).
+
+    Multi-pass models (`cfg.layer_scalar_passes`, DiffusionGemma) run the family's sampler, and
+    `pass_name` picks the forward: "encoder" reads the causal pass over the prompt (prompt positions;
+    None reads step `step` whatever its pass, at step 0 the encoder), "decoder" the first denoising
+    step over a noise canvas drawn from `generate_kwargs`' `seed` (default 0; one canvas for every
+    prompt) that reads the prompt's KV cache (canvas positions "response[i]", "mean_response").
+    With `step=s > 0` the pass must be the one step s runs. A position the forward does not
+    compute is an error naming the columns it computes.
 
     `positions` (`diffusion_lens.steering.positions`): "last_prompt", "prompt[-k]", "response[i]"
     or a list of those; "pre_instruction" / "post_instruction" (chat-template tokens around the
@@ -404,6 +426,7 @@ def mean_difference(
         >>> dirs = mean_difference(model, harmful, harmless, layers="all", positions="post_instruction")
         >>> dirs.cosine[:, -1]                           # cosine of class means per layer
         >>> r = dirs.unit(layer=14, pos="post_instruction[-1]")
+        >>> canvas = mean_difference(gemma, harmful, harmless, positions="mean_response", pass_name="decoder")
     """
     positions = parse_positions(positions)
     if not isinstance(site, str) or not site.startswith("hook_"):
@@ -422,23 +445,16 @@ def mean_difference(
     for reserved in ("reducers", "stop_after", "return_trajectory", "attention_mask"):
         if reserved in options:
             raise ValueError(f"generate_kwargs may not set {reserved!r}; mean_difference controls it.")
-    if step == 0 and not options:
-        if isinstance(gen_length, bool) or not isinstance(gen_length, int) or gen_length < 0:
-            raise ValueError(f"gen_length must be an int >= 0; got {gen_length!r}.")
-        sampler = CanvasProbe(gen_length=gen_length)
-    else:
-        sampler, options = split_generate_kwargs(model, options)
-        if step >= sampler.n_steps():
-            raise ValueError(f"step={step} but the sampler runs {sampler.n_steps()} steps (0..{sampler.n_steps() - 1}).")
+    reading = Reading.plan(model, pass_name=pass_name, step=step, gen_length=gen_length, generate_kwargs=options)
     n_batches = sum(len(batch_indices(model, p, batch_size)) for p in (pos_prompts, neg_prompts))
     with progress_bar(n_batches, "mean_difference", progress) as bar:
-        common = dict(step=step, sampler=sampler, batch_size=batch_size, generate_kwargs=options, bar=bar)
+        common = dict(reading=reading, batch_size=batch_size, bar=bar)
         mp, sp = _class_means(model, pos_prompts, sites, positions, second_moment=subspace, argument="positive", **common)
         mn, _ = _class_means(model, neg_prompts, sites, positions, second_moment=False, argument="negative", **common)
     labels = positions.position_labels(pos_prompts.template or neg_prompts.template)
     return Directions(
         mean_positive=mp, mean_negative=mn, layers=layer_list, positions=labels, site=site, step=step,
-        n_positive=len(pos_prompts), n_negative=len(neg_prompts), second_moment_positive=sp,
+        n_positive=len(pos_prompts), n_negative=len(neg_prompts), second_moment_positive=sp, pass_name=pass_name,
     )
 
 

@@ -12,6 +12,12 @@ whatever the row's padding:
   positions, or both (pads excluded); one pooled position.
 * None (only in `collect_activations`): every non-pad position as its own sample.
 
+A forward that computes only a window of the canvas (`hook.state.computed`: a KV cache, or one of
+DiffusionGemma's passes, whose "encoder" computes the prompt and whose "decoder" computes the noise
+canvas) is read at the positions it computes: a selector naming a column outside the window is an
+error that says which columns the forward computes, and "mean_response" pools the response columns
+it computes (the decoder's canvas block).
+
 Bare ints used to count from the prompt / response boundary (-1 = last prompt token) while
 everywhere else (`ablate`, `add`, `H.at`, caches) an int is a canvas column; that meaning is
 deprecated (one release, `DeprecationWarning` naming the selector to write) and ints will become
@@ -212,12 +218,54 @@ class Selector:
 
 
 def selector(positions: Positions, state, template: Optional[InstructionTemplate], indices: Sequence[int]) -> Selector:
-    """The `Selector` for one denoising state's canvas (`hook.state`); checks offsets and template
-    tokens per row. `indices` are the batch's prompt indices (for error messages).
+    """The `Selector` for one denoising state's canvas (`hook.state`), lined up with the columns the
+    forward computes (`state.computed`); checks offsets and template tokens per row, and that every
+    selected position is computed. `indices` are the batch's prompt indices (for error messages).
 
     Example:
         >>> sel = selector(parse_positions("mean_prompt"), hook.state, None, range(hook.state.batch))
+        >>> sel.read(act)     # act: [batch computed_pos d_model]
     """
+    return _computed_part(_canvas_selector(positions, state, template, indices), positions, state)
+
+
+def _computed_part(chosen: Selector, positions: Positions, state) -> Selector:
+    """`chosen` (over canvas columns) restricted to the columns this forward computes; an error when it
+    selects a column outside them. "mean_response" is the mean over the response columns computed
+    (a block-by-block sampler's canvas, e.g. DiffusionGemma's decoder window)."""
+    cols = state.computed
+    if cols == slice(0, state.n_pos):
+        return chosen
+    if chosen.valid is not None:
+        return Selector(valid=chosen.valid[:, cols])
+    if chosen.index is not None:
+        outside = (chosen.index < cols.start) | (chosen.index >= cols.stop)
+    elif positions.kind == "mean_response" and bool((chosen.weights[:, cols] > 0).all(0).any()):
+        inside = chosen.weights[:, cols] > 0
+        return Selector(weights=inside.double() / inside.sum(1, keepdim=True))
+    else:
+        outside = chosen.weights.clone()
+        outside[:, cols] = 0
+        outside = outside != 0
+    if bool(outside.any()):
+        P = state.response_start
+        part = "the prompt" if cols.stop <= P else ("the response" if cols.start >= P else "prompt and response")
+        where = f"step {state.step}" + (f" (the {state.pass_name!r} pass)" if state.pass_name is not None else "")
+        hint = ("; read prompt positions in the pass that computes the prompt and canvas positions in the one that "
+                "computes the canvas (pass_name=)" if state.pass_name is not None else "")
+        label = list(positions.labels) if positions.kind == "offsets" else repr(positions.kind)
+        raise ValueError(
+            f"positions={label} select canvas columns this forward does not compute: {where} computes columns "
+            f"[{cols.start}, {cols.stop}) ({part}; the response starts at {P}){hint}."
+        )
+    if chosen.index is not None:
+        return Selector(index=chosen.index - cols.start)
+    return Selector(weights=chosen.weights[:, cols])
+
+
+def _canvas_selector(positions: Positions, state, template: Optional[InstructionTemplate], indices: Sequence[int]
+                     ) -> Selector:
+    """The `Selector` over every canvas column of `state`."""
     tokens, P = state.canvas, state.response_start
     b, n_pos = tokens.shape
     device = tokens.device

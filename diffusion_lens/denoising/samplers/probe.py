@@ -11,7 +11,7 @@ from torch import Tensor
 
 from diffusion_lens.core.config import DiffusionConfig
 from diffusion_lens.denoising.canvas import build_canvas
-from diffusion_lens.denoising.samplers.base import Forward, Sampler, resolve_token_id
+from diffusion_lens.denoising.samplers.base import Forward, Sampler
 from diffusion_lens.denoising.state import DenoisingState
 
 
@@ -22,7 +22,9 @@ class CanvasProbe(Sampler):
 
     Why: step-0 analyses (class means, probes) run through `generate`, so `hook.state`, scheduled
     hooks and streaming reducers work, without naming a family's sampler or its options
-    (`gen_length=0` reads the prompt alone).
+    (`gen_length=0` reads the prompt alone). A model without a mask token (DiffusionGemma, whose
+    canvas is noise) has no such canvas: only `gen_length=0` works there; its steering readers run
+    the family's sampler instead (`collect_activations(..., pass_name=)`).
 
     Example:
         >>> r = StreamingMean("blocks.*.hook_resid_pre", positions="response")
@@ -50,12 +52,20 @@ class CanvasProbe(Sampler):
         forward: Forward,
         generator: Optional[torch.Generator] = None,
     ) -> Iterator[tuple[DenoisingState, Int[Tensor, "batch pos"]]]:
-        mask_id = resolve_token_id(self.mask_id, cfg.mask_token_id, "mask_id", "mask_token_id")
-        canvas, full_mask = build_canvas(prompt, attention_mask, self.gen_length, mask_id)
+        mask_id = cfg.mask_token_id if self.mask_id is None else self.mask_id
+        if mask_id is None and self.gen_length:
+            raise ValueError(
+                f"CanvasProbe(gen_length={self.gen_length}) reads the prompt followed by mask tokens, and this model has "
+                "no mask token (its canvas is noise, e.g. DiffusionGemma). Read the prompt alone with gen_length=0, or "
+                "a forward of the model's own sampler (collect_activations / mean_difference with pass_name=)."
+            )
+        # without a mask token there are no response columns to fill (gen_length 0), nor undecided positions
+        canvas, full_mask = build_canvas(prompt, attention_mask, self.gen_length, -1 if mask_id is None else mask_id)
+        undecided = torch.zeros_like(canvas, dtype=torch.bool) if mask_id is None else None
         state = DenoisingState(
             step=0, n_steps=1, block=0, n_blocks=1, step_in_block=0, steps_in_block=1, canvas=canvas,
             response_start=prompt.shape[1], mask_id=mask_id, attention_mask=full_mask, model_input=canvas,
-            model_attention_mask=full_mask,
+            model_attention_mask=full_mask, _is_masked=undecided,
         )
         forward(state)
         yield state, canvas
