@@ -46,11 +46,14 @@ class HookedDiffusionTransformer(HookedDiffusionCore):
         from the end of the run: `step=-1` is the last) and the forward *at* step k is returned as
         (logits, ActivationCache); `step=[k, ...]` returns ({step: logits}, StepCache). Extra
         keywords then go to `generate` (steps, gen_length, ...); see
-        `diffusion_lens.denoising.run_with_step_cache`.
+        `diffusion_lens.denoising.run_with_step_cache`. A forward that computes a window of the
+        canvas (a KV cache, DiffusionGemma's passes) holds those columns only: `cache.positions`.
 
         Example:
             >>> logits, cache = model.run_with_cache(tokens, names_filter=lambda n: "resid" in n)
             >>> logits, cache = model.run_with_cache(prompt, step=3, steps=8, gen_length=16, block_length=8)
+            >>> _, cache = gemma.run_with_cache(prompt, step=1, max_new_tokens=32, seed=0)  # 1st decoder step
+            >>> cache.positions                                      # its canvas columns [P, P + canvas_length)
         """
         if step is None:
             return super().run_with_cache(

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from diffusion_lens import HookedDiffusionTransformer
-from diffusion_lens.denoising import CanvasProbe, StreamingMean
+from diffusion_lens.denoising import CanvasProbe, StepCache, StreamingMean
 from diffusion_lens.steering import collect_activations, fit_transport, mean_difference
 from tests.conftest import FIXTURES
 
@@ -189,6 +189,16 @@ def test_generate_cache_keeps_each_passes_columns_and_equals_the_hook_readings(g
     assert bound >= dec.nbytes  # the guard estimates from the upper bound
     logits, acts = gemma.run_with_cache(PROMPTS[1][None], step=1, names_filter=SITES, seed=3, **RUN)
     assert torch.equal(acts[SITES[0]], seen[1][2][SITES[0]]) and acts.positions.tolist() == list(range(6, 22))
+
+
+def test_a_saved_step_cache_keeps_each_steps_columns(gemma, tmp_path):
+    cache = gemma.generate(PROMPTS[1][None], seed=3, cache=dict(names=SITES[0], positions="response"), **RUN).cache
+    cache.save(tmp_path / "cache")
+    loaded = StepCache.load(tmp_path / "cache", gemma)
+    assert loaded.steps == cache.steps and len({tuple(loaded[s].positions.tolist()) for s in loaded.steps}) == 2
+    for step in cache.steps:
+        assert torch.equal(loaded[step].positions, cache[step].positions)
+        assert torch.equal(loaded[step][SITES[0]], cache[step][SITES[0]])
 
 
 def test_a_streaming_mean_over_decoder_steps_is_the_mean_of_their_readings(gemma):

@@ -216,7 +216,9 @@ class CacheEstimate:
 
 
 def estimate(model, request: CacheRequest, batch: int, n_pos: int, response_start: int, n_copies: int) -> CacheEstimate:
-    """Exact bytes the request will store for a batch of `batch` prompts on an `n_pos` canvas."""
+    """Exact bytes the request will store for a batch of `batch` prompts on an `n_pos` canvas when
+    every requested step runs and computes every requested column; otherwise (a KV cache's windows,
+    an adaptive run's early end, hooks that do not fire in some pass) an upper bound."""
     rows = batch * (n_copies if request.include_unconditional else 1)
     n_kept = n_stored(stored_positions(request.positions, response_start, n_pos), n_pos)
     per_name = {}

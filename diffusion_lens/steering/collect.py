@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+from jaxtyping import Int
 from torch import Tensor
 
 from diffusion_lens.denoising import DEFAULT_SEED, Sampler, generate
@@ -133,7 +134,8 @@ class Reading:
             out += [H.at(sites[0], mark, passes=self.pass_name), ("hook_embed", stop_next)]
         return out
 
-    def generate(self, model, tokens: Tensor, mask: Optional[Tensor], hooks: list, reducers: Sequence = ()) -> None:
+    def generate(self, model, tokens: Int[Tensor, "batch pos"], mask: Optional[Int[Tensor, "batch pos"]], hooks: list,
+                 reducers: Sequence = ()) -> None:
         """One `generate` run of a batch up to the forward read (`StopForward` caught)."""
         try:
             generate(model, tokens, attention_mask=mask, sampler=self.sampler, reducers=reducers, hooks=hooks,
