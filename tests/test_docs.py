@@ -21,6 +21,7 @@ EXPECTED = [
     "03_optimal_transport_steering.ipynb",
     "04_patching_across_steps.ipynb",
     "05_adding_a_model.ipynb",
+    "06_diffusion_gemma.ipynb",
 ]
 
 
