@@ -142,7 +142,7 @@ PROMPT = torch.tensor([[2, 10, 11, 12, 13]])
 
 @pytest.mark.parametrize("name, advice", [("temperature", "t_min= / t_max="), ("do_sample", "t_min= / t_max="),
                                           ("top_k", "TopKLogitsWarper"), ("top_p", "TopPLogitsWarper"),
-                                          ("stopping_criteria", "not supported"), ("streamer", "not supported")])
+                                          ("streamer", "not supported")])
 def test_keywords_upstream_ignores_raise_with_what_to_use(gemma, name, advice):
     """Upstream's generate() swallows temperature= / top_k= / top_p= / do_sample= (same tokens): never silent here."""
     model, _ = gemma
@@ -186,6 +186,8 @@ def test_validation_matches_upstream():
         EntropyBoundSampler(logits_processor=lambda ids, scores: scores)
     with pytest.raises(ValueError, match="must be a list of callables"):
         EntropyBoundSampler(logits_processor=[3])
+    with pytest.raises(ValueError, match="stopping_criteria=.* wrap it in"):
+        EntropyBoundSampler(stopping_criteria=lambda ids, scores, **kwargs: ids[:, 0] > 0)
 
 
 class _LastTokenBias:
@@ -233,3 +235,39 @@ def test_apply_logits_processors_calls_as_transformers_does():
     scale = lambda input_ids, s, cur_step: s + cur_step  # noqa: E731
     out = apply_logits_processors([scale, ban_1], ids, scores, step)
     assert out[..., 1].isinf().all() and out[..., 0].eq(2).all()
+
+
+class _FirstRowAfterOneBlock:
+    """Upstream's custom stopping criterion: row 0 is done once a block is committed, row 1 never;
+    records what it was called with."""
+
+    def __init__(self, prompt_width: int):
+        self.prompt_width, self.calls = prompt_width, []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.calls.append((tuple(input_ids.shape), scores, kwargs))
+        return torch.tensor([input_ids.shape[1] > self.prompt_width, False])
+
+
+def test_stopping_criteria_match_transformers_generate():
+    """A custom criterion stops row 0 after its first block: transformers' `generate` and ours pad its
+    later blocks identically, call the criterion with the same arguments, and differ from a run without it."""
+    from transformers import DiffusionGemmaForBlockDiffusion, StoppingCriteriaList  # the live reference
+
+    folder = FIXTURES / GEMMA[0]
+    reference = DiffusionGemmaForBlockDiffusion.from_pretrained(folder).eval()
+    model = HookedDiffusionTransformer.from_pretrained(folder)
+    prompt = torch.tensor([[2, 10, 11, 12, 13], [2, 30, 31, 32, 33]])
+    options = dict(max_new_tokens=48, max_denoising_steps=4)
+    theirs_stop, ours_stop = _FirstRowAfterOneBlock(5), _FirstRowAfterOneBlock(5)
+    torch.manual_seed(3)
+    theirs = reference.generate(prompt, stopping_criteria=StoppingCriteriaList([theirs_stop]), **options).sequences
+    torch.manual_seed(3)
+    ours = model.generate(prompt, chat=False, progress=False, stopping_criteria=StoppingCriteriaList([ours_stop]),
+                          **options).sequences
+    assert ours.equal(theirs) and ours_stop.calls == theirs_stop.calls
+    C = model.cfg.extra["canvas_length"]
+    assert ours[0, 5 + C:].eq(model.adapter.sampler(model.cfg).pad_token_id).all() and ours.shape[1] == 5 + 3 * C
+    torch.manual_seed(3)
+    plain = model.generate(prompt, chat=False, progress=False, **options).sequences
+    assert plain[:, :5 + C].equal(ours[:, :5 + C]) and not plain[0].equal(ours[0]) and plain[1].equal(ours[1])

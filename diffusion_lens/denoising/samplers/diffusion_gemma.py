@@ -52,14 +52,15 @@ NOT_OPTIONS = {
              "logits_processor=[transformers.TopKLogitsWarper(top_k)] (upstream's generate() ignores top_k=)",
     "top_p": "it samples from the whole distribution; to filter the logits first pass "
              "logits_processor=[transformers.TopPLogitsWarper(top_p)] (upstream's generate() ignores top_p=)",
-    "stopping_criteria": "custom stopping criteria are not supported: rows stop by stability_threshold= / "
-                         "confidence_threshold=, the run at eos_token_id= or max_length=",
     "streamer": "streamers are not supported: record=True gives every step's state and canvas "
                 "(out.states, out.trajectory), and a hook sees each step as it runs",
 }
 
 #: A custom logits processor, upstream's signature: `proc(input_ids, scores)` or `proc(input_ids, scores, cur_step=)`.
 LogitsProcessor = Callable[..., Tensor]
+#: A custom stopping criterion, called as upstream after each block: `crit(input_ids, None, new_token_length=C)`
+#: -> [batch] bool (transformers' `StoppingCriteria`).
+StoppingCriterion = Callable[..., Tensor]
 
 
 def temperature(cur_step: int, n_steps: int, t_min: float, t_max: float) -> Tensor:
@@ -172,16 +173,17 @@ def finalize_block(
     eos_token_id: Optional[list[int]],
     pad_token_id: Optional[int],
     max_length: Optional[int],
+    stopped: Optional[Bool[Tensor, " batch"]] = None,
 ) -> tuple[Int[Tensor, "batch pos"], Bool[Tensor, " batch"]]:
     """(sequences with the last block padded, rows finished) after a block is committed (§6.6): rows
-    finished earlier get a pad block; when a row just hit EOS (or `max_length`), every row's block is
-    padded after its first EOS.
+    finished earlier get a pad block; when a row just hit EOS (or `max_length`, or a custom stopping
+    criterion: `stopped`), every row's block is padded after its first EOS.
 
     Example:
         >>> seq, done = finalize_block(seq, torch.zeros(2, dtype=torch.bool), 16, [1], 0, None)
     """
     block = sequences[:, -canvas_length:]
-    done_now = torch.zeros_like(finished)
+    done_now = torch.zeros_like(finished) if stopped is None else stopped.to(finished.device)
     if max_length is not None:
         done_now = done_now | (sequences.shape[1] >= max_length)
     if eos_token_id is not None:
@@ -211,8 +213,10 @@ class EntropyBoundSampler(Sampler):
     `logits_processor`: upstream's custom processors (a list, or transformers' `LogitsProcessorList`),
     run on each decoder step's fp32 logits before the temperature division, called as
     `proc(input_ids, logits, cur_step=...)` (input_ids: the prompt and the committed blocks; cur_step:
-    the int32 count of steps left, N..1) or `proc(input_ids, logits)`. `sampler_config=` (upstream's
-    `EntropyBoundSamplerConfig` or its dict) sets `entropy_bound` through `with_options`.
+    the int32 count of steps left, N..1) or `proc(input_ids, logits)`. `stopping_criteria`: upstream's
+    custom criteria (a list, or a `StoppingCriteriaList`), checked with EOS and `max_length` after
+    each block as `crit(input_ids, None, new_token_length=C)` -> [batch] bool. `sampler_config=`
+    (upstream's `EntropyBoundSamplerConfig` or its dict) sets `entropy_bound` through `with_options`.
 
     Example:
         >>> EntropyBoundSampler(max_new_tokens=32, max_denoising_steps=12).n_steps()   # with C = 16
@@ -234,6 +238,7 @@ class EntropyBoundSampler(Sampler):
     decoder_input_ids: Optional[Int[Tensor, "rows canvas"]] = None  # block 0's starting canvas instead of noise
     canvas_length: int = 256  # C: the adapter sets the checkpoint's (config.json `canvas_length`)
     logits_processor: Sequence[LogitsProcessor] = ()  # stored as a tuple
+    stopping_criteria: Sequence[StoppingCriterion] = ()  # stored as a tuple
 
     def __post_init__(self):
         problems = []
@@ -257,15 +262,17 @@ class EntropyBoundSampler(Sampler):
                             "(as upstream: 1.0, not 1), or None")
         if isinstance(self.eos_token_id, int):
             object.__setattr__(self, "eos_token_id", [self.eos_token_id])
-        processors = () if self.logits_processor is None else self.logits_processor
-        if callable(processors) and not isinstance(processors, (list, tuple)):
-            problems.append(f"logits_processor={processors!r} must be a list of processors "
-                            "(or transformers' LogitsProcessorList): wrap it in [ ]")
-        elif not isinstance(processors, (list, tuple)) or not all(callable(proc) for proc in processors):
-            problems.append(f"logits_processor={processors!r} must be a list of callables "
-                            "proc(input_ids, scores[, cur_step=]) -> scores")
-        else:
-            object.__setattr__(self, "logits_processor", tuple(processors))
+        for name, signature in (("logits_processor", "proc(input_ids, scores[, cur_step=]) -> scores"),
+                                ("stopping_criteria", "crit(input_ids, scores, **kwargs) -> [batch] bool")):
+            given = () if getattr(self, name) is None else getattr(self, name)
+            if callable(given) and not isinstance(given, (list, tuple)):
+                problems.append(f"{name}={given!r} must be a list (or transformers' "
+                                f"{'LogitsProcessorList' if name == 'logits_processor' else 'StoppingCriteriaList'}): "
+                                "wrap it in [ ]")
+            elif not isinstance(given, (list, tuple)) or not all(callable(item) for item in given):
+                problems.append(f"{name}={given!r} must be a list of callables {signature}")
+            else:
+                object.__setattr__(self, name, tuple(given))
         if problems:
             raise ValueError("EntropyBoundSampler: " + "; ".join(problems) + ".")
 
@@ -391,8 +398,13 @@ class EntropyBoundSampler(Sampler):
                     continue
                 committed = sequences.clone()
                 committed[:, start:start + C] = argmax
-                committed, finished_seq = finalize_block(committed[:, :start + C], finished_seq, C, self.eos_token_id,
-                                                         self.pad_token_id, self.max_length)
+                committed = committed[:, :start + C]
+                stopped = None
+                for criterion in self.stopping_criteria:  # upstream's custom criteria, OR-ed with EOS / max_length
+                    done = criterion(committed, None, new_token_length=C)
+                    stopped = done if stopped is None else stopped | done
+                committed, finished_seq = finalize_block(committed, finished_seq, C, self.eos_token_id,
+                                                         self.pad_token_id, self.max_length, stopped)
                 last = block == n_blocks - 1 or bool(finished_seq.all())
                 sequences = committed if last else torch.cat([committed, sequences[:, start + C:]], 1)
                 undecided = torch.zeros_like(sequences, dtype=torch.bool)
