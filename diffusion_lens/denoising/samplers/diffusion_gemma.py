@@ -14,9 +14,9 @@ committed block (§6.6). RNG draws follow §6.8 exactly, so a run seeded like up
 On this noise canvas "masked" means "undecided": `state.is_masked` marks the canvas positions that
 hold noise (not accepted at the previous step; every position at a block's first step).
 
-Upstream's `generate()` keywords are accepted as they are (`sampler_config=`, `logits_processor=`),
-so a recorded call replays unchanged; the keywords upstream swallows without effect (`temperature`,
-`top_k`, `top_p`, `do_sample`) raise here, saying what to use instead.
+Upstream's `generate()` keywords are accepted as they are (`sampler_config=`, `logits_processor=`,
+`stopping_criteria=`), so a recorded call replays unchanged; the keywords upstream swallows without
+effect (`temperature`, `top_k`, `top_p`, `do_sample`) and `streamer=` raise here, saying what to use instead.
 
 Example:
     >>> torch.manual_seed(0)
