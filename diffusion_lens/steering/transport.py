@@ -392,8 +392,9 @@ def fit_transport(
     or one tensor [n *feature] with `sites=[name]` -- or prompts (strings or token tensors), in
     which case `model=` is required and activations are collected at `sites` with `pooling`
     ("mean_all" = mean over the whole step-0 canvas, prompt and masked response, as in Lek et al.;
-    see `collect_activations` for every option; extra keyword arguments such as `gen_length` go
-    there). Returns an `AffineMap` at strength 1.
+    see `collect_activations` for every option; extra keyword arguments such as `gen_length`, or
+    `pass_name=` / `seed=` on a multi-pass model such as DiffusionGemma, go there). Returns an
+    `AffineMap` at strength 1.
 
     Example:
         >>> src = {"blocks.1.hook_mlp_out": neg_acts}; tgt = {"blocks.1.hook_mlp_out": pos_acts}
