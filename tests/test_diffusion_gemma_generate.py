@@ -142,9 +142,10 @@ PROMPT = torch.tensor([[2, 10, 11, 12, 13]])
 
 @pytest.mark.parametrize("name, advice", [("temperature", "t_min= / t_max="), ("do_sample", "t_min= / t_max="),
                                           ("top_k", "TopKLogitsWarper"), ("top_p", "TopPLogitsWarper"),
-                                          ("streamer", "not supported")])
+                                          ("streamer", "not supported"), ("pixel_values", "only the text path")])
 def test_keywords_upstream_ignores_raise_with_what_to_use(gemma, name, advice):
-    """Upstream's generate() swallows temperature= / top_k= / top_p= / do_sample= (same tokens): never silent here."""
+    """Upstream's generate() swallows temperature= / top_k= / top_p= / do_sample= (same tokens): never silent here;
+    images (upstream's pixel_values=) are refused with the reason: the vision tower is carried, not run."""
     model, _ = gemma
     with pytest.raises(TypeError, match=f"EntropyBoundSampler has no option '{name}': .*{advice}"):
         model.generate(PROMPT, chat=False, progress=False, **{name: 0.5})

@@ -54,6 +54,8 @@ NOT_OPTIONS = {
              "logits_processor=[transformers.TopPLogitsWarper(top_p)] (upstream's generate() ignores top_p=)",
     "streamer": "streamers are not supported: record=True gives every step's state and canvas "
                 "(out.states, out.trajectory), and a hook sees each step as it runs",
+    "pixel_values": "only the text path runs here: the vision tower's weights are carried through loading and "
+                    "save_pretrained but not run, so images cannot be encoded; pass text prompts only",
 }
 
 #: A custom logits processor, upstream's signature: `proc(input_ids, scores)` or `proc(input_ids, scores, cur_step=)`.
