@@ -8,3 +8,4 @@ from model_adapters import dream  # noqa: F401
 from model_adapters import llada_moe  # noqa: F401
 from model_adapters import mmada  # noqa: F401
 from model_adapters import diffusion_gemma  # noqa: F401
+from model_adapters import llada2  # noqa: F401

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Optional, Union
 
+import torch
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
@@ -39,11 +40,39 @@ class KeyRule:
         return target.format(**match.groupdict()) if match else None
 
 
+@dataclass(frozen=True)
+class FusedKeyRule:
+    """One checkpoint tensor holding several internal weights stacked along dim 0, in order (a fused
+    QKV projection); the split sizes are the model's own weight shapes.
+
+    Example: FusedKeyRule("model.layers.{l}.attention.query_key_value.weight",
+                          ("blocks.{l}.attn.q_proj.weight", "blocks.{l}.attn.k_proj.weight", "blocks.{l}.attn.v_proj.weight"))
+    """
+
+    checkpoint: str
+    internals: tuple[str, ...]
+
+    def internal_keys(self, key: str) -> Optional[tuple[str, ...]]:
+        """The internal keys of checkpoint key `key`, in stacking order; None if the rule does not match."""
+        parts = tuple(KeyRule(self.checkpoint, part).convert(key, to_internal=True) for part in self.internals)
+        return None if parts[0] is None else parts
+
+    def checkpoint_key(self, internal: str) -> Optional[str]:
+        """The fused checkpoint key holding internal key `internal` (any part); None if it is no part."""
+        for part in self.internals:
+            key = KeyRule(self.checkpoint, part).convert(internal, to_internal=False)
+            if key is not None:
+                return key
+        return None
+
+
 class ModelAdapter:
     """Base class of a family adapter. Subclasses set `name`, `key_rules` and implement the hooks below."""
 
     name: ClassVar[str]
     key_rules: ClassVar[tuple[KeyRule, ...]]
+    # Checkpoint tensors split into several internal weights on load and stacked again on save.
+    fused_key_rules: ClassVar[tuple[FusedKeyRule, ...]] = ()
     # Checkpoint keys that exist upstream but carry nothing the model needs (e.g. rotary caches).
     ignored_checkpoint_keys: ClassVar[tuple[str, ...]] = ()
     # Checkpoint keys (regexes) the model does not use but `save_pretrained` must write back unchanged
@@ -165,6 +194,51 @@ class ModelAdapter:
             if converted is not None:
                 return converted
         raise KeyError(f"The {self.name} adapter has no checkpoint name for internal weight {key!r}.")
+
+    def to_internal_tensors(self, key: str, tensor, shapes: dict) -> Optional[list[tuple[str, "object"]]]:
+        """[(internal key, tensor)] for one checkpoint tensor, a fused one split along dim 0 by the
+        first-dim sizes of its parts in `shapes` (internal key -> the model's tensor); None if unknown.
+
+        Example:
+            >>> adapter.to_internal_tensors("model.layers.0.attention.query_key_value.weight", qkv, model.state_dict())
+            [('blocks.0.attn.q_proj.weight', ...), ('blocks.0.attn.k_proj.weight', ...), ...]
+        """
+        internal = self.to_internal_key(key)
+        if internal is not None:
+            return [(internal, tensor)]
+        for rule in self.fused_key_rules:
+            parts = rule.internal_keys(key)
+            if parts is None or not all(part in shapes for part in parts):
+                continue
+            sizes = [shapes[part].shape[0] for part in parts]
+            if tensor.shape[0] != sum(sizes):
+                raise ValueError(f"Checkpoint tensor {key!r} has {tensor.shape[0]} rows; this model stacks {list(parts)} "
+                                 f"of {sizes} rows there. Check that config.json belongs to these weights.")
+            return list(zip(parts, tensor.split(sizes)))
+        return None
+
+    def fuse_checkpoint_tensors(self, state: dict) -> dict:
+        """Take every complete group of fused parts out of `state` (internal key -> tensor) and return
+        them stacked under their checkpoint keys (the inverse of `to_internal_tensors`).
+
+        Example:
+            >>> fused = adapter.fuse_checkpoint_tensors(state)   # state loses q/k/v_proj, fused gains query_key_value
+        """
+        fused = {}
+        for rule in self.fused_key_rules:
+            for key in {rule.checkpoint_key(name) for name in state} - {None}:
+                parts = rule.internal_keys(key)
+                if all(part in state for part in parts):
+                    fused[key] = torch.cat([state.pop(part) for part in parts])
+        return fused
+
+    def checkpoint_name(self, internal: str) -> str:
+        """The checkpoint key holding an internal weight (a fused key for a part), for messages."""
+        for rule in self.fused_key_rules:
+            key = rule.checkpoint_key(internal)
+            if key is not None:
+                return f"{key} (its {internal} part)"
+        return self.to_checkpoint_key(internal)
 
     def is_ignored(self, key: str) -> bool:
         return any(re.fullmatch(pattern, key) for pattern in self.ignored_checkpoint_keys)

@@ -335,19 +335,20 @@ def load_pretrained(model_cls, name_or_path, *, dtype=None, device="cpu", adapte
             if family.is_carried(key):  # unused here, written back by save_pretrained as stored
                 model.carried_tensors[key] = tensor
                 continue
-            internal = family.to_internal_key(key)
-            if internal is None or internal not in expected:
+            pieces = family.to_internal_tensors(key, tensor, expected)  # a fused tensor: one piece per part
+            if pieces is None or any(internal not in expected for internal, _ in pieces):
                 if not family.is_ignored(key):
                     unexpected.append(key)
                 continue
-            if tuple(tensor.shape) != tuple(expected[internal].shape):
-                wrong_shape.append(f"{key}: checkpoint {tuple(tensor.shape)}, model {tuple(expected[internal].shape)}")
-                continue
-            shard[internal] = tensor.to(device=device, dtype=cfg.dtype)
+            for internal, piece in pieces:
+                if tuple(piece.shape) != tuple(expected[internal].shape):
+                    wrong_shape.append(f"{key}: checkpoint {tuple(piece.shape)}, model {tuple(expected[internal].shape)}")
+                    continue
+                shard[internal] = piece.to(device=device, dtype=cfg.dtype)
         model.load_state_dict(shard, strict=False, assign=True)
         loaded.update(shard)
         del shard
-    missing = [family.to_checkpoint_key(k) for k in expected if k not in loaded]
+    missing = [family.checkpoint_name(k) for k in expected if k not in loaded]
     if missing or unexpected or wrong_shape:
         problems = [_count_and_name(keys, kind) for keys, kind in
                     ((missing, "missing keys"), (unexpected, "unexpected keys"), (wrong_shape, "wrongly shaped keys"))
@@ -472,7 +473,11 @@ def _checkpoint_tensors(model) -> tuple[dict[str, torch.Tensor], dict[str, torch
         state.pop("unembed.weight", None)
     architecture = set(_meta_model(type(model), model.cfg).state_dict())
     adapter = model.adapter
-    tensors, biases, unmapped = {}, {}, []
+    # parts of a fused checkpoint tensor (a fused QKV) leave `in_format` and are written stacked
+    in_format = {name: state.pop(name) for name in list(state) if name in architecture}
+    fused = adapter.fuse_checkpoint_tensors(in_format)
+    state.update(in_format)
+    tensors, biases, unmapped = {key: value.detach().contiguous().cpu() for key, value in fused.items()}, {}, []
     for name, value in state.items():
         value = value.detach().contiguous().cpu()
         key = _checkpoint_key(adapter, name) if name in architecture else None

@@ -19,6 +19,7 @@ AttentionKind = Literal["bidirectional", "causal", "block_causal", "sliding_caus
 MlpAct = Literal["silu", "gelu_tanh"]
 BlockLayout = Literal["pre_norm", "gemma4"]
 RopeKind = Literal["default", "proportional"]
+RouterScore = Literal["softmax", "sigmoid"]
 
 
 @dataclass
@@ -141,6 +142,20 @@ class DiffusionConfig:
     d_shared_expert_mlp: Optional[int] = None
     moe_layers: tuple[int, ...] = ()  # indices of blocks whose MLP is a mixture of experts
     router_expert_bias: bool = False
+    # Router (core/components/moe.py documents each step and what its hooks hold):
+    #   softmax  probs = softmax(logits); + expert_bias after it, used to choose and to weight (OLMoE, LLaDA-MoE)
+    #   sigmoid  scores = sigmoid(logits); + expert_bias only to choose, weights from the unbiased
+    #            scores (DeepSeek-V3, LLaDA2)
+    router_score: RouterScore = "softmax"
+    # Group-limited top-k: experts in router_n_groups contiguous groups, each group scored by the sum
+    # of its two largest selection scores, only the router_topk_groups best groups eligible. None = off.
+    router_n_groups: Optional[int] = None
+    router_topk_groups: Optional[int] = None
+    router_renormalize: bool = False  # top-k weights / (their sum + 1e-20) when n_experts_per_token > 1
+    routed_scaling_factor: float = 1.0  # the routing weights times this
+    # True: router logits from fp32 inputs and weights, expert outputs weighted and summed in fp32,
+    # then cast (LLaDA2); False: the router in the model dtype, weights cast to it (LLaDA-MoE).
+    router_fp32: bool = False
 
     dtype: torch.dtype = torch.float32
     model_name: str = "custom"
@@ -210,6 +225,7 @@ class DiffusionConfig:
             bad = [layer for layer in self.moe_layers if not 0 <= layer < self.n_layers]
             if bad:
                 problems.append(f"moe_layers {bad} are outside 0..{self.n_layers - 1}")
+        problems += self._router_problems()
         if problems:
             raise ValueError("Invalid DiffusionConfig: " + "; ".join(problems))
 
@@ -240,6 +256,23 @@ class DiffusionConfig:
             if value is not None and not kinds & users:
                 problems.append(f"{size_field}={value} is set but no layer_attention entry is one of {sorted(users)}, "
                                 "which are the only layers it shapes; drop it or name those layers")
+        return problems
+
+    def _router_problems(self) -> list[str]:
+        problems = []
+        if self.router_score not in RouterScore.__args__:
+            problems.append(f"router_score={self.router_score!r} is not one of {RouterScore.__args__}")
+        groups, kept = self.router_n_groups, self.router_topk_groups
+        if (groups is None) != (kept is None):
+            problems.append(f"router_n_groups={groups} and router_topk_groups={kept} go together: set both or neither")
+        elif groups is not None:
+            n_experts, top_k = self.n_experts or 0, self.n_experts_per_token or 0
+            if groups <= 0 or n_experts % groups or n_experts // groups < 2:
+                problems.append(f"router_n_groups={groups} must split n_experts={n_experts} into equal groups of at "
+                                "least 2 experts (a group is scored by its two best experts)")
+            elif not 0 < kept <= groups or top_k > kept * (n_experts // groups):
+                problems.append(f"router_topk_groups={kept} must be in 1..router_n_groups={groups} and keep at least "
+                                f"n_experts_per_token={top_k} experts eligible")
         return problems
 
     def _per_layer_problems(self) -> list[str]:
@@ -373,4 +406,5 @@ class DiffusionConfig:
         return cls(**values)
 
 
-__all__ = ["DiffusionConfig", "AttentionKind", "AttentionMaskMode", "BlockLayout", "MlpAct", "PositionIdsMode", "RopeKind"]
+__all__ = ["DiffusionConfig", "AttentionKind", "AttentionMaskMode", "BlockLayout", "MlpAct", "PositionIdsMode", "RopeKind",
+           "RouterScore"]

@@ -57,10 +57,12 @@ def attention_mask_for(
 
 
 def layer_kind_mask(
-    cfg: DiffusionConfig, kind: AttentionKind, queries: range, n_keys: int, device: Union[torch.device, str]
+    cfg: DiffusionConfig, kind: AttentionKind, queries: range, n_keys: int, device: Union[torch.device, str],
+    block_size: Optional[int] = None,
 ) -> Optional[Bool[Tensor, "q_pos k_pos"]]:
     """Which keys (canvas columns 0..n_keys-1) the queries at canvas columns `queries` may attend in a
     layer of `kind` (bounds on `DiffusionConfig.layer_attention`); None for bidirectional.
+    `block_size` sizes the blocks of "block_causal" (None: `cfg.attention_block_size`).
 
     Queries are absolute columns, so a windowed forward gets exactly its [window canvas] rows; the
     `window_*` kinds are relative to the window `queries` itself (every query row is the same).
@@ -77,7 +79,8 @@ def layer_kind_mask(
     if kind == "causal":
         return a <= q
     if kind == "block_causal":
-        return a // cfg.attention_block_size <= q // cfg.attention_block_size
+        size = cfg.attention_block_size if block_size is None else block_size
+        return a // size <= q // size
     if kind == "sliding_causal":
         return (a <= q) & (a > q - cfg.sliding_window)
     if kind == "sliding":
@@ -96,10 +99,15 @@ def attention_masks_for(
     n_keys: int,
     device: Union[torch.device, str],
     kinds: Optional[tuple[str, ...]] = None,
+    block_size: Optional[int] = None,
 ) -> list[AttentionMask]:
     """One mask per layer for the queries at canvas columns `queries` over keys 0..n_keys-1: the
     padding mask (`attention_mask_for`) AND the layer's kind (`kinds`, default `cfg.layer_attention`;
     a pass's are `cfg.attention_kinds(pass_name)`).
+
+    `block_size` (a sampler's block length, e.g. LLaDA2's `block_length`) makes the bidirectional
+    and block-causal layers block-causal with blocks of `block_size` canvas columns counted from
+    column 0 (prompt included); None keeps the kinds as configured.
 
     Each distinct kind's mask is built once per forward and shared by its layers; with every layer
     bidirectional and no padding to mask, no mask tensor is built at all (SDPA's fast path).
@@ -110,16 +118,30 @@ def attention_masks_for(
     """
     padding = attention_mask_for(cfg, padding_mask, queries)
     kinds = cfg.layer_attention if kinds is None else kinds
+    if block_size is not None:
+        kinds = _block_causal_kinds(cfg, kinds, block_size)
     if kinds is None:
         return [padding] * cfg.n_layers
     by_kind: dict[str, AttentionMask] = {}
     for kind in dict.fromkeys(kinds):
-        layer = layer_kind_mask(cfg, kind, queries, n_keys, device)
+        layer = layer_kind_mask(cfg, kind, queries, n_keys, device, block_size)
         if layer is None or padding is None:
             by_kind[kind] = padding if layer is None else layer[None, None]
         else:
             by_kind[kind] = padding & layer
     return [by_kind[kind] for kind in kinds]
+
+
+def _block_causal_kinds(cfg: DiffusionConfig, kinds: Optional[tuple[str, ...]], block_size: int) -> tuple[str, ...]:
+    """Every layer block-causal for a forward's `attention_block_size`; other kinds cannot take it."""
+    if not (isinstance(block_size, int) and block_size > 0):
+        raise ValueError(f"attention_block_size={block_size!r} must be a positive number of canvas columns.")
+    kinds = ("bidirectional",) * cfg.n_layers if kinds is None else kinds
+    other = sorted(set(kinds) - {"bidirectional", "block_causal"})
+    if other:
+        raise ValueError(f"attention_block_size= makes bidirectional layers block-causal, but this model has {other} "
+                         "layers, whose attention it cannot change; drop attention_block_size.")
+    return ("block_causal",) * len(kinds)
 
 
 class Attention(nn.Module):

@@ -1,18 +1,38 @@
-"""Mixture-of-experts MLP (softmax router, optional expert bias, top-k, optional shared expert).
+"""Mixture-of-experts MLP: softmax or sigmoid router, optional expert bias and group-limited top-k,
+optional shared expert.
 
-Routing, as LLaDA-MoE / OLMoE compute it, is described by config fields only:
+Routing is described by config fields only (`DiffusionConfig.router_*`), two ways:
 
-    probs    = softmax(router(x)) in fp32        (+ expert_bias when cfg.router_expert_bias; added
-                                                  AFTER the softmax, used to select and to weight)
-    top-k    over probs, no renormalisation      (cfg.n_experts_per_token)
-    output   = sum_k weight_k * expert_k(x)      (+ shared_expert(x) when cfg.d_shared_expert_mlp)
+    router_score="softmax" (OLMoE, LLaDA-MoE)
+        logits   = router(x)                          model dtype (fp32 with cfg.router_fp32)
+        select   = softmax(logits) in fp32 (+ expert_bias when cfg.router_expert_bias, added AFTER the
+                   softmax: it moves both the choice and the weights)
+        top-k    over select; weights = select at the chosen experts
+    router_score="sigmoid" (DeepSeek-V3, LLaDA2)
+        logits   = router(x)                          fp32 with cfg.router_fp32
+        scores   = sigmoid(logits) in fp32
+        select   = scores (+ expert_bias): the bias only CHOOSES
+        top-k    over select; weights = the unbiased scores at the chosen experts
+    then, for both:
+        groups   with cfg.router_n_groups: experts in contiguous groups, a group scored by the sum of
+                 its two largest `select` entries, only the cfg.router_topk_groups best groups stay
+                 eligible (the others' `select` is -inf) before the top-k
+        weights  / (sum + 1e-20) when cfg.router_renormalize and n_experts_per_token > 1;
+                 times cfg.routed_scaling_factor
+        output   = sum_k weight_k * expert_k(x)  (in fp32 then cast with cfg.router_fp32, else in the
+                   model dtype)  + shared_expert(x) when cfg.d_shared_expert_mlp (ungated)
 
 Hook points (module `blocks.{l}.mlp`):
 
-    hook_router_logits        [batch pos n_experts]   router output, model dtype
-    hook_router_probs         [batch pos n_experts]   fp32 softmax (+ expert bias): the selection score
-    hook_expert_weights       [batch pos n_experts]   dense routing weights, model dtype: the top-k
-                                                      scores at the chosen experts, 0 elsewhere. Tokens
+    hook_router_logits        [batch pos n_experts]   router output: model dtype, fp32 with cfg.router_fp32
+    hook_router_probs         [batch pos n_experts]   fp32 selection scores, the tensor the top-k reads:
+                                                      softmax (+ expert bias) for a softmax router;
+                                                      sigmoid + expert bias for a sigmoid router, -inf
+                                                      outside the kept groups when groups are on. Editing
+                                                      it changes the choice (and, for softmax, the weights)
+    hook_expert_weights       [batch pos n_experts]   dense routing weights (after renormalising and
+                                                      scaling), model dtype (fp32 with cfg.router_fp32):
+                                                      the weights at the chosen experts, 0 elsewhere. Tokens
                                                       are dispatched from this tensor *after* the hook,
                                                       so zeroing entry e drops expert e for that token and
                                                       writing a non-zero weight routes the token there.
@@ -33,6 +53,7 @@ forward, with zero rows when no token chose it, so caches always hold the same n
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
@@ -69,6 +90,7 @@ class MixtureOfExperts(KeepPropertyErrors, nn.Module):
 
     def __init__(self, cfg: DiffusionConfig):
         super().__init__()
+        self.cfg = cfg
         self.n_experts = cfg.n_experts
         self.top_k = cfg.n_experts_per_token
         self.router = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
@@ -99,14 +121,37 @@ class MixtureOfExperts(KeepPropertyErrors, nn.Module):
             >>> w = model.blocks[0].mlp.routing_weights(model.blocks[0].ln2(resid))  # [batch pos n_experts]
             >>> (w != 0).sum(-1)  # n_experts_per_token everywhere
         """
-        logits = self.hook_router_logits(self.router(x))
-        probs = torch.softmax(logits.float(), dim=-1)
-        if self.expert_bias is not None:
-            probs = probs + self.expert_bias.float()
-        probs = self.hook_router_probs(probs)
-        top_weights, top_experts = probs.topk(self.top_k, dim=-1)
-        dense = torch.zeros_like(probs).scatter_(-1, top_experts, top_weights).to(x.dtype)
-        return self.hook_expert_weights(dense)
+        cfg = self.cfg
+        if cfg.router_fp32:
+            logits = self.hook_router_logits(F.linear(x.float(), self.router.weight.float()))
+        else:
+            logits = self.hook_router_logits(self.router(x))
+        if cfg.router_score == "sigmoid":
+            scores = torch.sigmoid(logits.float())
+            select = scores if self.expert_bias is None else scores + self.expert_bias.float()
+        else:
+            select = torch.softmax(logits.float(), dim=-1)
+            if self.expert_bias is not None:
+                select = select + self.expert_bias.float()
+        if cfg.router_n_groups is not None:
+            select = self._keep_best_groups(select)
+        select = self.hook_router_probs(select)
+        top_experts = select.topk(self.top_k, dim=-1).indices
+        # softmax: the weights are the (hooked) selection scores; sigmoid: the unbiased scores
+        top_weights = (scores if cfg.router_score == "sigmoid" else select).gather(-1, top_experts)
+        if cfg.router_renormalize and self.top_k > 1:
+            top_weights = top_weights / (top_weights.sum(dim=-1, keepdim=True) + 1e-20)
+        top_weights = top_weights * cfg.routed_scaling_factor
+        dense = torch.zeros_like(select).scatter_(-1, top_experts, top_weights)
+        return self.hook_expert_weights(dense if cfg.router_fp32 else dense.to(x.dtype))
+
+    def _keep_best_groups(self, select: Float[Tensor, "batch pos n_experts"]) -> Float[Tensor, "batch pos n_experts"]:
+        """`select` with -inf outside the `router_topk_groups` groups whose two best scores sum highest."""
+        groups = select.unflatten(-1, (self.cfg.router_n_groups, -1))  # [batch pos group expert_in_group]
+        group_scores = groups.topk(2, dim=-1).values.sum(dim=-1)
+        kept = group_scores.topk(self.cfg.router_topk_groups, dim=-1, sorted=False).indices
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(-1, kept, True)
+        return groups.masked_fill(~keep[..., None], float("-inf")).flatten(-2)
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         batch, n_pos, d_model = x.shape
@@ -122,9 +167,10 @@ class MixtureOfExperts(KeepPropertyErrors, nn.Module):
         for expert, count in zip(self.experts, counts):
             routed_out[start : start + count] = expert(routed_in[start : start + count])
             start += count
+        # in the weights' dtype (fp32 with cfg.router_fp32), then cast back
         routed_out = routed_out * weights[token_ids, expert_ids][:, None]
-        combined = torch.zeros_like(flat).index_add_(0, token_ids, routed_out)
-        out = self.hook_routed_out(combined.view(batch, n_pos, d_model))
+        combined = flat.new_zeros(flat.shape, dtype=routed_out.dtype).index_add_(0, token_ids, routed_out)
+        out = self.hook_routed_out(combined.view(batch, n_pos, d_model).to(x.dtype))
         if self.shared_expert is not None:
             out = out + self.hook_shared_out(self.shared_expert(x))
         return out
