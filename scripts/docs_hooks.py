@@ -30,7 +30,7 @@ TUTORIALS = ROOT / "tutorials"
 BATCH, POS = 3, 11  # chosen to differ from every dimension of the tiny fixtures
 
 # Families in reading order: dense LLaDA first, then the variants built on it, MoE last.
-_FIXTURE_ORDER = {"llada": 0, "mmada": 1, "dream": 2, "llada-moe": 3, "diffusion-gemma": 4}
+_FIXTURE_ORDER = {"llada": 0, "mmada": 1, "dream": 2, "llada-moe": 3, "llada2": 4, "diffusion-gemma": 5}
 
 # One fixture per family is enough for the names; the others are listed when their hook set differs.
 _FAMILY_NOTES = {
@@ -38,6 +38,9 @@ _FAMILY_NOTES = {
     "mmada": "MMaDA-8B (LLaDA blocks; causal attention when a batch is padded)",
     "dream": "Dream-7B (Qwen2 blocks: q/k/v bias, GQA, logit shift 1)",
     "llada_moe": "LLaDA-MoE (per-head q/k RMSNorm, mixture-of-experts MLP)",
+    "llada2": "LLaDA2.0 / LLaDA2.1 (block diffusion: fused QKV split into q/k/v_proj, per-head q/k RMSNorm, "
+              "partial RoPE; first layers dense, then a sigmoid-routed mixture of experts with group-limited "
+              "top-k and an ungated shared expert; the router hooks are fp32)",
     "diffusion_gemma": "DiffusionGemma (Gemma-4 MoE, two passes over one KV cache: a causal encoder and a "
                        "denoising decoder; self-conditioning; sliding and full layers with different head "
                        "geometry; a dense MLP and the experts in parallel in every layer)",
