@@ -64,6 +64,11 @@ class DenoisingState:
     # the previous step's logits fed back to the decoder (`cfg.self_conditioning_pass`); None = none
     self_conditioning_logits: Optional[Float[Tensor, "rows computed_pos vocab"]] = None
     needs_logits: bool = True  # False: the sampler ignores this forward's logits (the model skips its LM head)
+    # block-causal attention for this forward: bidirectional inside blocks of this many canvas columns, causal
+    # across them, counted from column 0 (LLaDA2's block diffusion; the model's `attention_block_size=`); None = the model's own
+    attention_block_size: Optional[int] = None
+    # positions whose committed token the previous step's token editing replaced (LLaDA2.1); None = a sampler that never edits
+    newly_edited: Optional[Bool[Tensor, "batch pos"]] = None
     # "masked" = undecided: the mask token's positions, or on a noise canvas the positions holding noise
     _is_masked: Optional[Bool[Tensor, "batch pos"]] = field(default=None, repr=False)
 

@@ -1,0 +1,179 @@
+"""LLaDA2.0 / LLaDA2.1 samplers (`LLaDA2Sampler`) against every `golden_generate` run of both fixtures
+(tests/fixtures/README-llada2.md): trajectory (the canvas after every forward), final canvas, the
+window each forward reads and upstream's return value, greedy and seeded; batched, padded rows equal
+their single-prompt runs; the bounded editing loop; option errors; `hook.state`'s block structure.
+
+The loops run on `tests/_llada2.ReferenceLLaDA2`, a plain-torch forward written from the reference,
+so the sampler is pinned independently of the library's model; `model.generate` replays the same runs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffusion_lens.denoising.samplers import LLaDA2Sampler
+from diffusion_lens.denoising.samplers.llada2 import threshold_commit, threshold_schedule
+from tests._llada2 import VARIANTS, ReferenceLLaDA2, golden_runs, sampler_options
+
+RUNS = sorted(golden_runs(VARIANTS[0]))
+CFG = type("Cfg", (), {"mask_token_id": None, "eos_token_id": None})()  # the runs pass mask_id / eos_id
+
+
+@pytest.fixture(scope="module", params=VARIANTS)
+def fixture(request):
+    return ReferenceLLaDA2(request.param), golden_runs(request.param)
+
+
+def _run(reference, sampler, prompt, attention_mask=None):
+    """(states, canvases after each forward [steps batch pos]) of `sampler` on the reference model."""
+    pairs = list(sampler.run(CFG, prompt, attention_mask, reference.forward_fn(), None))
+    return [s for s, _ in pairs], torch.stack([c for _, c in pairs])
+
+
+def _upstream_output(golden, options) -> torch.Tensor:
+    """The golden's generated part: upstream's LLaDA2.0 eos_early_stop return also holds the prompt."""
+    output, width = golden["output"][0], golden["prompt"].shape[1]
+    early = options["algorithm"] == "llada2.0" and options["eos_early_stop"]
+    return output[width:] if early and (output == options["eos_id"]).any() else output
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_every_golden_run_is_token_exact(fixture, name):
+    reference, runs = fixture
+    golden = runs[name]
+    options, seed = sampler_options(golden["kwargs"])
+    sampler = LLaDA2Sampler(**options)
+    if seed is not None:
+        torch.manual_seed(seed)  # upstream drew from the global RNG
+    states, trajectory = _run(reference, sampler, golden["prompt"])
+    assert trajectory[:, 0].equal(golden["trajectory"])
+    assert trajectory[-1].equal(golden["canvas"])
+    assert [s.n_pos for s in states] == [s.model_input.shape[1] for s in states] == golden["window_end"].tolist()
+    width = golden["prompt"].shape[1]
+    (output,) = LLaDA2Sampler.upstream_outputs(trajectory[-1], width, options["gen_length"], options["eos_id"])
+    assert output.equal(_upstream_output(golden, options))
+    assert len(states) <= sampler.n_steps() and max(s.block for s in states) < sampler.n_blocks()
+
+
+@pytest.mark.parametrize("name", ["hf20_greedy_eos_block", "hf21_greedy_s"])
+def test_batched_padded_rows_equal_their_single_runs(fixture, name):
+    """Prompts of 10, 6 and 2 tokens (tiny: pads 0 / 4 / 8, whole blocks of 4) in one left-padded batch."""
+    reference, runs = fixture
+    golden = runs[name]
+    options, _ = sampler_options(golden["kwargs"])
+    bl = options["block_length"]
+    base = golden["prompt"][0]
+    prompts = [torch.cat([base, base[: bl]]), base, base[: len(base) - bl]]
+    width = max(len(p) for p in prompts)
+    batch = torch.stack([torch.cat([p.new_full((width - len(p),), 7), p]) for p in prompts])
+    mask = torch.stack([torch.arange(width) >= width - len(p) for p in prompts]).long()
+    sampler = LLaDA2Sampler(**options)
+    _, batched = _run(reference, sampler, batch, mask)
+    for row, prompt in enumerate(prompts):
+        _, single = _run(reference, sampler, prompt[None])
+        pads = width - len(prompt)
+        assert batched[-1, row, pads:].equal(single[-1, 0])
+    assert _run(reference, sampler, golden["prompt"])[1][:, 0].equal(golden["trajectory"])  # the middle row's single run
+
+
+def test_padding_that_shifts_the_block_grid_warns(fixture):
+    reference, runs = fixture
+    golden = runs["hf20_greedy"]
+    options, _ = sampler_options(golden["kwargs"])
+    prompt = golden["prompt"]
+    batch = torch.cat([prompt, torch.cat([prompt.new_full((1, 1), 7), prompt[:, 1:]], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, 0] = 0
+    with pytest.warns(UserWarning, match=r"Rows \[1\] have \[1\] left pads, not a multiple of block_length"):
+        _run(reference, LLaDA2Sampler(**options), batch, mask)
+
+
+def _mask_proposing_forward(mask_id, vocab=16):
+    """A stub model whose every position proposes the mask token (with certainty)."""
+
+    def forward(state):
+        logits = torch.zeros(*state.model_input.shape, vocab)
+        logits[..., mask_id] = 50.0
+        return logits
+
+    return forward
+
+
+@pytest.mark.parametrize("max_block_steps, forwards", [(None, 4 + 16), (3, 3)])
+def test_editing_loop_is_bounded_and_warns(max_block_steps, forwards):
+    """Upstream's LLaDA2.1 loop never ends when the mask token is proposed; here the block ends, with a warning."""
+    sampler = LLaDA2Sampler(algorithm="llada2.1", gen_length=4, block_length=4, mask_id=15, eos_id=1,
+                            max_block_steps=max_block_steps)
+    prompt = torch.tensor([[2, 3, 4, 5]])
+    with pytest.warns(RuntimeWarning, match="still holds masks after max_block_steps=.*retry forever"):
+        pairs = list(sampler.run(CFG, prompt, None, _mask_proposing_forward(15), None))
+    assert len(pairs) == forwards
+    assert (pairs[-1][1][0, 4:] == 15).all()
+
+
+def test_llada20_leaves_proposed_masks_without_looping():
+    sampler = LLaDA2Sampler(gen_length=4, block_length=4, steps=4, mask_id=15, eos_id=1)
+    pairs = list(sampler.run(CFG, torch.tensor([[2, 3, 4, 5]]), None, _mask_proposing_forward(15), None))
+    assert len(pairs) == 4 and (pairs[-1][1][0, 4:] == 15).all()  # 4 steps, then the block is left
+
+
+def test_bad_options_raise_with_what_to_do():
+    with pytest.raises(ValueError, match=r"algorithm='llada2\.2' must be one of \('llada2\.0', 'llada2\.1'\)"):
+        LLaDA2Sampler(algorithm="llada2.2")
+    with pytest.raises(ValueError, match="steps=0 must be a positive int"):
+        LLaDA2Sampler(steps=0)
+    with pytest.raises(ValueError, match=r"top_p=1\.5 must be in \(0, 1\]"):
+        LLaDA2Sampler(top_p=1.5)
+    with pytest.raises(ValueError, match="max_post_steps=-1 must be an int >= 0"):
+        LLaDA2Sampler(max_post_steps=-1)
+    with pytest.raises(TypeError, match="LLaDA2Sampler has no option 'sampler'"):
+        LLaDA2Sampler().with_options(sampler="llada2.1")
+    with pytest.raises(ValueError, match="mask_id"):
+        list(LLaDA2Sampler(gen_length=4, block_length=4).run(CFG, torch.tensor([[1]]), None, _mask_proposing_forward(0), None))
+    assert LLaDA2Sampler().with_options(max_new_tokens=8).gen_length == 8
+
+
+def test_defaults_and_greedy_rules():
+    assert LLaDA2Sampler().commit_threshold() == 0.95 and LLaDA2Sampler(algorithm="llada2.1").commit_threshold() == 0.7
+    assert not LLaDA2Sampler().stochastic()
+    assert LLaDA2Sampler(greedy=False).stochastic()  # upstream LLaDA2.0: temperature 0 samples at temperature 1
+    assert LLaDA2Sampler(top_k=5).stochastic()  # the hub's greedy PR: argmax only without top-k / top-p
+    assert not LLaDA2Sampler(algorithm="llada2.1", top_k=5, greedy=False).stochastic()  # LLaDA2.1: always argmax at 0
+    assert LLaDA2Sampler(steps=32, gen_length=64, minimal_topk=8).steps_per_block() == 8
+    assert LLaDA2Sampler(gen_length=16, block_length=4).block_range(6) == range(1, 6)
+    assert LLaDA2Sampler(gen_length=16, block_length=4).n_blocks() == 5  # a prompt ending mid-block adds one
+
+
+def test_schedule_and_commit_rule():
+    assert threshold_schedule(4, 4) == [1, 1, 1, 1]
+    assert threshold_schedule(5, 4) == [2, 1, 1, 1]
+    assert threshold_schedule(4, 8) == [1, 1, 1, 1, 0, 0, 0, 0]
+    inf = float("-inf")
+    assert threshold_commit(torch.tensor([0.95, 0.5, inf]), 1, 0.95).tolist() == [True, False, False]  # strict >
+    assert threshold_commit(torch.tensor([0.96, 0.97, 0.2]), 1, 0.95).tolist() == [True, True, False]  # all above
+    assert threshold_commit(torch.tensor([0.3, inf, inf]), 2, 0.95).tolist() == [True, False, False]  # k <= candidates
+    assert threshold_commit(torch.tensor([0.3, 0.2]), 0, 0.95).tolist() == [False, False]  # a 0 quota commits nothing
+
+
+def test_state_carries_the_block_structure(fixture):
+    reference, runs = fixture
+    golden = runs["hf21_greedy_s"]  # editing_threshold 0: edits happen
+    options, _ = sampler_options(golden["kwargs"])
+    states, trajectory = _run(reference, LLaDA2Sampler(**options), golden["prompt"])
+    bl, width = options["block_length"], golden["prompt"].shape[1]
+    first = width // bl
+    assert [s.block for s in states] == sorted(s.block for s in states) and states[0].block == 0
+    for s in states:
+        assert s.attention_block_size == bl and s.window is None and s.n_pos == (first + s.block + 1) * bl
+        assert s.is_masked.equal(s.canvas == options["mask_id"])
+    n_edits = 0
+    for before, s in zip(states, states[1:]):
+        old = before.canvas if before.n_pos == s.n_pos else torch.cat([before.canvas, s.canvas[:, before.n_pos:]], 1)
+        changed = (s.canvas != old) & (old != options["mask_id"])
+        assert s.newly_edited.equal(changed)
+        n_edits += int(changed.sum())
+    assert n_edits > 0 and states[0].newly_edited is None
+    llada20, _ = _run(reference, LLaDA2Sampler(**sampler_options(runs["hf20_greedy"]["kwargs"])[0]),
+                      runs["hf20_greedy"]["prompt"])
+    assert all(s.newly_edited is None for s in llada20)
