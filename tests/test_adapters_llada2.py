@@ -10,13 +10,14 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from diffusion_lens import HookedDiffusionTransformer
 from diffusion_lens.checkpoints.adapters import get_adapter
 from diffusion_lens.core.components import attention_masks_for
 from diffusion_lens.core.components.moe import MixtureOfExperts
 from diffusion_lens.core.config import DiffusionConfig
+from diffusion_lens.core.kv_cache import KVCache
 from tests.adapter_parity import assert_pairs_close, capture_module_outputs, ln_out
 from tests.conftest import FIXTURES
 
@@ -272,3 +273,55 @@ def test_block_causal_prefix_ignores_later_blocks(llada2):
     cut = ids.shape[1] - block
     torch.testing.assert_close(before[:, :cut], after[:, :cut], atol=1e-5, rtol=1e-5)
     assert (before[:, cut:] - after[:, cut:]).abs().max() > 0.1
+
+
+def test_windowed_forward_over_a_cache_of_committed_blocks_is_exact(llada2):
+    """The last block run alone over a KV cache of the earlier blocks (the block-diffusion sampler's
+    step) equals the full block-causal forward's last block, padding included."""
+    model, golden, _, block = llada2
+    ids, mask = golden["input_ids"], golden["attention_mask_2d"]
+    full = model(ids, mask, attention_block_size=block)
+    cut = ids.shape[1] - block
+    cache = KVCache.empty(model.cfg, batch=ids.shape[0], n_pos=ids.shape[1], like=model.W_E)
+    model(ids[:, :cut], mask[:, :cut], attention_block_size=block, return_type=None,
+          kv_cache=KVCache([k[:, :, :cut] for k in cache.keys], [v[:, :, :cut] for v in cache.values]))
+    window = model(ids[:, cut:], mask, kv_cache=cache, window_start=cut, attention_block_size=block)
+    torch.testing.assert_close(window, full[:, cut:], atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_keeps_the_router_in_fp32(llada2):
+    """router_fp32: in a bf16 model the router logits and weights stay fp32 and the weighted sum of
+    the (bf16) expert outputs runs in fp32, cast once at the end (upstream's `moe_infer`)."""
+    _, golden, folder, block = llada2
+    model = HookedDiffusionTransformer.from_pretrained(folder, dtype="bfloat16")
+    logits, cache = model.run_with_cache(golden["input_ids"], attention_block_size=block)
+    assert logits.dtype == torch.bfloat16
+    cfg = model.cfg
+    for layer in cfg.moe_layers:
+        p = f"blocks.{layer}.mlp"
+        assert cache[f"{p}.hook_router_logits"].dtype == cache[f"{p}.hook_expert_weights"].dtype == torch.float32
+        weights = cache[f"{p}.hook_expert_weights"].reshape(-1, cfg.n_experts)
+        combined = torch.zeros(weights.shape[0], cfg.d_model)
+        for e in range(cfg.n_experts):
+            routed = weights[:, e].nonzero().squeeze(-1)
+            combined.index_add_(0, routed, cache[f"{p}.experts.{e}.hook_out"].float() * weights[routed, e, None])
+        routed_out = cache[f"{p}.hook_routed_out"]
+        assert routed_out.dtype == torch.bfloat16
+        torch.testing.assert_close(routed_out.float(), combined.to(torch.bfloat16).float().view_as(routed_out),
+                                   atol=0, rtol=2 ** -7)  # one bf16 rounding of an fp32 sum (order may differ)
+
+
+def test_a_fused_tensor_of_the_wrong_size_or_missing_is_named(llada2, tmp_path):
+    model, _, folder, _ = llada2
+    weights = load_file(folder / "model.safetensors")
+    (tmp_path / "short").mkdir()
+    (tmp_path / "short" / "config.json").write_bytes((folder / "config.json").read_bytes())
+    short = dict(weights)
+    short["model.layers.0.attention.query_key_value.weight"] = short["model.layers.0.attention.query_key_value.weight"][:-16]
+    save_file(short, tmp_path / "short" / "model.safetensors")
+    with pytest.raises(ValueError, match="query_key_value.weight' has .* rows; this model stacks"):
+        HookedDiffusionTransformer.from_pretrained(tmp_path / "short")
+    del short["model.layers.0.attention.query_key_value.weight"]
+    save_file(short, tmp_path / "short" / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing keys \(model.layers.0.attention.query_key_value.weight \(its blocks.0.attn.q_proj"):
+        HookedDiffusionTransformer.from_pretrained(tmp_path / "short")
