@@ -325,3 +325,15 @@ def test_a_fused_tensor_of_the_wrong_size_or_missing_is_named(llada2, tmp_path):
     save_file(short, tmp_path / "short" / "model.safetensors")
     with pytest.raises(ValueError, match=r"missing keys \(model.layers.0.attention.query_key_value.weight \(its blocks.0.attn.q_proj"):
         HookedDiffusionTransformer.from_pretrained(tmp_path / "short")
+
+
+def test_attention_block_size_refuses_layers_of_other_kinds():
+    """It turns bidirectional (and block-causal) layers block-causal; a causal or sliding layer's
+    attention is the model's own, so asking to change it is an error, not a silent override."""
+    cfg = DiffusionConfig(d_model=8, n_layers=2, n_heads=2, d_mlp=8, d_vocab=10,
+                          layer_attention=("causal", "bidirectional"))
+    with pytest.raises(ValueError, match=r"this model has \['causal'\] layers"):
+        attention_masks_for(cfg, None, range(4), 4, "cpu", None, 2)
+    cfg = DiffusionConfig(d_model=8, n_layers=2, n_heads=2, d_mlp=8, d_vocab=10)
+    masks = attention_masks_for(cfg, None, range(4), 4, "cpu", None, 2)
+    assert masks[0].tolist() == [[[[True, True, False, False]] * 2 + [[True] * 4] * 2]] and masks[0] is masks[1]
