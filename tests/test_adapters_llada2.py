@@ -18,6 +18,7 @@ from diffusion_lens.core.components import attention_masks_for
 from diffusion_lens.core.components.moe import MixtureOfExperts
 from diffusion_lens.core.config import DiffusionConfig
 from diffusion_lens.core.kv_cache import KVCache
+from diffusion_lens.denoising.samplers import LLaDASampler
 from tests.adapter_parity import assert_pairs_close, capture_module_outputs, ln_out
 from tests.conftest import FIXTURES
 
@@ -337,3 +338,15 @@ def test_attention_block_size_refuses_layers_of_other_kinds():
     cfg = DiffusionConfig(d_model=8, n_layers=2, n_heads=2, d_mlp=8, d_vocab=10)
     masks = attention_masks_for(cfg, None, range(4), 4, "cpu", None, 2)
     assert masks[0].tolist() == [[[[True, True, False, False]] * 2 + [[True] * 4] * 2]] and masks[0] is masks[1]
+
+
+def test_a_bf16_step_cache_of_the_fp32_router_hooks_is_sized_exactly():
+    """`router_fp32`: router logits and routing weights stay fp32 in a bf16 model, and the estimate says so."""
+    model = HookedDiffusionTransformer.from_pretrained(FIXTURES / "llada2-tiny", dtype=torch.bfloat16)
+    prompt = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    run = dict(sampler=LLaDASampler(steps=2, gen_length=4, block_length=4), mask_id=310, progress=False)
+    request = dict(names=lambda n: n.endswith(("hook_router_logits", "hook_expert_weights", "hook_resid_post")),
+                   steps=[0, 1])
+    out = model.generate(prompt, cache=request, **run)
+    assert out.cache[0]["blocks.1.mlp.hook_router_logits"].dtype == torch.float32
+    assert model.estimate_cache_bytes(prompt, cache=request, **run) == out.cache.nbytes

@@ -181,7 +181,7 @@ def activation_shape(model, name: str, rows: int, n_pos: int) -> Optional[tuple[
     if leaf in ("hook_pre", "hook_pre_linear", "hook_post") and hasattr(module, "up_proj") and not _is_expert(module):
         return (rows, n_pos, module.up_proj.out_features), 1, dtype
     if leaf in ("hook_router_logits", "hook_expert_weights") and cfg.n_experts:
-        return (rows, n_pos, cfg.n_experts), 1, dtype
+        return (rows, n_pos, cfg.n_experts), 1, torch.float32 if cfg.router_fp32 else dtype
     if leaf == "hook_router_probs" and cfg.n_experts:
         return (rows, n_pos, cfg.n_experts), 1, torch.float32
     raise ValueError(
