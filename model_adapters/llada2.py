@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from diffusion_lens.checkpoints.adapters import FusedKeyRule, KeyRule, ModelAdapter, register_adapter, unsupported
 from diffusion_lens.core.config import DiffusionConfig
+from diffusion_lens.denoising.samplers import LLaDA2Sampler
 from model_adapters.hf_layout import LAYER, hf_dense_mlp_rules
 
 # `LLaDA2MoeConfig.__init__` defaults (reference §2), used only for keys missing from config.json.
@@ -161,16 +162,16 @@ class LLaDA2Adapter(ModelAdapter):
             extra={"checkpoint_config": dict(config)},
         )
 
-    def sampler(self, cfg: DiffusionConfig):
-        """LLaDA2's threshold-decoding sampler (LLaDA2.0; LLaDA2.1 adds token editing).
+    def sampler(self, cfg: DiffusionConfig) -> LLaDA2Sampler:
+        """LLaDA2.0's threshold decoding with the model card's settings (block_length 32, steps 32, threshold
+        0.95, gen_length 512, eos_early_stop); config.json does not say 2.0 or 2.1, so LLaDA2.1 checkpoints
+        take `algorithm="llada2.1"` (token editing) as a generate option.
 
         Example:
             >>> model.adapter.sampler(model.cfg)
+            LLaDA2Sampler(algorithm='llada2.0', gen_length=512, block_length=32, steps=32, ...)
         """
-        raise NotImplementedError(
-            "The LLaDA2 samplers (LLaDA2.0 threshold decoding, LLaDA2.1 token editing) are not in this build yet; "
-            "the forward works: model(tokens, attention_block_size=block_length) is the block-causal step forward."
-        )
+        return LLaDA2Sampler()
 
     def to_checkpoint_config(self, cfg: DiffusionConfig) -> dict:
         """config.json for `cfg`: the loaded file with every value `cfg` determines written back (a value

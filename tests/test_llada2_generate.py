@@ -3,8 +3,9 @@
 window each forward reads and upstream's return value, greedy and seeded; batched, padded rows equal
 their single-prompt runs; the bounded editing loop; option errors; `hook.state`'s block structure.
 
-The loops run on `tests/_llada2.ReferenceLLaDA2`, a plain-torch forward written from the reference,
-so the sampler is pinned independently of the library's model; `model.generate` replays the same runs.
+`model.generate` (the adapter's sampler) replays all 40 runs; one run per feature also runs on
+`tests/_llada2.ReferenceLLaDA2`, a plain-torch forward written from the reference, which pins the
+loops independently of the library's model (as do the batch, warning and state tests).
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from diffusion_lens import HookedDiffusionTransformer
 from diffusion_lens.denoising.samplers import LLaDA2Sampler
 from diffusion_lens.denoising.samplers.llada2 import threshold_commit, threshold_schedule
-from tests._llada2 import VARIANTS, ReferenceLLaDA2, golden_runs, sampler_options
+from tests._llada2 import FIXTURES, VARIANTS, ReferenceLLaDA2, golden_runs, sampler_options
 
 RUNS = sorted(golden_runs(VARIANTS[0]))
 CFG = type("Cfg", (), {"mask_token_id": None, "eos_token_id": None})()  # the runs pass mask_id / eos_id
@@ -38,8 +40,13 @@ def _upstream_output(golden, options) -> torch.Tensor:
     return output[width:] if early and (output == options["eos_id"]).any() else output
 
 
-@pytest.mark.parametrize("name", RUNS)
-def test_every_golden_run_is_token_exact(fixture, name):
+#: one run per feature on the reference forward (every run goes through `model.generate` below)
+REFERENCE_RUNS = ["hf20_t0_default", "hf20_sampled", "hf20_greedy_eos_early", "hf20_greedy_prompt_mask",
+                  "hf21_sampled", "hf21_greedy_s", "hf21_greedy_eos_early"]
+
+
+@pytest.mark.parametrize("name", REFERENCE_RUNS)
+def test_golden_runs_on_the_reference_forward(fixture, name):
     reference, runs = fixture
     golden = runs[name]
     options, seed = sampler_options(golden["kwargs"])
@@ -177,3 +184,64 @@ def test_state_carries_the_block_structure(fixture):
     llada20, _ = _run(reference, LLaDA2Sampler(**sampler_options(runs["hf20_greedy"]["kwargs"])[0]),
                       runs["hf20_greedy"]["prompt"])
     assert all(s.newly_edited is None for s in llada20)
+
+
+# ---------------------------------------------------------------------------------------------------- the library model
+@pytest.fixture(scope="module", params=VARIANTS)
+def model_and_runs(request):
+    return HookedDiffusionTransformer.from_pretrained(FIXTURES / request.param), golden_runs(request.param)
+
+
+def _generate(model, prompt, kwargs, **options):
+    """`model.generate` with a recorded run's kwargs unchanged (the fixture's sampler name as `algorithm`),
+    through the adapter's sampler."""
+    sampler_kwargs, seed = sampler_options(kwargs)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return model.generate(prompt, chat=False, progress=False, **sampler_kwargs, **options)  # the adapter's sampler
+
+
+@pytest.mark.parametrize("name", RUNS)
+def test_generate_replays_every_golden_run(model_and_runs, name):
+    model, runs = model_and_runs
+    assert isinstance(model.adapter.sampler(model.cfg), LLaDA2Sampler)
+    golden = runs[name]
+    options, _ = sampler_options(golden["kwargs"])
+    out = _generate(model, golden["prompt"], golden["kwargs"], record=True)
+    assert out.trajectory[:, 0].equal(golden["trajectory"]) and out.sequences.equal(golden["canvas"])
+    assert [s.n_pos for s in out.states] == golden["window_end"].tolist()
+    assert out.n_forwards == len(golden["trajectory"])
+    (output,) = LLaDA2Sampler.upstream_outputs(out.sequences, out.response_start, options["gen_length"], options["eos_id"])
+    assert output.equal(_upstream_output(golden, options))
+
+
+def test_generate_batched_padded_rows_equal_single_runs(model_and_runs):
+    model, runs = model_and_runs
+    for name in ("hf20_greedy_eos_block",):  # LLaDA2.1 batches: the reference-forward test above
+        golden = runs[name]
+        bl = golden["kwargs"]["block_length"]
+        base = golden["prompt"][0]
+        prompts = [torch.cat([base, base[:bl]]), base]
+        batch = torch.stack([prompts[0], torch.cat([base.new_full((bl,), 7), base])])
+        mask = torch.ones_like(batch)
+        mask[1, :bl] = 0
+        out = _generate(model, batch, golden["kwargs"], attention_mask=mask)
+        for row, prompt in enumerate(prompts):
+            single = _generate(model, prompt[None], golden["kwargs"])
+            assert out.sequences[row, bl * row:].equal(single.sequences[0])
+        assert _generate(model, base[None], golden["kwargs"]).sequences.equal(golden["canvas"])
+
+
+def test_hooks_see_the_window_and_block_structure(model_and_runs):
+    model, runs = model_and_runs
+    golden = runs["hf21_greedy_s"]
+    seen = []
+
+    def fn(act, hook):
+        s = hook.state
+        seen.append((s.block, act.shape[1], s.n_pos, s.attention_block_size, s.newly_edited is not None))
+
+    out = _generate(model, golden["prompt"], golden["kwargs"], hooks=[("blocks.0.hook_resid_post", fn)])
+    assert out.sequences.equal(golden["canvas"])
+    assert len(seen) == out.n_forwards and all(width == n_pos for _, width, n_pos, _, _ in seen)
+    assert {bl for *_, bl, _ in seen} == {golden["kwargs"]["block_length"]} and any(e for *_, e in seen)
