@@ -139,6 +139,8 @@ class ReferenceLLaDA2:
         def forward(state):
             if windows is not None:
                 windows.append(state.model_input.shape[1])
-            return self(state.model_input, state.attention_block_size, state.model_attention_mask)
+            mask = state.model_attention_mask  # the whole canvas's; the forward reads the prefix model_input
+            return self(state.model_input, state.attention_block_size,
+                        None if mask is None else mask[:, : state.model_input.shape[1]])
 
         return forward

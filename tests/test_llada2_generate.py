@@ -56,7 +56,7 @@ def test_golden_runs_on_the_reference_forward(fixture, name):
     states, trajectory = _run(reference, sampler, golden["prompt"])
     assert trajectory[:, 0].equal(golden["trajectory"])
     assert trajectory[-1].equal(golden["canvas"])
-    assert [s.n_pos for s in states] == [s.model_input.shape[1] for s in states] == golden["window_end"].tolist()
+    assert [s.window[1] for s in states] == [s.model_input.shape[1] for s in states] == golden["window_end"].tolist()
     width = golden["prompt"].shape[1]
     (output,) = LLaDA2Sampler.upstream_outputs(trajectory[-1], width, options["gen_length"], options["eos_id"])
     assert output.equal(_upstream_output(golden, options))
@@ -172,12 +172,11 @@ def test_state_carries_the_block_structure(fixture):
     first = width // bl
     assert [s.block for s in states] == sorted(s.block for s in states) and states[0].block == 0
     for s in states:
-        assert s.attention_block_size == bl and s.window is None and s.n_pos == (first + s.block + 1) * bl
+        assert s.attention_block_size == bl and s.window == (0, (first + s.block + 1) * bl) and not s.is_cached_forward
         assert s.is_masked.equal(s.canvas == options["mask_id"])
     n_edits = 0
     for before, s in zip(states, states[1:]):
-        old = before.canvas if before.n_pos == s.n_pos else torch.cat([before.canvas, s.canvas[:, before.n_pos:]], 1)
-        changed = (s.canvas != old) & (old != options["mask_id"])
+        changed = (s.canvas != before.canvas) & (before.canvas != options["mask_id"])
         assert s.newly_edited.equal(changed)
         n_edits += int(changed.sum())
     assert n_edits > 0 and states[0].newly_edited is None
@@ -209,7 +208,7 @@ def test_generate_replays_every_golden_run(model_and_runs, name):
     options, _ = sampler_options(golden["kwargs"])
     out = _generate(model, golden["prompt"], golden["kwargs"], record=True)
     assert out.trajectory[:, 0].equal(golden["trajectory"]) and out.sequences.equal(golden["canvas"])
-    assert [s.n_pos for s in out.states] == golden["window_end"].tolist()
+    assert [s.window[1] for s in out.states] == golden["window_end"].tolist()
     assert out.n_forwards == len(golden["trajectory"])
     (output,) = LLaDA2Sampler.upstream_outputs(out.sequences, out.response_start, options["gen_length"], options["eos_id"])
     assert output.equal(_upstream_output(golden, options))
@@ -239,9 +238,12 @@ def test_hooks_see_the_window_and_block_structure(model_and_runs):
 
     def fn(act, hook):
         s = hook.state
-        seen.append((s.block, act.shape[1], s.n_pos, s.attention_block_size, s.newly_edited is not None))
+        seen.append((s.block, act.shape[1], s.window[1], s.attention_block_size, s.newly_edited is not None))
 
-    out = _generate(model, golden["prompt"], golden["kwargs"], hooks=[("blocks.0.hook_resid_post", fn)])
+    name = "blocks.0.hook_resid_post"
+    out = _generate(model, golden["prompt"], golden["kwargs"], hooks=[(name, fn)], cache=dict(names=[name]))
     assert out.sequences.equal(golden["canvas"])
-    assert len(seen) == out.n_forwards and all(width == n_pos for _, width, n_pos, _, _ in seen)
+    assert len(seen) == out.n_forwards and all(width == end for _, width, end, _, _ in seen)
     assert {bl for *_, bl, _ in seen} == {golden["kwargs"]["block_length"]} and any(e for *_, e in seen)
+    n_pos = golden["prompt"].shape[1] + golden["kwargs"]["gen_length"]  # cache= keeps the prompt and gen_length columns
+    assert [out.cache[s][name].shape[1] for s in range(out.n_forwards)] == [min(end, n_pos) for *_, end, _, _ in seen]

@@ -188,8 +188,14 @@ class _Run:
                   if value is not None}
         if not (state.needs_logits or state.step in self.capture):
             options["return_type"] = None
-        if state.kv_cache is None:
-            return self.model(state.model_input, state.model_attention_mask, **options)
+        if state.kv_cache is None:  # a window without a KV cache is a canvas prefix (block diffusion: LLaDA2)
+            mask = state.model_attention_mask
+            if state.window is not None:
+                if state.window[0] != 0:
+                    raise RuntimeError(f"Step {state.step} computes columns {state.window} without a KV cache; only a "
+                                       "prefix (0, stop) can run without one (the sampler must set kv_cache=).")
+                mask = None if mask is None else mask[:, : state.window[1]]
+            return self.model(state.model_input, mask, **options)
         rows, cfg, like = state.model_input.shape[0], self.model.cfg, self.model.embed.weight
         if state.window is None:
             n_pos, cache = state.model_input.shape[1], self.kv_cache

@@ -58,7 +58,9 @@ class DenoisingState:
     # the run's KV cache: "prefix" | "dual" | "passes" (one cache the encoder and decoder passes share,
     # allocated at the run's first forward; every forward computes its `window`) | None (every forward full)
     kv_cache: Optional[str] = None
-    window: Optional[tuple[int, int]] = None  # canvas columns [start, stop) this forward computes; None = all
+    # canvas columns [start, stop) this forward computes; None = all. Without a KV cache, a prefix (0, stop) whose
+    # later columns the model does not read (block diffusion, LLaDA2: the canvas up to the current block's end)
+    window: Optional[tuple[int, int]] = None
     cache_step: Optional[int] = None  # step whose full forward computed the cached keys / values read here
     pass_name: Optional[str] = None  # the model pass this forward runs (`cfg.layer_scalar_passes`); None = default
     # the previous step's logits fed back to the decoder (`cfg.self_conditioning_pass`); None = none
@@ -98,7 +100,7 @@ class DenoisingState:
         Example:
             >>> H.at("blocks.*.hook_resid_post", fn, steps=lambda s: not s.is_cached_forward)  # full forwards only
         """
-        return self.window is not None
+        return self.window is not None and self.kv_cache is not None
 
     @property
     def builds_cache(self) -> bool:

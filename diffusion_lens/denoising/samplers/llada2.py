@@ -4,8 +4,8 @@ Reference: ../shared/reference/llada2.md §7 (upstream `LLaDA2MoeModelLM.generat
 the LLaDA2.1 editing sampler). The canvas is `[prompt | masks]` rounded up to whole blocks of
 `block_length` columns counted from canvas column 0, prompt included; the model sees block-causal
 attention (bidirectional inside a block, causal across blocks: `state.attention_block_size`), and each
-forward reads the canvas up to the end of the current block, as upstream: that prefix is the step's
-`state.canvas` (and every position mask of `hook.state`), while `out.trajectory` holds whole canvases. Blocks
+forward reads the canvas up to the end of the current block, as upstream: `state.window` is (0, block
+end), `state.computed` those columns (hooks' activations hold them; the columns after are not read). Blocks
 entirely inside the prompt are skipped; the last block may run past `gen_length` (those columns are
 generated and cut from `upstream_outputs`).
 
@@ -290,16 +290,15 @@ class LLaDA2Sampler(Sampler):
 
     def _state(self, x, mask, previous, *, step, block, step_in_block, end, mask_id, response_start,
                newly_edited=None) -> DenoisingState:
-        """The state of a forward over canvas columns [0, end) (the current block's end): its canvas and
-        every [batch pos] mask cover those columns, as the forward's activations do."""
-        window = x[:, :end]
-        mask = None if mask is None else mask[:, :end]
+        """The state of a forward over canvas columns [0, end) (the current block's end): `window` (0, end),
+        so hooks, `cache=` and `state.computed` line up with the columns the forward computes; the columns
+        after it are not read at all (block-causal attention), so no KV cache is involved."""
         return DenoisingState(
             step=step, n_steps=self.n_steps(), block=block, n_blocks=self.n_blocks(), step_in_block=step_in_block,
-            steps_in_block=self.steps_per_block(), canvas=window, response_start=response_start,
-            mask_id=mask_id, attention_mask=mask, previous_canvas=None if previous is None else previous[:, :end],
-            model_input=window, model_attention_mask=mask, attention_block_size=self.block_length,
-            newly_edited=None if newly_edited is None else newly_edited[:, :end], _is_masked=window == mask_id,
+            steps_in_block=self.steps_per_block(), canvas=x, response_start=response_start, mask_id=mask_id,
+            attention_mask=mask, previous_canvas=previous, model_input=x[:, :end], model_attention_mask=mask,
+            window=(0, end), attention_block_size=self.block_length, newly_edited=newly_edited,
+            _is_masked=x == mask_id,
         )
 
     def _run_llada20(self, cfg, prompt, attention_mask, forward, generator):
