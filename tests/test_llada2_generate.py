@@ -19,7 +19,7 @@ from diffusion_lens.denoising.samplers.llada2 import threshold_commit, threshold
 from tests._llada2 import FIXTURES, VARIANTS, ReferenceLLaDA2, golden_runs, sampler_options
 
 RUNS = sorted(golden_runs(VARIANTS[0]))
-CFG = type("Cfg", (), {"mask_token_id": None, "eos_token_id": None})()  # the runs pass mask_id / eos_id
+CFG = type("Cfg", (), {"mask_token_id": None, "eos_token_id": None, "n_ctx": None})()  # the runs pass mask_id / eos_id
 
 
 @pytest.fixture(scope="module", params=VARIANTS)
@@ -139,6 +139,10 @@ def test_bad_options_raise_with_what_to_do():
     with pytest.raises(ValueError, match="mask_id"):
         list(LLaDA2Sampler(gen_length=4, block_length=4).run(CFG, torch.tensor([[1]]), None, _mask_proposing_forward(0), None))
     assert LLaDA2Sampler().with_options(max_new_tokens=8).gen_length == 8
+    small = type("Cfg", (), {"mask_token_id": 15, "eos_token_id": 1, "n_ctx": 12})()
+    with pytest.raises(ValueError, match=r"canvas is 16 positions .* rounded up to whole blocks of 8\), more than .* n_ctx=12"):
+        list(LLaDA2Sampler(gen_length=6, block_length=8).run(small, torch.tensor([[1, 2, 3, 4, 5, 6]]), None,
+                                                            _mask_proposing_forward(15), None))
 
 
 def test_defaults_and_greedy_rules():

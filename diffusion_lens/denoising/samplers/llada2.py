@@ -285,6 +285,13 @@ class LLaDA2Sampler(Sampler):
                     UserWarning, stacklevel=4,
                 )
         n_pos = self.block_range(prompt.shape[1]).stop * self.block_length
+        n_ctx = cfg.n_ctx
+        if n_ctx is not None and n_pos > n_ctx:
+            raise ValueError(
+                f"The canvas is {n_pos} positions (prompt {prompt.shape[1]} + gen_length {self.gen_length}, rounded up "
+                f"to whole blocks of {self.block_length}), more than this model's context n_ctx={n_ctx}. Shorten the "
+                "prompt or gen_length."
+            )
         x, mask = build_canvas(prompt, attention_mask, n_pos - prompt.shape[1], mask_id)
         return x, mask, mask_id, eos_id
 
