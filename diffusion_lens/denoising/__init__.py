@@ -24,13 +24,16 @@ from diffusion_lens.denoising.generate import (
     split_generate_kwargs,
 )
 from diffusion_lens.denoising.replay import with_prompt
-from diffusion_lens.denoising.samplers import CanvasProbe, DreamSampler, LLaDASampler, MMaDASampler, Sampler
+from diffusion_lens.denoising.samplers import (
+    CanvasProbe, DreamSampler, EntropyBoundSampler, LLaDA2Sampler, LLaDASampler, MMaDASampler, Sampler,
+)
 from diffusion_lens.denoising.samplers.base import DEFAULT_SEED
 from diffusion_lens.denoising.state import DenoisingState
 
 __all__ = [
     "DEFAULT_MAX_CACHE_BYTES", "DEFAULT_SEED", "DRIVER_OPTIONS", "CacheRequest", "CacheTooLargeError", "CanvasProbe",
-    "DenoisingState", "DreamSampler", "GenerationOutput", "LLaDASampler", "MMaDASampler", "Sampler", "StepCache",
+    "DenoisingState", "DreamSampler", "EntropyBoundSampler", "GenerationOutput", "LLaDA2Sampler", "LLaDASampler",
+    "MMaDASampler", "Sampler", "StepCache",
     "StreamingMean", "build_canvas", "estimate_cache_bytes", "generate", "run_with_step_cache",
     "split_generate_kwargs", "with_prompt",
 ]
