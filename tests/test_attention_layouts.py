@@ -183,3 +183,36 @@ def test_the_layout_round_trips_through_json():
     again = DiffusionConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again.layer_attention == cfg.layer_attention and isinstance(again.layer_attention, tuple)
     assert (again.attention_block_size, again.sliding_window) == (4, 3)
+
+
+def test_block_offsets_anchor_each_rows_blocks():
+    """`block_offsets` count each row's blocks from its own column (a left-padded row's first real token):
+    row 1, offset 1, is cut as row 0 shifted one column; the mask goes per row, ANDed with the padding."""
+    cfg = tiny_config()
+    offsets = torch.tensor([0, 1])
+    mask = layer_kind_mask(cfg, "block_causal", range(1, 5), 5, "cpu", 2, offsets)
+    assert mask[0].equal(by_rows(["11000", "11110", "11110", "11111"]))
+    assert mask[1].equal(by_rows(["11100", "11100", "11111", "11111"]))
+    assert layer_kind_mask(cfg, "block_causal", range(5), 5, "cpu", 2, torch.tensor([0])).equal(
+        layer_kind_mask(cfg, "block_causal", range(5), 5, "cpu", 2)[None])
+    padding = torch.tensor([[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])
+    masks = attention_masks_for(cfg, padding, range(5), 5, "cpu", block_size=2, block_offsets=offsets)
+    assert masks[0].shape == (2, 1, 5, 5) and not masks[0][1, 0, :, 0].any()
+    # the pad (column 0, block -1) attends to nothing (SDPA outputs zero there); real columns see blocks 1-2, 3-4
+    assert masks[0][1, 0, :, 1:].equal(by_rows(["0000", "1100", "1100", "1111", "1111"]))
+    with pytest.raises(ValueError, match="pass attention_block_size= too"):
+        attention_masks_for(cfg, padding, range(5), 5, "cpu", block_offsets=offsets)
+
+
+def test_block_offsets_make_a_padded_row_equal_its_unpadded_forward():
+    """Through the model: a row left-padded by 1 (not a whole block) with its blocks anchored at its first
+    token gives the logits of the unpadded row (positions differ by the pad, RoPE is relative: float noise)."""
+    torch.manual_seed(0)
+    model = HookedDiffusionCore(tiny_config()).eval()
+    ids = torch.randint(0, 40, (1, 7))
+    alone = model(ids, attention_block_size=3)
+    padded = torch.cat([ids.new_zeros(1, 1), ids], 1)
+    mask = torch.tensor([[0] + [1] * 7])
+    anchored = model(padded, mask, attention_block_size=3, attention_block_offsets=torch.tensor([1]))
+    torch.testing.assert_close(anchored[:, 1:], alone, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(model(padded, mask, attention_block_size=3)[:, 1:], alone, atol=1e-3)

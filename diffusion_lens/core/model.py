@@ -129,6 +129,7 @@ class HookedDiffusionCore(KeepPropertyErrors, HookedRootModule):
         pass_name: Optional[str] = None,
         self_conditioning_logits: Optional[Float[Tensor, "batch pos d_vocab"]] = None,
         attention_block_size: Optional[int] = None,
+        attention_block_offsets: Optional[Int[Tensor, " batch"]] = None,
     ) -> Union[Float[Tensor, "batch pos d_vocab"], Float[Tensor, ""], None]:
         """One denoising forward over a canvas.
 
@@ -159,6 +160,9 @@ class HookedDiffusionCore(KeepPropertyErrors, HookedRootModule):
         makes attention block-causal: bidirectional inside blocks of that many canvas columns,
         counted from column 0 (prompt included), causal across blocks, ANDed with the padding mask;
         None keeps the config's attention (bidirectional for LLaDA2, as its plain forward).
+        `attention_block_offsets` [batch] anchors each row's blocks at its own column instead (block of
+        column c = (c - offset) // size; a left-padded row's first real token, so it is cut into blocks as
+        its unpadded run is).
 
         Example (DiffusionGemma: a prompt, then one block's decoder step over a cache of the prompt
         and n_blocks canvases; masks cover the whole cache, 1 = real):
@@ -183,7 +187,7 @@ class HookedDiffusionCore(KeepPropertyErrors, HookedRootModule):
         self._publish_pass(pass_name)
         logits = self._logits(tokens, attention_mask, position_ids, kv_cache, window_start, pass_name,
                               self_conditioning_logits, unembed=return_type is not None,
-                              attention_block_size=attention_block_size)
+                              attention_block_size=attention_block_size, attention_block_offsets=attention_block_offsets)
         if return_type == "logits":
             return logits
         if return_type == "loss":
@@ -201,18 +205,19 @@ class HookedDiffusionCore(KeepPropertyErrors, HookedRootModule):
         self_conditioning_logits: Optional[Float[Tensor, "batch pos d_vocab"]] = None,
         unembed: bool = True,
         attention_block_size: Optional[int] = None,
+        attention_block_offsets: Optional[Int[Tensor, " batch"]] = None,
     ) -> Optional[Float[Tensor, "batch pos d_vocab"]]:
         """embed -> blocks -> ln_final -> unembed on checked tokens: every hook point fires below here.
 
         `tokens` are canvas columns [window_start, window_start + pos); `attention_mask` and
         `position_ids` cover every key column (the whole canvas: the input, or the cache's columns).
         `pass_name` is resolved (`cfg.resolve_pass`). `unembed=False` returns None after
-        `hook_unembed_in` (no LM head). `attention_block_size` as in `forward`.
+        `hook_unembed_in` (no LM head). `attention_block_size` / `attention_block_offsets` as in `forward`.
         """
         queries = range(window_start, window_start + tokens.shape[1])
         n_keys = tokens.shape[1] if kv_cache is None else kv_cache.n_pos
         masks = attention_masks_for(self.cfg, attention_mask, queries, n_keys, tokens.device,
-                                    self.cfg.attention_kinds(pass_name), attention_block_size)
+                                    self.cfg.attention_kinds(pass_name), attention_block_size, attention_block_offsets)
         if position_ids is None:  # renumbers padded rows where cfg.position_ids_mode asks for it
             position_ids = position_ids_for(self.cfg, attention_mask)
         tables: dict[int, tuple[Tensor, Tensor]] = {}  # per distinct Rotary (cfg.layer_rope)

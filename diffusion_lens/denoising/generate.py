@@ -184,7 +184,8 @@ class _Run:
         computes a window (`kv_cache="passes"`) gets a cache of the state's canvas width there."""
         options = {key: value for key, value in (("pass_name", state.pass_name),
                                                 ("self_conditioning_logits", state.self_conditioning_logits),
-                                                ("attention_block_size", state.attention_block_size))
+                                                ("attention_block_size", state.attention_block_size),
+                                                ("attention_block_offsets", state.attention_block_offsets))
                   if value is not None}
         if not (state.needs_logits or state.step in self.capture):
             options["return_type"] = None

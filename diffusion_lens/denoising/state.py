@@ -69,6 +69,13 @@ class DenoisingState:
     # block-causal attention for this forward: bidirectional inside blocks of this many canvas columns, causal
     # across them, counted from column 0 (LLaDA2's block diffusion; the model's `attention_block_size=`); None = the model's own
     attention_block_size: Optional[int] = None
+    # per row, the column its blocks are counted from (its first real token under left padding, so each row is cut
+    # into blocks as its single-prompt run; the model's `attention_block_offsets=`); None = column 0 for every row
+    attention_block_offsets: Optional[Int[Tensor, " batch"]] = None
+    # per row, the first canvas column of its current block (`block` counts each row's blocks from its first
+    # generated one; the block is [block_start, block_start + attention_block_size)); -1 for a row that sits this
+    # forward out (its block is done, it stopped, or it has fewer blocks). None = a sampler without blocks
+    block_start: Optional[Int[Tensor, " batch"]] = None
     # positions whose committed token the previous step's token editing replaced (LLaDA2.1); None = a sampler that never edits
     newly_edited: Optional[Bool[Tensor, "batch pos"]] = None
     # "masked" = undecided: the mask token's positions, or on a noise canvas the positions holding noise

@@ -59,10 +59,14 @@ def attention_mask_for(
 def layer_kind_mask(
     cfg: DiffusionConfig, kind: AttentionKind, queries: range, n_keys: int, device: Union[torch.device, str],
     block_size: Optional[int] = None,
-) -> Optional[Bool[Tensor, "q_pos k_pos"]]:
+    block_offsets: Optional[Int[Tensor, " batch"]] = None,
+) -> Optional[Bool[Tensor, "*batch q_pos k_pos"]]:
     """Which keys (canvas columns 0..n_keys-1) the queries at canvas columns `queries` may attend in a
     layer of `kind` (bounds on `DiffusionConfig.layer_attention`); None for bidirectional.
-    `block_size` sizes the blocks of "block_causal" (None: `cfg.attention_block_size`).
+    `block_size` sizes the blocks of "block_causal" (None: `cfg.attention_block_size`), counted from
+    column 0, or per row from `block_offsets` [batch] (the column each row's first block starts at, e.g.
+    its first real token under left padding: block of column c = (c - offset) // size), which makes the
+    mask [batch q_pos k_pos].
 
     Queries are absolute columns, so a windowed forward gets exactly its [window canvas] rows; the
     `window_*` kinds are relative to the window `queries` itself (every query row is the same).
@@ -80,7 +84,10 @@ def layer_kind_mask(
         return a <= q
     if kind == "block_causal":
         size = cfg.attention_block_size if block_size is None else block_size
-        return a // size <= q // size
+        if block_offsets is None:
+            return a // size <= q // size
+        shift = block_offsets.to(device)[:, None, None]
+        return (a - shift).div(size, rounding_mode="floor") <= (q - shift).div(size, rounding_mode="floor")
     if kind == "sliding_causal":
         return (a <= q) & (a > q - cfg.sliding_window)
     if kind == "sliding":
@@ -100,6 +107,7 @@ def attention_masks_for(
     device: Union[torch.device, str],
     kinds: Optional[tuple[str, ...]] = None,
     block_size: Optional[int] = None,
+    block_offsets: Optional[Int[Tensor, " batch"]] = None,
 ) -> list[AttentionMask]:
     """One mask per layer for the queries at canvas columns `queries` over keys 0..n_keys-1: the
     padding mask (`attention_mask_for`) AND the layer's kind (`kinds`, default `cfg.layer_attention`;
@@ -107,7 +115,8 @@ def attention_masks_for(
 
     `block_size` (a sampler's block length, e.g. LLaDA2's `block_length`) makes the bidirectional
     and block-causal layers block-causal with blocks of `block_size` canvas columns counted from
-    column 0 (prompt included); None keeps the kinds as configured.
+    column 0 (prompt included), or per row from `block_offsets` [batch] (`layer_kind_mask`; left-padded
+    rows anchored at their first real token); None keeps the kinds as configured.
 
     Each distinct kind's mask is built once per forward and shared by its layers; with every layer
     bidirectional and no padding to mask, no mask tensor is built at all (SDPA's fast path).
@@ -118,15 +127,19 @@ def attention_masks_for(
     """
     padding = attention_mask_for(cfg, padding_mask, queries)
     kinds = cfg.layer_attention if kinds is None else kinds
+    if block_offsets is not None and block_size is None:
+        raise ValueError("block_offsets= (attention_block_offsets=) anchors the blocks of attention_block_size=; "
+                         "pass attention_block_size= too, or drop the offsets.")
     if block_size is not None:
         kinds = _block_causal_kinds(cfg, kinds, block_size)
     if kinds is None:
         return [padding] * cfg.n_layers
     by_kind: dict[str, AttentionMask] = {}
     for kind in dict.fromkeys(kinds):
-        layer = layer_kind_mask(cfg, kind, queries, n_keys, device, block_size)
+        layer = layer_kind_mask(cfg, kind, queries, n_keys, device, block_size, block_offsets)
+        layer = None if layer is None else layer.view(-1, 1, *layer.shape[-2:])  # [#batch 1 q_pos k_pos]
         if layer is None or padding is None:
-            by_kind[kind] = padding if layer is None else layer[None, None]
+            by_kind[kind] = layer if padding is None else padding
         else:
             by_kind[kind] = padding & layer
     return [by_kind[kind] for kind in kinds]
