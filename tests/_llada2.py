@@ -89,9 +89,9 @@ class ReferenceLLaDA2:
                 out[rows] += weight[rows, slot, None] * self._mlp(flat[rows], f"{p}experts.{e}.")
         return out.view_as(h) + self._mlp(h, p + "shared_experts.")
 
-    def __call__(self, ids, block_length=None, padding=None):
-        """Logits [batch pos vocab] of `ids`; block-causal with `block_length` (blocks from column 0),
-        pad keys masked where `padding` [batch pos] is 0; positions 0..pos-1."""
+    def __call__(self, ids, block_length=None, padding=None, block_offsets=None):
+        """Logits [batch pos vocab] of `ids`; block-causal with `block_length` (blocks from column 0, or per
+        row from `block_offsets` [batch]), pad keys masked where `padding` [batch pos] is 0; positions 0..pos-1."""
         c, w = self.c, self.w
         B, T = ids.shape
         H, K, d = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
@@ -108,8 +108,9 @@ class ReferenceLLaDA2:
 
         allowed = torch.ones(B, 1, T, T, dtype=torch.bool)
         if block_length is not None:
-            blk = torch.arange(T) // block_length
-            allowed = allowed & (blk[None, :] <= blk[:, None])
+            shift = torch.zeros(B, dtype=torch.long) if block_offsets is None else block_offsets
+            blk = (torch.arange(T)[None] - shift[:, None]).div(block_length, rounding_mode="floor")  # [B T]
+            allowed = allowed & (blk[:, None, None, :] <= blk[:, None, :, None])
         if padding is not None:
             allowed = allowed & padding.bool()[:, None, None, :]
         bias = torch.zeros(B, 1, T, T).masked_fill(~allowed, float("-inf"))
@@ -141,6 +142,6 @@ class ReferenceLLaDA2:
                 windows.append(state.model_input.shape[1])
             mask = state.model_attention_mask  # the whole canvas's; the forward reads the prefix model_input
             return self(state.model_input, state.attention_block_size,
-                        None if mask is None else mask[:, : state.model_input.shape[1]])
+                        None if mask is None else mask[:, : state.model_input.shape[1]], state.attention_block_offsets)
 
         return forward

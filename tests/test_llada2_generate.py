@@ -1,11 +1,11 @@
 """LLaDA2.0 / LLaDA2.1 samplers (`LLaDA2Sampler`) against every `golden_generate` run of both fixtures
 (tests/fixtures/README-llada2.md): trajectory (the canvas after every forward), final canvas, the
-window each forward reads and upstream's return value, greedy and seeded; batched, padded rows equal
-their single-prompt runs; the bounded editing loop; option errors; `hook.state`'s block structure.
+window each forward reads and upstream's return value, greedy and seeded; batched rows left-padded by
+any amount equal their single-prompt runs forward for forward; the bounded editing loop; option errors; `hook.state`'s block structure.
 
 `model.generate` (the adapter's sampler) replays all 40 runs; one run per feature also runs on
 `tests/_llada2.ReferenceLLaDA2`, a plain-torch forward written from the reference, which pins the
-loops independently of the library's model (as do the batch, warning and state tests).
+loops independently of the library's model (as do the batch and state tests).
 """
 
 from __future__ import annotations
@@ -63,37 +63,48 @@ def test_golden_runs_on_the_reference_forward(fixture, name):
     assert len(states) <= sampler.n_steps() and max(s.block for s in states) < sampler.n_blocks()
 
 
-@pytest.mark.parametrize("name", ["hf20_greedy_eos_block", "hf21_greedy_s"])
+def _ragged_batch(base, lengths=(10, 7, 3)):
+    """Prompts of `lengths` tokens (repeats of `base`), left-padded into one batch: pads 0 / 3 / 7, not whole
+    blocks of 4 (llada2-tiny) or 5 (llada2-tiny-b). Returns (prompts, batch, attention mask)."""
+    prompts = [base.repeat(2)[:n] for n in lengths]
+    width = max(lengths)
+    batch = torch.stack([torch.cat([p.new_full((width - len(p),), 7), p]) for p in prompts])
+    mask = torch.stack([torch.arange(width) >= width - len(p) for p in prompts]).long()
+    return prompts, batch, mask
+
+
+def _assert_rows_follow_single_runs(states, trajectory, prompts, width, bl, single_run):
+    """Each row of a batched run equals its single run: the canvas after each forward the row takes part in
+    (`state.block_start` >= 0), the block it denoises there, and the final canvas (columns past the row's own
+    canvas stay masks)."""
+    for row, prompt in enumerate(prompts):
+        pads = width - len(prompt)
+        single_states, single = single_run(prompt[None])
+        taking_part = [i for i, s in enumerate(states) if int(s.block_start[row]) >= 0]
+        n = single.shape[-1]
+        assert trajectory[taking_part, row, pads : pads + n].equal(single[:, 0])
+        assert [int(states[i].block_start[row]) - pads + bl for i in taking_part] == [s.window[1] for s in single_states]
+        assert trajectory[-1, row, pads : pads + n].equal(single[-1, 0])
+        assert (trajectory[-1, row, pads + n :] == states[0].mask_id).all()
+
+
+@pytest.mark.parametrize("name", ["hf20_greedy_eos_block", "hf20_greedy_eos_early", "hf21_greedy_s",
+                                  "hf21_greedy_eos_early"])
 def test_batched_padded_rows_equal_their_single_runs(fixture, name):
-    """Prompts of 10, 6 and 2 tokens (tiny: pads 0 / 4 / 8, whole blocks of 4) in one left-padded batch."""
+    """Prompts of 10, 7 and 3 tokens in one left-padded batch (pads 0 / 3 / 7, not whole blocks): each row is
+    cut into blocks from its first real token, so it follows its single-prompt run forward for forward.
+    Greedy only: a seeded batch draws one multinomial over all rows per forward, so its rows cannot equal
+    single runs (the seeded goldens are batch-size 1)."""
     reference, runs = fixture
     golden = runs[name]
     options, _ = sampler_options(golden["kwargs"])
-    bl = options["block_length"]
-    base = golden["prompt"][0]
-    prompts = [torch.cat([base, base[: bl]]), base, base[: len(base) - bl]]
-    width = max(len(p) for p in prompts)
-    batch = torch.stack([torch.cat([p.new_full((width - len(p),), 7), p]) for p in prompts])
-    mask = torch.stack([torch.arange(width) >= width - len(p) for p in prompts]).long()
+    prompts, batch, mask = _ragged_batch(golden["prompt"][0])
     sampler = LLaDA2Sampler(**options)
-    _, batched = _run(reference, sampler, batch, mask)
-    for row, prompt in enumerate(prompts):
-        _, single = _run(reference, sampler, prompt[None])
-        pads = width - len(prompt)
-        assert batched[-1, row, pads:].equal(single[-1, 0])
-    assert _run(reference, sampler, golden["prompt"])[1][:, 0].equal(golden["trajectory"])  # the middle row's single run
-
-
-def test_padding_that_shifts_the_block_grid_warns(fixture):
-    reference, runs = fixture
-    golden = runs["hf20_greedy"]
-    options, _ = sampler_options(golden["kwargs"])
-    prompt = golden["prompt"]
-    batch = torch.cat([prompt, torch.cat([prompt.new_full((1, 1), 7), prompt[:, 1:]], 1)])
-    mask = torch.ones_like(batch)
-    mask[1, 0] = 0
-    with pytest.warns(UserWarning, match=r"Rows \[1\] have \[1\] left pads, not a multiple of block_length"):
-        _run(reference, LLaDA2Sampler(**options), batch, mask)
+    states, batched = _run(reference, sampler, batch, mask)
+    assert all(s.attention_block_offsets.tolist() == [0, 3, 7] for s in states)
+    _assert_rows_follow_single_runs(states, batched, prompts, batch.shape[1], options["block_length"],
+                                    lambda prompt: _run(reference, sampler, prompt))
+    assert _run(reference, sampler, golden["prompt"])[1][:, 0].equal(golden["trajectory"])  # the single runs' anchor
 
 
 def _mask_proposing_forward(mask_id, vocab=16):
@@ -218,21 +229,21 @@ def test_generate_replays_every_golden_run(model_and_runs, name):
     assert output.equal(_upstream_output(golden, options))
 
 
-def test_generate_batched_padded_rows_equal_single_runs(model_and_runs):
+@pytest.mark.parametrize("name", ["hf20_greedy_eos_block", "hf21_greedy_s"])
+def test_generate_batched_padded_rows_equal_single_runs(model_and_runs, name):
+    """Through `model.generate` (the core's per-row block-causal mask, `attention_block_offsets=`)."""
     model, runs = model_and_runs
-    for name in ("hf20_greedy_eos_block",):  # LLaDA2.1 batches: the reference-forward test above
-        golden = runs[name]
-        bl = golden["kwargs"]["block_length"]
-        base = golden["prompt"][0]
-        prompts = [torch.cat([base, base[:bl]]), base]
-        batch = torch.stack([prompts[0], torch.cat([base.new_full((bl,), 7), base])])
-        mask = torch.ones_like(batch)
-        mask[1, :bl] = 0
-        out = _generate(model, batch, golden["kwargs"], attention_mask=mask)
-        for row, prompt in enumerate(prompts):
-            single = _generate(model, prompt[None], golden["kwargs"])
-            assert out.sequences[row, bl * row:].equal(single.sequences[0])
-        assert _generate(model, base[None], golden["kwargs"]).sequences.equal(golden["canvas"])
+    golden = runs[name]
+    prompts, batch, mask = _ragged_batch(golden["prompt"][0])
+    out = _generate(model, batch, golden["kwargs"], attention_mask=mask, record=True)
+
+    def single_run(prompt):
+        single = _generate(model, prompt, golden["kwargs"], record=True)
+        return single.states, single.trajectory
+
+    _assert_rows_follow_single_runs(out.states, out.trajectory, prompts, batch.shape[1],
+                                    golden["kwargs"]["block_length"], single_run)
+    assert _generate(model, golden["prompt"], golden["kwargs"]).sequences.equal(golden["canvas"])
 
 
 def test_hooks_see_the_window_and_block_structure(model_and_runs):

@@ -2,18 +2,20 @@
 
 Reference: ../shared/reference/llada2.md §7 (upstream `LLaDA2MoeModelLM.generate`, HF remote code, and
 the LLaDA2.1 editing sampler). The canvas is `[prompt | masks]` rounded up to whole blocks of
-`block_length` columns counted from canvas column 0, prompt included; the model sees block-causal
+`block_length` columns counted from the prompt's first token, prompt included (per row: a left-padded
+row's blocks start after its pads, `state.attention_block_offsets`); the model sees block-causal
 attention (bidirectional inside a block, causal across blocks: `state.attention_block_size`), and each
 forward reads the canvas up to the end of the current block, as upstream: `state.window` is (0, block
-end), `state.computed` those columns (hooks' activations hold them; the columns after are not read). Blocks
-entirely inside the prompt are skipped; the last block may run past `gen_length` (those columns are
-generated and cut from `upstream_outputs`).
+end) (in a batch the furthest running row's), `state.computed` those columns (hooks' activations hold
+them; the columns after are not read). Blocks entirely inside the prompt are skipped; the last block may
+run past `gen_length` (those columns are generated and cut from `upstream_outputs`).
 
 Each algorithm is one loop below, following upstream step for step (strict `>` thresholds, the
 schedule computed from `block_length`, one `torch.multinomial` per forward on the [block_length V]
 proposal matrix), so that recorded runs replay token for token, per-step canvases included. Rows of
-a batch run in lockstep, block by block: a row whose block is done (or whose generation has stopped)
-sits out the remaining forwards of that block unchanged.
+a batch run in lockstep, block by block, each on its own block grid (`state.block_start`): a row whose
+block is done, whose generation has stopped or whose blocks are used up sits out unchanged, so each row
+follows its single-prompt run forward for forward (greedy; a seeded batch shares its draws).
 
 Example:
     >>> out = model.generate(ids, gen_length=64, block_length=32, steps=32, threshold=0.95)   # the adapter's algorithm
@@ -137,12 +139,12 @@ class LLaDA2Sampler(Sampler):
     (the hub's greedy-decoding PR; LLaDA2.1 always is) unless `greedy=False`, which restores upstream
     LLaDA2.0's sampling at temperature 1; the generate output is the whole canvas (upstream's return
     value, cut after the first EOS, is `upstream_outputs`; upstream's `eos_early_stop` return that
-    includes the prompt is not copied); batches and left padding work (blocks are counted from canvas
-    column 0 of the padded canvas, so a padded row equals its single-prompt run when its padding is a
-    whole number of blocks).
+    includes the prompt is not copied); batches and any left padding work (each row's blocks are
+    counted from its first real token, so a greedy row equals its single-prompt run).
 
     Random numbers: none when greedy; otherwise one `torch.multinomial` on the [batch * block_length
-    vocab] proposal matrix per forward, from `generator` (or the global RNG, as upstream).
+    vocab] proposal matrix per forward, from `generator` (or the global RNG, as upstream): a seeded
+    single run draws as upstream, a seeded batch's rows draw differently from their single runs.
 
     Example:
         >>> sampler = LLaDA2Sampler(gen_length=64, block_length=32, steps=32, mask_id=156895, eos_id=156892)
@@ -269,94 +271,113 @@ class LLaDA2Sampler(Sampler):
         yield from loop(cfg, prompt, attention_mask, forward, generator)
 
     def _canvas(self, cfg, prompt, attention_mask):
-        """(canvas [batch N], its attention mask or None, mask_id, eos_id): N = whole blocks covering prompt + gen_length."""
+        """The run's layout: (canvas [batch N], its attention mask or None, each row's pads [batch] or None,
+        first block [batch], blocks [batch], mask_id, eos_id). Row r's blocks are counted from its first real
+        token (column pads_r), as its single-prompt run's from column 0: it denoises blocks first_r .. and its
+        canvas ends at pads_r + ceil((prompt_r + gen_length) / block_length) * block_length; N is the widest."""
         mask_id = resolve_token_id(self.mask_id, cfg.mask_token_id, "mask_id", "mask_token_id")
         eos_id = resolve_token_id(self.eos_id, cfg.eos_token_id, "eos_id", "eos_token_id")
-        if attention_mask is not None:
-            pads = (attention_mask == 0).sum(1)
-            shifted = (pads % self.block_length != 0).nonzero().flatten().tolist()
-            if shifted:
-                warnings.warn(
-                    f"Rows {shifted} have {pads[shifted].tolist()} left pads, not a multiple of block_length="
-                    f"{self.block_length}: blocks are counted from column 0 of the padded canvas, so these rows are "
-                    "cut into blocks differently from their single-prompt runs (upstream counts from the prompt's "
-                    "first token) and their tokens may differ. Batch prompts whose lengths differ by multiples of "
-                    "block_length, or generate them one at a time.",
-                    UserWarning, stacklevel=4,
-                )
-        n_pos = self.block_range(prompt.shape[1]).stop * self.block_length
+        batch, width = prompt.shape
+        pads = None if attention_mask is None else (attention_mask == 0).sum(1).to(prompt.device)
+        lengths = width - (torch.zeros(batch, dtype=torch.long, device=prompt.device) if pads is None else pads)
+        first = lengths // self.block_length
+        stop = (lengths + self.gen_length + self.block_length - 1) // self.block_length
+        n_pos = int(((width - lengths) + stop * self.block_length).max())
         n_ctx = cfg.n_ctx
         if n_ctx is not None and n_pos > n_ctx:
             raise ValueError(
-                f"The canvas is {n_pos} positions (prompt {prompt.shape[1]} + gen_length {self.gen_length}, rounded up "
-                f"to whole blocks of {self.block_length}), more than this model's context n_ctx={n_ctx}. Shorten the "
+                f"The canvas is {n_pos} positions (prompt {width} + gen_length {self.gen_length}, each row's "
+                f"rounded up to whole blocks of {self.block_length}), more than this model's context n_ctx={n_ctx}. Shorten the "
                 "prompt or gen_length."
             )
-        x, mask = build_canvas(prompt, attention_mask, n_pos - prompt.shape[1], mask_id)
-        return x, mask, mask_id, eos_id
+        x, mask = build_canvas(prompt, attention_mask, n_pos - width, mask_id)
+        return x, mask, pads, first, stop - first, mask_id, eos_id
 
-    def _state(self, x, mask, previous, *, step, block, step_in_block, end, mask_id, response_start,
-               newly_edited=None) -> DenoisingState:
-        """The state of a forward over canvas columns [0, end) (the current block's end): `window` (0, end),
-        so hooks, `cache=` and `state.computed` line up with the columns the forward computes; the columns
-        after it are not read at all (block-causal attention), so no KV cache is involved."""
+    def _state(self, x, mask, previous, *, step, block, step_in_block, end, mask_id, response_start, pads,
+               block_start, newly_edited=None) -> DenoisingState:
+        """The state of a forward over canvas columns [0, end) (the furthest running row's block end): `window`
+        (0, end), so hooks, `cache=` and `state.computed` line up with the columns the forward computes; the
+        columns after it are not read at all (block-causal attention), so no KV cache is involved."""
         return DenoisingState(
             step=step, n_steps=self.n_steps(), block=block, n_blocks=self.n_blocks(), step_in_block=step_in_block,
             steps_in_block=self.steps_per_block(), canvas=x, response_start=response_start, mask_id=mask_id,
             attention_mask=mask, previous_canvas=previous, model_input=x[:, :end], model_attention_mask=mask,
-            window=(0, end), attention_block_size=self.block_length, newly_edited=newly_edited,
-            _is_masked=x == mask_id,
+            window=(0, end), attention_block_size=self.block_length, attention_block_offsets=pads,
+            block_start=block_start, newly_edited=newly_edited, _is_masked=x == mask_id,
         )
 
+    def _block(self, pads, first, k, n_pos):
+        """Each row's k-th denoised block: its first canvas column [batch] (on the row's own grid) and its
+        column indices [batch block_length] (clamped to the canvas for rows with fewer blocks, which sit out)."""
+        start = (first + k) * self.block_length + (0 if pads is None else pads)
+        return start, (start[:, None] + torch.arange(self.block_length, device=start.device)).clamp(max=n_pos - 1)
+
+    def _forward_block(self, forward, state, columns, running, generator):
+        """(tokens, confidence) [batch block_length] of each running row's block (others: their column 0's)."""
+        batch, bl = columns.shape
+        logits = forward(state)
+        index = torch.where(running[:, None], columns, torch.zeros_like(columns))
+        logits = logits[torch.arange(batch, device=logits.device)[:, None], index]
+        tokens, p = propose(logits.reshape(batch * bl, -1), self.temperature, self.top_k, self.top_p,
+                            self.greedy_proposal(), generator)
+        return tokens.view(batch, bl), p.view(batch, bl)
+
     def _run_llada20(self, cfg, prompt, attention_mask, forward, generator):
-        """LLaDA2.0 threshold decoding (reference §7.2), all rows in lockstep."""
-        x, mask, mask_id, eos_id = self._canvas(cfg, prompt, attention_mask)
+        """LLaDA2.0 threshold decoding (reference §7.2), all rows in lockstep, each on its own block grid."""
+        x, mask, pads, first, count, mask_id, eos_id = self._canvas(cfg, prompt, attention_mask)
         batch, width = prompt.shape
-        bl, threshold, greedy = self.block_length, self.commit_threshold(), self.greedy_proposal()
+        bl, threshold = self.block_length, self.commit_threshold()
         real = torch.ones_like(x, dtype=torch.bool) if mask is None else mask.bool()
         schedule = threshold_schedule(bl, self.steps_per_block())
-        stopped = torch.zeros(batch, dtype=torch.bool, device=x.device)
-        blocks, step, previous = self.block_range(width), 0, None
-        for b in blocks:
-            start, end = b * bl, (b + 1) * bl
+        rows = torch.arange(batch, device=x.device)
+        stopped = count <= 0
+        step, previous = 0, None
+        for k in range(int(count.max())):
+            start, columns = self._block(pads, first, k, x.shape[1])
+            stopped |= count <= k
             for s, minimum in enumerate(schedule):
-                active = (x[:, start:end] == mask_id) & ~stopped[:, None]
-                if not bool(active.any()):
+                block = x.gather(1, columns)
+                active = (block == mask_id) & ~stopped[:, None]
+                running = active.any(1)
+                if not bool(running.any()):
                     break
-                state = self._state(x, mask, previous, step=step, block=b - blocks.start, step_in_block=s, end=end,
-                                    mask_id=mask_id, response_start=width)
-                logits = forward(state)[:, -bl:]
-                tokens, p = propose(logits.reshape(batch * bl, -1), self.temperature, self.top_k, self.top_p, greedy,
-                                    generator)
-                confidence = p.view(batch, bl).masked_fill(~active, float("-inf"))
+                end = int((start + bl)[running].max())
+                state = self._state(x, mask, previous, step=step, block=k, step_in_block=s, end=end, mask_id=mask_id,
+                                    response_start=width, pads=pads, block_start=start.masked_fill(~running, -1))
+                tokens, p = self._forward_block(forward, state, columns, running, generator)
+                confidence = p.masked_fill(~active, float("-inf"))
                 commit = torch.stack([threshold_commit(row, minimum, threshold) if bool(on.any()) else on
                                       for row, on in zip(confidence, active)])
                 previous, x = x, x.clone()
-                x[:, start:end] = torch.where(commit, tokens.view(batch, bl), x[:, start:end])
+                x[rows[:, None], columns] = torch.where(commit, tokens, block)
                 if self.eos_early_stop:  # stop a row once an EOS is committed with no mask before it
-                    for r in (commit & (x[:, start:end] == eos_id)).any(1).nonzero().flatten().tolist():
-                        first = int(((x[r, :end] == eos_id) & real[r, :end]).nonzero()[0])
-                        stopped[r] |= not bool((x[r, width:first] == mask_id).any())
+                    for r in (commit & (tokens == eos_id)).any(1).nonzero().flatten().tolist():
+                        e = int(start[r]) + bl
+                        f = int(((x[r, :e] == eos_id) & real[r, :e]).nonzero()[0])
+                        stopped[r] |= not bool((x[r, width:f] == mask_id).any())
                 step += 1
                 yield state, x
-            stopped |= (x[:, width:end] == eos_id).any(1)  # upstream stops after the EOS's block in any case
+            for r in (~stopped).nonzero().flatten().tolist():  # upstream stops after the EOS's block in any case
+                stopped[r] |= bool((x[r, width : int(start[r]) + bl] == eos_id).any())
             if bool(stopped.all()):
                 return
 
     def _run_llada21(self, cfg, prompt, attention_mask, forward, generator):
-        """LLaDA2.1 threshold decoding with token editing (reference §7.3), all rows in lockstep."""
-        x, mask, mask_id, eos_id = self._canvas(cfg, prompt, attention_mask)
+        """LLaDA2.1 threshold decoding with token editing (reference §7.3), all rows in lockstep, each on its
+        own block grid."""
+        x, mask, pads, first, count, mask_id, eos_id = self._canvas(cfg, prompt, attention_mask)
         batch, width = prompt.shape
-        bl, threshold, greedy = self.block_length, self.commit_threshold(), self.greedy_proposal()
-        editing = self.editing_threshold
-        stopped = torch.zeros(batch, dtype=torch.bool, device=x.device)
-        blocks, step, previous, edited = self.block_range(width), 0, None, None
-        for b in blocks:
-            start, end = b * bl, (b + 1) * bl
-            in_prompt = torch.arange(start, end, device=x.device) < width
+        bl, threshold, editing = self.block_length, self.commit_threshold(), self.editing_threshold
+        rows = torch.arange(batch, device=x.device)
+        stopped = count <= 0
+        step, previous, edited = 0, None, None
+        for k in range(int(count.max())):
+            start, columns = self._block(pads, first, k, x.shape[1])
+            stopped |= count <= k
+            in_prompt = columns < width
             done, post, i = stopped.clone(), torch.zeros(batch, dtype=torch.long, device=x.device), 0
             while True:
-                old = x[:, start:end]
+                old = x.gather(1, columns)
                 active = old == mask_id
                 mask_free = ~active.any(1) & ~done
                 post += mask_free.long()
@@ -366,35 +387,36 @@ class LLaDA2Sampler(Sampler):
                 if i == self.steps_per_block():
                     left = (~done).nonzero().flatten().tolist()
                     warnings.warn(
-                        f"LLaDA2.1 block {b - blocks.start} (canvas columns {start}..{end - 1}) of rows {left} still "
-                        f"holds masks after max_block_steps={i} forwards: the model keeps proposing the mask token "
-                        f"(id {mask_id}), which upstream's loop would retry forever. Leaving the block with those masks; "
-                        "pass max_block_steps= to allow more forwards, or temperature > 0 to draw other tokens.",
+                        f"LLaDA2.1 block {k} (canvas columns {start[left].tolist()} + 0..{bl - 1}) of rows {left} "
+                        f"still holds masks after max_block_steps={i} forwards: the model keeps proposing the mask "
+                        f"token (id {mask_id}), which upstream's loop would retry forever. Leaving the block with those "
+                        "masks; pass max_block_steps= to allow more forwards, or temperature > 0 to draw other tokens.",
                         RuntimeWarning, stacklevel=2,
                     )
                     break
-                state = self._state(x, mask, previous, step=step, block=b - blocks.start, step_in_block=i, end=end,
-                                    mask_id=mask_id, response_start=width, newly_edited=edited)
-                logits = forward(state)[:, -bl:]
-                tokens, p = propose(logits.reshape(batch * bl, -1), self.temperature, self.top_k, self.top_p, greedy,
-                                    generator)
-                tokens, p = tokens.view(batch, bl), p.view(batch, bl)
-                live = active & ~done[:, None]
+                running = ~done
+                end = int((start + bl)[running].max())
+                state = self._state(x, mask, previous, step=step, block=k, step_in_block=i, end=end, mask_id=mask_id,
+                                    response_start=width, pads=pads, block_start=start.masked_fill(done, -1),
+                                    newly_edited=edited)
+                tokens, p = self._forward_block(forward, state, columns, running, generator)
+                live = active & running[:, None]
                 confidence = p.masked_fill(~live, float("-inf"))
                 fill = torch.stack([threshold_commit(row, self.num_to_transfer, threshold) if bool(on.any()) else on
                                     for row, on in zip(confidence, live)])
-                edit = ~active & ~in_prompt & ~done[:, None] & (tokens != old)
+                edit = ~active & ~in_prompt & running[:, None] & (tokens != old)
                 edit &= p > editing if editing is not None else torch.zeros_like(edit)
                 previous, x = x, x.clone()
-                x[:, start:end] = torch.where(fill | edit, tokens, old)
+                x[rows[:, None], columns] = torch.where(fill | edit, tokens, old)
                 edited = torch.zeros_like(x, dtype=torch.bool)
-                edited[:, start:end] = edit
+                edited[rows[:, None], columns] = edit
                 done |= mask_free & ~edit.any(1)
                 step, i = step + 1, i + 1
                 yield state, x
             if self.eos_early_stop:
-                response = x[:, width:end]
-                stopped |= ~(response == mask_id).any(1) & (response == eos_id).any(1)
+                for r in (~stopped).nonzero().flatten().tolist():
+                    response = x[r, width : int(start[r]) + bl]
+                    stopped[r] |= not bool((response == mask_id).any()) and bool((response == eos_id).any())
             if bool(stopped.all()):
                 return
 
