@@ -38,11 +38,12 @@ from diffusion_lens.checkpoints import detect_adapter  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------- helpers
-def random_checkpoint(folder: Path, config: dict, seed: int) -> Path:
+def random_checkpoint(folder: Path, config: dict, seed: int, *, expert_bias_std: float = 0.0) -> Path:
     """A random checkpoint in the family's own format: the model is built from `config` (a family
     config.json, detected as `from_pretrained` would) and written by `save_pretrained`, so the
     tensor names come from the family's adapter rather than from a table kept here. Weights are
-    seeded: norms ~1, matrices N(0, 1/fan_in), biases small."""
+    seeded: norms ~1, matrices N(0, 1/fan_in), biases small; with `expert_bias_std` the routers'
+    `expert_bias` buffers are N(0, std^2), drawn after the weights, so that they move the choice."""
     adapter = detect_adapter(config)
     model = HookedDiffusionTransformer(adapter.to_config(config))
     model.adapter = adapter
@@ -53,6 +54,9 @@ def random_checkpoint(folder: Path, config: dict, seed: int) -> Path:
                 param.copy_((0.0 if name.endswith("bias") else 1.0) + 0.1 * torch.randn(param.shape, generator=gen))
             else:
                 param.copy_(torch.randn(param.shape, generator=gen) / param.shape[-1] ** 0.5)
+        for name, buffer in sorted(model.named_buffers()):
+            if expert_bias_std and name.endswith("expert_bias"):
+                buffer.copy_(expert_bias_std * torch.randn(buffer.shape, generator=gen))
     return model.save_pretrained(folder)
 
 

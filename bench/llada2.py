@@ -35,10 +35,9 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _reference import REPO_ROOT  # noqa: E402
-from forward_families import paired_ratio, time_interleaved  # noqa: E402
+from forward_families import paired_ratio, random_checkpoint, time_interleaved  # noqa: E402
 
 from diffusion_lens import HookedDiffusionTransformer  # noqa: E402
-from diffusion_lens.checkpoints import detect_adapter  # noqa: E402
 
 SHAPES = {
     "default": dict(d_model=1024, n_layers=6, n_heads=16, n_kv=4, d_head=64, d_dense=2816, n_experts=32, top_k=8,
@@ -63,23 +62,6 @@ def llada2_config(*, d_model, n_layers, n_heads, n_kv, d_head, d_dense, n_expert
     }
 
 
-def write_llada2_checkpoint(folder: Path, config: dict, seed: int = 0) -> Path:
-    """A random LLaDA2 checkpoint under upstream's tensor names (written by our adapter's `save_pretrained`):
-    norms ~1, matrices N(0, 1/fan_in), expert biases N(0, 0.01) so that they move the choice."""
-    adapter = detect_adapter(config)
-    model = HookedDiffusionTransformer(adapter.to_config(config))
-    model.adapter = adapter
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
-            if param.ndim == 1:
-                param.copy_((0.0 if name.endswith("bias") else 1.0) + 0.1 * torch.randn(param.shape, generator=gen))
-            else:
-                param.copy_(torch.randn(param.shape, generator=gen) / param.shape[-1] ** 0.5)
-        for name, buffer in sorted(model.named_buffers()):
-            if name.endswith("expert_bias"):
-                buffer.copy_(0.01 * torch.randn(buffer.shape, generator=gen))
-    return model.save_pretrained(folder)
 
 
 class ReferenceLLaDA2(torch.nn.Module):
@@ -172,7 +154,7 @@ def run(*, quick: bool, batch: int, n_pos: int, block_length: int, repeats: int,
     size = SHAPES["quick" if quick else "default"]
     config = llada2_config(**size)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = write_llada2_checkpoint(Path(tmp) / "llada2", config)
+        folder = random_checkpoint(Path(tmp) / "llada2", config, seed=0, expert_bias_std=0.01)
         ours = HookedDiffusionTransformer.from_pretrained(folder)
         ref = ReferenceLLaDA2(folder)
     n_params = sum(p.numel() for p in ours.parameters())
