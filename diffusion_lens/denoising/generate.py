@@ -181,7 +181,8 @@ class _Run:
         None without the LM head when the sampler does not need them and `capture_logits` does not ask):
         plain, or under a KV cache either a full forward that (re)fills the cache or a forward of
         `state.window` that reads every other column from it. A run whose first forward already
-        computes a window (`kv_cache="passes"`) gets a cache of the state's canvas width there."""
+        computes a window (`kv_cache="passes"`, or a block-causal window from column 0: LLaDA2's
+        `kv_cache="prefix"`, whose later columns are not read) gets a cache of the canvas width there."""
         options = {key: value for key, value in (("pass_name", state.pass_name),
                                                 ("self_conditioning_logits", state.self_conditioning_logits),
                                                 ("attention_block_size", state.attention_block_size),
@@ -204,7 +205,7 @@ class _Run:
                 cache = self.kv_cache = KVCache.empty(cfg, rows, n_pos, like=like)
             return self.model(state.model_input, state.model_attention_mask, kv_cache=cache, **options)
         if self.kv_cache is None:
-            if state.kv_cache != "passes":
+            if state.kv_cache != "passes" and not (state.window[0] == 0 and state.attention_block_size is not None):
                 raise RuntimeError(f"Step {state.step} reads the KV cache, but no full forward of this run has built it.")
             self.kv_cache = KVCache.empty(cfg, rows, state.n_pos, like=like)
         return self.model(state.model_input, state.model_attention_mask, kv_cache=self.kv_cache,

@@ -10,6 +10,11 @@ end) (in a batch the furthest running row's), `state.computed` those columns (ho
 them; the columns after are not read). Blocks entirely inside the prompt are skipped; the last block may
 run past `gen_length` (those columns are generated and cut from `upstream_outputs`).
 
+`kv_cache="prefix"` caches committed blocks exactly: under block-causal attention a committed block's keys
+and values never change, so the first forward of block k computes blocks k-1 (now final) and k, reading
+every earlier column from the run's KV cache, and its later forwards compute block k only (`state.window`;
+in a batch, the union over running rows). Same tokens as without the cache, a fraction of the work.
+
 Each algorithm is one loop below, following upstream step for step (strict `>` thresholds, the
 schedule computed from `block_length`, one `torch.multinomial` per forward on the [block_length V]
 proposal matrix), so that recorded runs replay token for token, per-step canvases included. Rows of
@@ -37,7 +42,7 @@ from torch import Tensor
 
 from diffusion_lens.core.config import DiffusionConfig
 from diffusion_lens.denoising.canvas import build_canvas
-from diffusion_lens.denoising.samplers.base import Forward, Sampler, resolve_token_id
+from diffusion_lens.denoising.samplers.base import Forward, KVCacheMode, Sampler, resolve_token_id
 from diffusion_lens.denoising.state import DenoisingState
 
 ALGORITHMS = ("llada2.0", "llada2.1")
@@ -142,6 +147,10 @@ class LLaDA2Sampler(Sampler):
     includes the prompt is not copied); batches and any left padding work (each row's blocks are
     counted from its first real token, so a greedy row equals its single-prompt run).
 
+    KV cache (`kv_cache="prefix"`, reference §5): exact, not an approximation as Fast-dLLM's: block k's first
+    forward computes blocks k-1 and k (columns `state.window`), its later forwards block k only, every earlier
+    column's keys / values coming from the cache (hooks see only the window's columns, `state.computed`).
+
     Random numbers: none when greedy; otherwise one `torch.multinomial` on the [batch * block_length
     vocab] proposal matrix per forward, from `generator` (or the global RNG, as upstream): a seeded
     single run draws as upstream, a seeded batch's rows draw differently from their single runs.
@@ -150,6 +159,7 @@ class LLaDA2Sampler(Sampler):
         >>> sampler = LLaDA2Sampler(gen_length=64, block_length=32, steps=32, mask_id=156895, eos_id=156892)
         >>> out = model.generate(ids, sampler=sampler)
         >>> out = model.generate(ids, sampler=sampler.with_options(algorithm="llada2.1", editing_threshold=0.5))
+        >>> out = model.generate(ids, sampler=sampler.with_options(kv_cache="prefix"))   # same tokens, faster
     """
 
     algorithm: Literal["llada2.0", "llada2.1"] = "llada2.0"
@@ -169,6 +179,7 @@ class LLaDA2Sampler(Sampler):
     max_block_steps: Optional[int] = None  # LLaDA2.1 only: forwards per block at most; None = block_length + max_post_steps
     mask_id: Optional[int] = None
     eos_id: Optional[int] = None
+    kv_cache: KVCacheMode = None  # "prefix": committed blocks' keys / values cached (exact); None: prefix forwards
 
     def __post_init__(self):
         problems = []
@@ -188,6 +199,9 @@ class LLaDA2Sampler(Sampler):
             problems.append(f"top_k={self.top_k!r} must be an int >= 0 (or None)")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             problems.append(f"top_p={self.top_p!r} must be in (0, 1] (or None)")
+        if self.kv_cache not in (None, "prefix"):
+            problems.append(f"kv_cache={self.kv_cache!r} must be None or 'prefix' (block-causal forwards never read "
+                            "the columns after the current block, so 'prefix' already computes the current block only)")
         if problems:
             raise ValueError("Invalid LLaDA2Sampler options: " + "; ".join(problems) + ".")
 
@@ -223,11 +237,14 @@ class LLaDA2Sampler(Sampler):
     def response_length(self) -> int:
         return self.gen_length
 
+    def kv_cache_mode(self) -> KVCacheMode:
+        return self.kv_cache
+
     def fixed_steps(self) -> bool:
         return False  # blocks end early once filled, and generation stops after an EOS
 
     def step_windows(self, prompt_width: int) -> None:
-        return None  # each forward reads the canvas up to its block's end; blocks end when their masks do
+        return None  # each forward computes up to its block's end; blocks end when their masks do
 
     def greedy_proposal(self) -> bool:
         """Whether proposals are argmax: temperature 0 (LLaDA2.0 also needs no top_k / top_p, as the hub's
@@ -293,16 +310,18 @@ class LLaDA2Sampler(Sampler):
         x, mask = build_canvas(prompt, attention_mask, n_pos - width, mask_id)
         return x, mask, pads, first, stop - first, mask_id, eos_id
 
-    def _state(self, x, mask, previous, *, step, block, step_in_block, end, mask_id, response_start, pads,
-               block_start, newly_edited=None) -> DenoisingState:
-        """The state of a forward over canvas columns [0, end) (the furthest running row's block end): `window`
-        (0, end), so hooks, `cache=` and `state.computed` line up with the columns the forward computes; the
-        columns after it are not read at all (block-causal attention), so no KV cache is involved."""
+    def _state(self, x, mask, previous, *, step, block, step_in_block, window, cache_step, mask_id, response_start,
+               pads, block_start, newly_edited=None) -> DenoisingState:
+        """The state of a forward over canvas columns `window` = [begin, end): (0, the furthest running row's
+        block end) without a KV cache (the columns after it are not read at all: block-causal attention), the
+        `_window` of running rows under `kv_cache="prefix"`; hooks, `cache=` and `state.computed` line up with it."""
+        begin, end = window
         return DenoisingState(
             step=step, n_steps=self.n_steps(), block=block, n_blocks=self.n_blocks(), step_in_block=step_in_block,
             steps_in_block=self.steps_per_block(), canvas=x, response_start=response_start, mask_id=mask_id,
-            attention_mask=mask, previous_canvas=previous, model_input=x[:, :end], model_attention_mask=mask,
-            window=(0, end), attention_block_size=self.block_length, attention_block_offsets=pads,
+            attention_mask=mask, previous_canvas=previous, model_input=x[:, begin:end], model_attention_mask=mask,
+            window=window, kv_cache=self.kv_cache, cache_step=cache_step, attention_block_size=self.block_length,
+            attention_block_offsets=pads,
             block_start=block_start, newly_edited=newly_edited, _is_masked=x == mask_id,
         )
 
@@ -312,10 +331,24 @@ class LLaDA2Sampler(Sampler):
         start = (first + k) * self.block_length + (0 if pads is None else pads)
         return start, (start[:, None] + torch.arange(self.block_length, device=start.device)).clamp(max=n_pos - 1)
 
+    def _window(self, start, running, first_of_block, k) -> tuple[int, int]:
+        """The canvas columns [begin, end) a forward computes: up to the furthest running row's block end, from
+        column 0 without a KV cache (and at the run's first forward, which fills the cache); under
+        `kv_cache="prefix"` from the earliest running row's previous block start at a block's first forward
+        (that block is now final: its cached keys / values, computed while it was denoised, are refreshed) and
+        from its block start at later forwards. Columns of a row past its own block end are not read by its
+        block (block-causal), and are recomputed before they are: each row's cache stays exact."""
+        end = int((start + self.block_length)[running].max())
+        if self.kv_cache is None or (k == 0 and first_of_block):
+            return 0, end
+        begin = int(start[running].min()) - (self.block_length if first_of_block else 0)
+        return max(begin, 0), end
+
     def _forward_block(self, forward, state, columns, running, generator):
         """(tokens, confidence) [batch block_length] of each running row's block (others: their column 0's)."""
         batch, bl = columns.shape
         logits = forward(state)
+        columns = columns - state.window[0]  # the logits cover the window's columns
         index = torch.where(running[:, None], columns, torch.zeros_like(columns))
         logits = logits[torch.arange(batch, device=logits.device)[:, None], index]
         tokens, p = propose(logits.reshape(batch * bl, -1), self.temperature, self.top_k, self.top_p,
@@ -331,7 +364,7 @@ class LLaDA2Sampler(Sampler):
         schedule = threshold_schedule(bl, self.steps_per_block())
         rows = torch.arange(batch, device=x.device)
         stopped = count <= 0
-        step, previous = 0, None
+        step, previous, cache_step = 0, None, None
         for k in range(int(count.max())):
             start, columns = self._block(pads, first, k, x.shape[1])
             stopped |= count <= k
@@ -341,9 +374,12 @@ class LLaDA2Sampler(Sampler):
                 running = active.any(1)
                 if not bool(running.any()):
                     break
-                end = int((start + bl)[running].max())
-                state = self._state(x, mask, previous, step=step, block=k, step_in_block=s, end=end, mask_id=mask_id,
-                                    response_start=width, pads=pads, block_start=start.masked_fill(~running, -1))
+                state = self._state(x, mask, previous, step=step, block=k, step_in_block=s,
+                                    window=self._window(start, running, s == 0, k), cache_step=cache_step,
+                                    mask_id=mask_id, response_start=width, pads=pads,
+                                    block_start=start.masked_fill(~running, -1))
+                if s == 0 and self.kv_cache is not None:
+                    cache_step = step  # this forward computes the final previous block (the later forwards read it)
                 tokens, p = self._forward_block(forward, state, columns, running, generator)
                 confidence = p.masked_fill(~active, float("-inf"))
                 commit = torch.stack([threshold_commit(row, minimum, threshold) if bool(on.any()) else on
@@ -370,7 +406,7 @@ class LLaDA2Sampler(Sampler):
         bl, threshold, editing = self.block_length, self.commit_threshold(), self.editing_threshold
         rows = torch.arange(batch, device=x.device)
         stopped = count <= 0
-        step, previous, edited = 0, None, None
+        step, previous, edited, cache_step = 0, None, None, None
         for k in range(int(count.max())):
             start, columns = self._block(pads, first, k, x.shape[1])
             stopped |= count <= k
@@ -395,10 +431,12 @@ class LLaDA2Sampler(Sampler):
                     )
                     break
                 running = ~done
-                end = int((start + bl)[running].max())
-                state = self._state(x, mask, previous, step=step, block=k, step_in_block=i, end=end, mask_id=mask_id,
-                                    response_start=width, pads=pads, block_start=start.masked_fill(done, -1),
-                                    newly_edited=edited)
+                state = self._state(x, mask, previous, step=step, block=k, step_in_block=i,
+                                    window=self._window(start, running, i == 0, k), cache_step=cache_step,
+                                    mask_id=mask_id, response_start=width, pads=pads,
+                                    block_start=start.masked_fill(done, -1), newly_edited=edited)
+                if i == 0 and self.kv_cache is not None:
+                    cache_step = step  # this forward computes the final previous block (the later forwards read it)
                 tokens, p = self._forward_block(forward, state, columns, running, generator)
                 live = active & running[:, None]
                 confidence = p.masked_fill(~live, float("-inf"))
