@@ -56,7 +56,8 @@ class DenoisingState:
     model_attention_mask: Optional[Int[Tensor, "rows pos"]] = None
     n_copies: int = 1  # 2 under classifier-free guidance (`guidance`; conditional rows first)
     # the run's KV cache: "prefix" | "dual" | "passes" (one cache the encoder and decoder passes share,
-    # allocated at the run's first forward; every forward computes its `window`) | None (every forward full)
+    # allocated at the run's first forward; every forward computes its `window`) | None (every forward full).
+    # LLaDA2's "prefix" is exact (block-causal): every forward computes its `window`, the first from column 0
     kv_cache: Optional[str] = None
     # canvas columns [start, stop) this forward computes; None = all. Without a KV cache, a prefix (0, stop) whose
     # later columns the model does not read (block diffusion, LLaDA2: the canvas up to the current block's end)
