@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import tempfile
@@ -40,8 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _reference import REPO_ROOT, available_threads  # noqa: E402
 from generate import round_ratio, time_rounds  # noqa: E402
 
+sys.path.insert(0, str(REPO_ROOT))
 from diffusion_lens import HookedDiffusionTransformer  # noqa: E402
 from diffusion_lens.core.kv_cache import KVCache  # noqa: E402
+from tests._diffusion_gemma import randomize_weights  # noqa: E402  (the fixtures' scheme, one copy)
 
 # The 26B-A4B's layout (5 sliding layers per full layer, GQA, a wider single-KV-head full attention,
 # dense MLP + MoE in every layer), shrunk: 6 layers (not 30), d_model 768 (not 2816), 16 experts
@@ -69,17 +70,7 @@ def build_pair(text: dict, folder: Path, seed: int = 0):
     vision = json.loads((REPO_ROOT / "tests" / "fixtures" / "diffusion-gemma-tiny" / "config.json").read_text())["vision_config"]
     config = DiffusionGemmaConfig(text_config=text, vision_config=vision, canvas_length=CANVAS)
     reference = DiffusionGemmaForBlockDiffusion(config).eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in [*reference.named_parameters(), *reference.named_buffers()]:
-            if name.endswith("inv_freq") or "embed_scale" in name:
-                continue
-            noise = torch.randn(tensor.shape, generator=generator)
-            if tensor.ndim == 1:
-                tensor.copy_((0.5 if ("q_norm" in name or "k_norm" in name) else 1.0) * (1 + 0.2 * noise))
-            else:
-                divisor = 10 if "self_conditioning.down_proj" in name else 1
-                tensor.copy_(noise / (1 if "embed" in name else math.sqrt(tensor.shape[-1])) / divisor)
+    randomize_weights(reference, torch.Generator().manual_seed(seed), self_conditioning_divisor=10)
     reference.save_pretrained(folder)
     return HookedDiffusionTransformer.from_pretrained(folder), reference
 

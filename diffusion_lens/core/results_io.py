@@ -123,19 +123,6 @@ def load_result(path: PathLike, kind: str) -> tuple[dict[str, Tensor], dict]:
     return tensors, _decode(document["meta"])
 
 
-def require_pandas(what: str):
-    """The pandas module, or an ImportError that says how to get it.
-
-    Example:
-        >>> pd = require_pandas("Selection.to_pandas()")
-    """
-    try:
-        import pandas
-    except ImportError:
-        raise ImportError(f"{what} needs pandas: pip install pandas (it is also installed with `datasets`).") from None
-    return pandas
-
-
 def subset(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     """The tensors saved under `prefix` + '.', with the prefix removed (for nested results).
 
@@ -199,4 +186,4 @@ def _decode(value: Any) -> Any:
     return value
 
 
-__all__ = ["FORMAT", "META", "TENSORS", "VERSION", "load_result", "prefixed", "require_pandas", "save_result", "subset"]
+__all__ = ["FORMAT", "META", "TENSORS", "VERSION", "load_result", "prefixed", "save_result", "subset"]

@@ -126,6 +126,20 @@ def schedule(
             for name, fn in hooks]
 
 
+def require_pandas(what: str):
+    """The pandas module, or an ImportError that says how to get it (pandas is optional: the
+    steering results' `to_pandas()` import it when called).
+
+    Example:
+        >>> pd = require_pandas("Selection.to_pandas()")
+    """
+    try:
+        import pandas
+    except ImportError:
+        raise ImportError(f"{what} needs pandas: pip install pandas (it is also installed with `datasets`).") from None
+    return pandas
+
+
 def progress_bar(total: int, desc: str, progress: bool):
     """A tqdm bar (`tqdm.auto`: a widget in notebooks) that `progress=False` turns off; like `generate`'s
     bar it is also off outside a terminal or notebook, so logs and CI output stay clean.

@@ -18,11 +18,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from diffusion_lens.core.results_io import load_result, require_pandas, save_result
+from diffusion_lens.core.results_io import load_result, save_result
 from diffusion_lens.denoising import StreamingMean
 from diffusion_lens.denoising import hooks as H
 from diffusion_lens.prompts.batching import PromptsInput, batch_indices, check_batch_size, left_pad, prepare_prompts
-from diffusion_lens.steering._common import LayerSpec, progress_bar, resolve_layers, unit
+from diffusion_lens.steering._common import LayerSpec, progress_bar, require_pandas, resolve_layers, unit
 from diffusion_lens.steering.collect import Reading, collect_activations
 from diffusion_lens.steering.positions import (
     POOLED,

@@ -26,11 +26,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from diffusion_lens.core.results_io import load_result, require_pandas, save_result
+from diffusion_lens.core.results_io import load_result, save_result
 from diffusion_lens.denoising import hooks as H
 from diffusion_lens.denoising.generate import split_generate_kwargs
 from diffusion_lens.prompts.batching import PromptsInput, prepare_prompts
-from diffusion_lens.steering._common import progress_bar
+from diffusion_lens.steering._common import progress_bar, require_pandas
 
 StepGroup = Union[int, range, Sequence[int]]
 

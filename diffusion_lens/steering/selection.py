@@ -41,10 +41,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from diffusion_lens.core.results_io import load_result, prefixed, require_pandas, save_result, subset
+from diffusion_lens.core.results_io import load_result, prefixed, save_result, subset
 from diffusion_lens.evals.scores import first_response_logits, kl_divergence, log_odds, resolve_refusal_tokens
 from diffusion_lens.prompts.batching import PromptsInput, prepare_prompts
-from diffusion_lens.steering._common import LayerSpec, progress_bar
+from diffusion_lens.steering._common import LayerSpec, progress_bar, require_pandas
 from diffusion_lens.steering.directions import Directions, mean_difference
 from diffusion_lens.steering.interventions import ablate, add
 from diffusion_lens.steering.positions import PositionSpec, parse_positions

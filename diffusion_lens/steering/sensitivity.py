@@ -17,11 +17,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from diffusion_lens.core.results_io import load_result, require_pandas, save_result
+from diffusion_lens.core.results_io import load_result, save_result
 from diffusion_lens.denoising.generate import split_generate_kwargs
 from diffusion_lens.evals.refusal import is_refusal
 from diffusion_lens.prompts.batching import PromptsInput, batch_indices, check_batch_size, left_pad, prepare_prompts
-from diffusion_lens.steering._common import LayerSpec, check_vector, progress_bar, resolve_layers
+from diffusion_lens.steering._common import LayerSpec, check_vector, progress_bar, require_pandas, resolve_layers
 from diffusion_lens.steering.interventions import ablate
 
 Metric = Callable[..., Union[float, Tensor]]
