@@ -9,17 +9,22 @@
   the passes a hook point fires in. Nothing is hand-written, so the page cannot drift from the code.
 * `model_card.md`: the embedded model's card, `diffusion_lens/pretrained/tiny-refusal/README.md`,
   copied in as it is.
-* `tutorials/*.ipynb`: the notebooks, copied into the site so that the tutorials page can link to
-  them (they are committed without outputs; `make notebooks` executes them in place).
+* `tutorials/*.ipynb`: the notebooks as pages. mkdocs-jupyter (mkdocs.yml) executes each one while
+  the site is built, in `tutorials/` as `make notebooks` would, and renders it with its outputs and
+  figures; the notebooks stay committed without outputs. `notebooks/*.ipynb`: the same files
+  unexecuted, for download; each tutorial page links to its own.
 
 Run `python scripts/docs_hooks.py` to print the generated hook-name page without building the site.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections import OrderedDict
 from pathlib import Path
+
+from mkdocs.plugins import event_priority
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -267,8 +272,9 @@ def model_card_page() -> str:
 
 
 # ---------------------------------------------------------------------------------------------- mkdocs hooks
+@event_priority(50)  # before mkdocs-jupyter's on_files, which turns `tutorials/*.ipynb` into pages
 def on_files(files, config):
-    """Add the generated pages and the notebooks to the site's files."""
+    """Add the generated pages, the notebooks as pages (`tutorials/`) and for download (`notebooks/`)."""
     from mkdocs.structure.files import File
 
     generated = {
@@ -278,8 +284,47 @@ def on_files(files, config):
     for src_uri, content in generated.items():
         files.append(File.generated(config, src_uri, content=content))
     for notebook in sorted(TUTORIALS.glob("*.ipynb")):
-        files.append(File.generated(config, f"tutorials/{notebook.name}", abs_src_path=str(notebook)))
+        # a file of the repository (src_dir), not File.generated: mkdocs-jupyter's page wrapper reads
+        # its source path through src_dir, which a generated file lacks
+        files.append(File(f"tutorials/{notebook.name}", src_dir=str(ROOT), dest_dir=config["site_dir"],
+                          use_directory_urls=config["use_directory_urls"]))
+        # given as content, so it has no source path and mkdocs-jupyter leaves it a plain file
+        files.append(File.generated(config, f"notebooks/{notebook.name}", content=notebook.read_bytes()))
     return files
+
+
+# mkdocs-jupyter always writes a MathJax loader; with no `custom_mathjax_url` its src is empty, which a
+# browser reports as a failed script. The site serves no MathJax (a CDN copy would not load offline), so
+# the loader is dropped, and a notebook with TeX in its markdown fails the build instead of showing raw TeX.
+_MATHJAX_LOADER = '<script src=""> </script>'
+_TEX = re.compile(r"\$[^$\n]+\$|\\\(|\\\[")
+
+
+def _drop_mathjax(html: str, notebook: Path) -> str:
+    if _MATHJAX_LOADER not in html:
+        raise ValueError(f"{notebook.name}: mkdocs-jupyter's MathJax loader {_MATHJAX_LOADER!r} is not in the page; "
+                         "its template changed, update scripts/docs_hooks.py and check tests/test_docs_site.py")
+    markdown = "\n".join("".join(cell["source"]) for cell in json.loads(notebook.read_text())["cells"]
+                         if cell["cell_type"] == "markdown")
+    if (tex := _TEX.search(markdown)) is not None:
+        raise ValueError(f"{notebook.name}: TeX math {tex.group(0)!r} in a markdown cell, but the site serves no "
+                         "MathJax; write it as text or code, or serve MathJax from the site (mkdocs.yml "
+                         "`custom_mathjax_url`) and drop _drop_mathjax")
+    return html.replace(_MATHJAX_LOADER, "")
+
+
+def on_page_content(html, page, config, files):
+    """Open each tutorial page with a link to its notebook, e.g. `notebooks/01_hooks....ipynb`, and drop
+    the MathJax loader (see `_drop_mathjax`)."""
+    src = page.file.src_uri
+    if not (src.startswith("tutorials/") and src.endswith(".ipynb")):
+        return html
+    html = _drop_mathjax(html, Path(page.file.abs_src_path))
+    download = files.get_file_from_path(f"notebooks/{src.removeprefix('tutorials/')}")
+    link = download.url_relative_to(page.file)
+    note = (f'<p class="notebook-download">Executed when this site was built. '
+            f'<a href="{link}" download>Download the notebook</a> (without outputs) to run it yourself.</p>')
+    return note + html
 
 
 if __name__ == "__main__":

@@ -4,9 +4,10 @@
     python scripts/strip_notebooks.py --check tutorials/*.ipynb   # exit 1 if any has outputs
 
 Why the tutorials are committed without outputs: CI executes every notebook from scratch
-(`make test` runs `pytest --nbmake tutorials`), so stored outputs could only ever be stale
-copies of what the code printed once, and they would bloat every diff with images. Run
-`make notebooks` to execute them in place for browsing, and strip them again before a commit.
+(`make docs`, run by `make test`, executes them into the documentation site), so stored outputs
+could only ever be stale copies of what the code printed once, and they would bloat every diff with
+images. Read them executed on the site, or run `make notebooks` to execute them in place, and strip
+them again before a commit.
 """
 
 from __future__ import annotations
