@@ -15,15 +15,19 @@ setup: .venv/.installed
 demo: setup
 	$(PY) -m diffusion_lens demo
 
-# The test suite and every tutorial notebook (nbmake runs each one top to bottom in a fresh kernel:
-# a cell that raises fails CI), then the documentation site with warnings as errors.
+# The test suite, then the documentation site, which executes every tutorial notebook once (`docs`).
 test: setup
-	$(PY) -m pytest --nbmake tests tutorials
+	$(PY) -m pytest tests --ignore=tests/test_docs_site.py
 	.venv/bin/lint-imports --no-cache
 	$(MAKE) docs
 
+# The site in site/, warnings as errors. mkdocs-jupyter runs each tutorial top to bottom in a fresh
+# kernel while it builds (a cell that raises fails the build, as `pytest --nbmake tutorials` would)
+# and renders it with its outputs; then tests/test_docs_site.py opens every tutorial page in headless
+# Chromium and checks that it shows its figures.
 docs: setup
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
+	DIFFUSION_LENS_SITE=site $(PY) -m pytest tests/test_docs_site.py
 
 # Notebooks are committed without outputs; this executes them in place for browsing (strip the
 # outputs again before committing: `make notebooks-clean`).
