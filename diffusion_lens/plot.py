@@ -1,6 +1,8 @@
-"""Plots for steering analyses (matplotlib). Every function returns a `matplotlib.figure.Figure`
-built without pyplot, so nothing is shown and no global figure state is touched; save it with
-`fig.savefig(path)` or display it in a notebook by leaving it as a cell's value.
+"""Plots for steering analyses. The matplotlib functions return a `matplotlib.figure.Figure` built
+without pyplot, so nothing is shown and no global figure state is touched; save it with
+`fig.savefig(path)` or display it in a notebook by leaving it as a cell's value. The `*_plotly`
+twins of the heatmaps return an interactive `plotly.graph_objects.Figure` (hover shows each cell's
+value) for HTML reports: `fig.to_html(include_plotlyjs=True)` embeds plotly.js, so the page works offline.
 """
 
 from __future__ import annotations
@@ -27,17 +29,44 @@ def _as_grid(values: Any, name: str) -> Tensor:
     return grid
 
 
-def _heatmap(ax, grid: Tensor, x_labels, y_labels, cmap: str, colorbar_label: str, annotate: bool):
-    image = ax.imshow(grid.numpy(), aspect="auto", cmap=cmap, origin="lower", interpolation="nearest")
-    ax.set_xticks(range(grid.shape[1]), [str(x) for x in x_labels], rotation=45 if grid.shape[1] > 6 else 0, ha="right" if grid.shape[1] > 6 else "center")
+# Long position names shortened on tick labels ("post_instruction[-2]" -> "post[-2]"); hover text keeps the full name.
+_SHORT = (("pre_instruction", "pre"), ("post_instruction", "post"), ("mean_response", "mean resp"),
+          ("mean_prompt", "mean prompt"), ("last_prompt", "last"), ("response", "resp"))
+
+
+def short_label(label: Any) -> str:
+    """A tick label short enough not to overlap its neighbours.
+
+    Example:
+        >>> short_label("post_instruction[-2]"), short_label("steps 0-7")
+        ('post[-2]', 'steps 0-7')
+    """
+    text = str(label)
+    for long, short in _SHORT:
+        if text.startswith(long):
+            return short + text[len(long):]
+    return text
+
+
+def _heatmap(ax, grid: Tensor, x_labels, y_labels, cmap: str, colorbar_label: str, annotate: bool,
+             value_range: Optional[tuple[float, float]] = None):
+    low, high = value_range or (None, None)
+    image = ax.imshow(grid.numpy(), aspect="auto", cmap=cmap, origin="lower", interpolation="nearest", vmin=low, vmax=high)
+    x_text = [short_label(x) for x in x_labels]
+    rotate = grid.shape[1] > 6 or max(map(len, x_text), default=0) > 6
+    ax.set_xticks(range(grid.shape[1]), x_text, rotation=60 if rotate else 0, ha="right" if rotate else "center",
+                  rotation_mode="anchor" if rotate else "default", fontsize=8 if grid.shape[1] > 12 else 9)
     ax.set_yticks(range(grid.shape[0]), [str(y) for y in y_labels])
     ax.figure.colorbar(image, ax=ax, label=colorbar_label)
     if annotate and grid.numel() <= 400:
         for i in range(grid.shape[0]):
             for j in range(grid.shape[1]):
                 value = float(grid[i, j])
-                if value == value:
-                    ax.text(j, i, f"{value:.2g}", ha="center", va="center", fontsize=7)
+                if value == value:  # white on dark cells, black on light ones
+                    red, green, blue, _ = image.cmap(image.norm(value))
+                    dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5
+                    ax.text(j, i, f"{value:.2g}", ha="center", va="center", fontsize=7,
+                            color="white" if dark else "black")
     return image
 
 
@@ -88,11 +117,13 @@ def pca_scatter(result, *, labels: Sequence[str] = ("positive", "negative"), tit
     return fig
 
 
-def sensitivity_heatmap(sensitivity, *, title: Optional[str] = None, cmap: str = "viridis", annotate: bool = True):
+def sensitivity_heatmap(sensitivity, *, title: Optional[str] = None, cmap: str = "viridis", annotate: bool = True,
+                        value_range: Optional[tuple[float, float]] = None):
     """Layer x step-window heatmap of a metric (e.g. refusal rate) under windowed ablation.
 
     Accepts a `Sensitivity` result (from `diffusion_lens.steering.sensitivity`) or a dict with
     `values` [rows cols], `row_labels`, `col_labels` (and optional `row_name`, `col_name`).
+    `value_range` (low, high) fixes the colour scale, e.g. (0, 1) to compare grids of rates.
 
     Example:
         >>> sens = sensitivity(model, r, harmful, over=("layers", "steps"), metric=rate)
@@ -102,7 +133,8 @@ def sensitivity_heatmap(sensitivity, *, title: Optional[str] = None, cmap: str =
     data = sensitivity if isinstance(sensitivity, dict) else sensitivity.as_grid()
     grid = _as_grid(data["values"], "values")
     fig, ax = _figure((max(4.0, 0.5 * grid.shape[1] + 2.5), max(3.0, 0.35 * grid.shape[0] + 1.5)))
-    _heatmap(ax, grid, data["col_labels"], data["row_labels"], cmap, data.get("metric_name", "metric"), annotate)
+    _heatmap(ax, grid, data["col_labels"], data["row_labels"], cmap, data.get("metric_name", "metric"), annotate,
+             value_range)
     ax.set_xlabel(data.get("col_name", "steps"))
     ax.set_ylabel(data.get("row_name", "layer"))
     ax.set_title(title or "Sensitivity to ablation")
@@ -128,8 +160,8 @@ def selection_heatmap(selection, score: str = "bypass", *, title: Optional[str] 
     kept = selection.kept.cpu()
     for i in range(grid.shape[0]):
         for j in range(grid.shape[1]):
-            if not bool(kept[i, j]):
-                ax.scatter([j], [i], marker="x", color="grey", s=30)
+            if not bool(kept[i, j]):  # in the cell's corner, clear of its value
+                ax.scatter([j + 0.32], [i + 0.28], marker="x", color="dimgrey", s=14, linewidths=1)
     if selection.winner is not None:
         from matplotlib.patches import Rectangle
 
@@ -142,4 +174,96 @@ def selection_heatmap(selection, score: str = "bypass", *, title: Optional[str] 
     return fig
 
 
-__all__ = ["cosine_per_layer", "pca_scatter", "selection_heatmap", "sensitivity_heatmap"]
+def _plotly():
+    try:
+        import plotly.graph_objects as go
+    except ImportError as error:  # pragma: no cover - plotly is a dependency
+        raise ImportError("the *_plotly figures need plotly: pip install 'plotly>=5'") from error
+    return go
+
+
+def _plotly_heatmap(grid: Tensor, x_labels, y_labels, *, colorscale: str, colorbar: str, title: str,
+                    x_title: str, y_title: str, hover: list, value_range: Optional[tuple[float, float]] = None):
+    """One plotly heatmap: short tick labels (rotated when many), full names and values on hover."""
+    go = _plotly()
+    values = [[None if v != v else v for v in row] for row in grid.tolist()]  # NaN -> gap
+    x_text = [short_label(x) for x in x_labels]
+    fig = go.Figure(go.Heatmap(
+        z=values, x=list(range(grid.shape[1])), y=list(range(grid.shape[0])), colorscale=colorscale,
+        zmin=value_range[0] if value_range else None, zmax=value_range[1] if value_range else None,
+        colorbar={"title": {"text": colorbar}}, customdata=hover, hovertemplate="%{customdata}<extra></extra>",
+        text=[["" if v is None else f"{v:.2g}" for v in row] for row in values],
+        texttemplate="%{text}" if grid.numel() <= 200 else None, textfont={"size": 10},
+    ))
+    many = grid.shape[1] > 6 or max(map(len, x_text), default=0) > 6
+    fig.update_layout(
+        title={"text": title.replace("\n", "<br>"), "font": {"size": 15}}, template="plotly_white",
+        width=max(480, 46 * grid.shape[1] + 260), height=max(320, 34 * grid.shape[0] + 190),
+        margin={"l": 70, "r": 30, "t": 60 + 20 * title.count("\n"), "b": 110 if many else 60},
+        xaxis={"title": {"text": x_title}, "tickmode": "array", "tickvals": list(range(grid.shape[1])),
+               "ticktext": x_text, "tickangle": -60 if many else 0, "tickfont": {"size": 10},
+               "range": [-0.5, grid.shape[1] - 0.5], "showgrid": False, "zeroline": False},
+        yaxis={"title": {"text": y_title}, "tickmode": "array", "tickvals": list(range(grid.shape[0])),
+               "ticktext": [str(y) for y in y_labels], "range": [-0.5, grid.shape[0] - 0.5], "showgrid": False,
+               "zeroline": False},
+    )
+    return fig
+
+
+def selection_heatmap_plotly(selection, score: str = "bypass", *, title: Optional[str] = None):
+    """Interactive twin of `selection_heatmap`: a `select_direction` score over (layer, position),
+    filtered-out candidates marked 'x', the winner boxed, every cell's full position, scores and
+    verdict on hover.
+
+    Example:
+        >>> sel = select_direction(model, harm_tr, ok_tr, harm_val, ok_val)
+        >>> selection_heatmap_plotly(sel).write_html("selection.html", include_plotlyjs=True)
+    """
+    if score not in ("bypass", "induce", "kl"):
+        raise ValueError(f"score must be 'bypass', 'induce' or 'kl'; got {score!r}.")
+    grid = _as_grid(getattr(selection, score), score)
+    dirs = selection.directions
+    kept = selection.kept.cpu()
+    scores = {name: _as_grid(getattr(selection, name), name) for name in ("bypass", "induce", "kl")}
+    hover = [[f"layer {layer}, {position}<br>" + "<br>".join(f"{name} {float(scores[name][i, j]):.3f}" for name in scores)
+              + ("<br>kept" if bool(kept[i, j]) else "<br>filtered out")
+              for j, position in enumerate(dirs.positions)] for i, layer in enumerate(dirs.layers)]
+    fig = _plotly_heatmap(grid, dirs.positions, dirs.layers, colorscale="RdBu_r" if score != "kl" else "Magma",
+                          colorbar=score, title=title or f"Direction selection: {score} score (x = filtered out)",
+                          x_title="position", y_title="layer", hover=hover)
+    go = _plotly()
+    filtered = [(j, i) for i in range(grid.shape[0]) for j in range(grid.shape[1]) if not bool(kept[i, j])]
+    if filtered:
+        fig.add_trace(go.Scatter(x=[j + 0.32 for j, _ in filtered], y=[i + 0.28 for _, i in filtered], mode="markers",
+                                 marker={"symbol": "x-thin", "size": 7, "line": {"width": 1.5, "color": "dimgrey"}},
+                                 hoverinfo="skip", showlegend=False))
+    if selection.winner is not None:
+        i = dirs.layers.index(selection.winner["layer"])
+        j = dirs.positions.index(selection.winner["position"])
+        fig.add_shape(type="rect", x0=j - 0.5, x1=j + 0.5, y0=i - 0.5, y1=i + 0.5, line={"color": "black", "width": 3})
+    return fig
+
+
+def sensitivity_heatmap_plotly(sensitivity, *, title: Optional[str] = None, colorscale: str = "Viridis",
+                               value_range: Optional[tuple[float, float]] = None):
+    """Interactive twin of `sensitivity_heatmap`: a layer x step-window grid of a metric under
+    windowed ablation (a `Sensitivity` or the same dict), values on the cells and on hover;
+    `value_range` (low, high) fixes the colour scale.
+
+    Example:
+        >>> sens = sensitivity(model, r, harmful, over=("layers", "steps"), window=8)
+        >>> sensitivity_heatmap_plotly(sens).write_html("sensitivity.html", include_plotlyjs=True)
+    """
+    data = sensitivity if isinstance(sensitivity, dict) else sensitivity.as_grid()
+    grid = _as_grid(data["values"], "values")
+    row_name, col_name = data.get("row_name", "layer"), data.get("col_name", "steps")
+    metric = data.get("metric_name", "metric")
+    hover = [[f"{row_name} {row}, {col_name} {col}<br>{metric} {float(grid[i, j]):.3f}"
+              for j, col in enumerate(data["col_labels"])] for i, row in enumerate(data["row_labels"])]
+    return _plotly_heatmap(grid, data["col_labels"], data["row_labels"], colorscale=colorscale, colorbar=metric,
+                           title=title or "Sensitivity to ablation", x_title=col_name, y_title=row_name, hover=hover,
+                           value_range=value_range)
+
+
+__all__ = ["cosine_per_layer", "pca_scatter", "selection_heatmap", "selection_heatmap_plotly", "sensitivity_heatmap",
+           "sensitivity_heatmap_plotly", "short_label"]
