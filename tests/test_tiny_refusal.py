@@ -99,5 +99,5 @@ def test_reduced_demo_ablation_beats_random_control(tmp_path):
     for key in ("baseline", "ablated", "random_control", "held_out", "unseen", "best", "seconds", "kl_harmless",
                 "induced", "transfer", "by_position", "sensitivity"):
         assert key in saved
-    assert len(saved["sensitivity"]["values"]) == model.cfg.n_layers
-    assert {"sensitivity.png", "report.html"} <= {p.name for p in tmp_path.iterdir()}
+    assert len(saved["sensitivity"]["one_block"]["values"]) == model.cfg.n_layers
+    assert {"sensitivity_one_block.png", "sensitivity_four_blocks.png", "report.html"} <= {p.name for p in tmp_path.iterdir()}

@@ -14,16 +14,21 @@
    layer, step and position) and with a random direction ablated. Then masked-position KL and
    refusal induced by adding the raw difference (held-out harmless prompts), the best direction of
    each position type, cross-lingual transfer and a layer x step-window sensitivity grid (unseen
-   harmful prompts, where the model refuses). The top-level keys of results.json (`baseline`,
-   `ablated`, `random_control`) are the held-out figures; `unseen` holds the same for unseen prompts.
+   harmful prompts, where the model refuses) in two sampler settings: pure diffusion (one block of
+   `gen_length`) and semi-autoregressive blocks (four blocks), with the step at which each setting
+   commits the answer's first words. The top-level keys of results.json (`baseline`, `ablated`,
+   `random_control`) are the held-out figures; `unseen` holds the same for unseen prompts.
+4. `run_moe_study` (the MoE model `tiny-refusal-moe`, a shorter study): the same selection, then
+   held-out harmful refusal and masked KL with the direction removed at the MoE layers' combined
+   output only, from every expert's weights (full abliteration) and from every weight but the
+   routed experts' (what a MoE-unaware abliterator edits).
 
-Results go to `<out>/results.json`, with PNG plots and `report.html` (table and plots in one page).
+Results go to `<out>/results.json`, with PNG plots and `report.html` (`diffusion_lens.studies.report`).
 """
 
 from __future__ import annotations
 
-import base64
-import html
+import copy
 import json
 import time
 from dataclasses import dataclass
@@ -31,10 +36,11 @@ from pathlib import Path
 
 import torch
 
-from diffusion_lens import HookedDiffusionTransformer, plot
+from diffusion_lens import HookedDiffusionTransformer
 from diffusion_lens.evals import masked_kl, refusal_rate
 from diffusion_lens import steering
-from diffusion_lens.steering import Directions, ablate, add, mean_difference, select_direction
+from diffusion_lens.steering import Directions, ablate, add, mean_difference, orthogonalize_weights, select_direction
+from diffusion_lens.studies import report
 from diffusion_lens.studies.tiny_refusal import generate_dataset, prompts
 
 POSITION_TYPES = {"pre_instruction": "pre_instruction", "post_instruction": "post_instruction", "response_mean": "mean_response"}
@@ -50,12 +56,31 @@ class DemoSize:
     n_test: int = 48
     gen_length: int = 32
     step_window: int = 8
+    n_sensitivity: int = 24  # unseen harmful prompts per language in each sensitivity grid (one batch of 48)
     batch_size: int = 64
     position_types: tuple[str, ...] = tuple(POSITION_TYPES)
     full: bool = True  # False: selection and refusal rates only (the reduced demo of the tests)
 
 
-QUICK = DemoSize(n_train=16, n_val=8, n_test=12, position_types=("post_instruction",), full=False)
+QUICK = DemoSize(n_train=16, n_val=8, n_test=12, position_types=("post_instruction",), full=False, n_sensitivity=6)
+# The MoE model's shorter study: fewer prompts, selection and held-out refusal / KL only.
+MOE = DemoSize(n_train=32, n_val=8, n_test=32, full=False)
+MOE_MODEL = "tiny-refusal-moe"
+FIRST_WORDS = 4  # the answer's first tokens, whose commit step `commit_order` reports
+
+
+def sampler_settings(gen_length: int) -> dict[str, dict]:
+    """The two sampler settings of the sensitivity grid: pure diffusion (one block) and four
+    semi-autoregressive blocks, both one token per step.
+
+    Example:
+        >>> sampler_settings(32)["four_blocks"]
+        {'gen_length': 32, 'steps': 32, 'block_length': 8}
+    """
+    if gen_length % 4:
+        raise ValueError(f"gen_length={gen_length} must split into four equal blocks; use a multiple of 4.")
+    return {"one_block": dict(gen_length=gen_length, steps=gen_length, block_length=gen_length),
+            "four_blocks": dict(gen_length=gen_length, steps=gen_length, block_length=gen_length // 4)}
 
 
 def _by_lang(examples, kind: str, n: int) -> dict[str, list[str]]:
@@ -83,15 +108,17 @@ class Study:
         self.test = {kind: _by_lang(data["test"], kind, size.n_test) for kind in ("harmful", "harmless")}
         self.generate_kwargs = dict(gen_length=size.gen_length, steps=size.gen_length, block_length=size.gen_length)
 
-    def refusal(self, prompt_list: list[str], hooks=()) -> float:
+    def refusal(self, prompt_list: list[str], hooks=(), model: HookedDiffusionTransformer | None = None) -> float:
+        """Refusal rate of `model` (default: the study's; e.g. a weight-edited copy) with `hooks`."""
+        model = self.model if model is None else model
         texts = []
         for start in range(0, len(prompt_list), self.size.batch_size):
             chunk = prompt_list[start: start + self.size.batch_size]
-            texts += self.model.generate(chunk, hooks=hooks, progress=False, **self.generate_kwargs).texts
+            texts += model.generate(chunk, hooks=hooks, progress=False, **self.generate_kwargs).texts
         return refusal_rate(texts)
 
-    def refusal_by_lang(self, split: dict, kind: str, hooks=()) -> dict[str, float]:
-        return {lang: self.refusal(split[kind][lang], hooks) for lang in LANGS}
+    def refusal_by_lang(self, split: dict, kind: str, hooks=(), model=None) -> dict[str, float]:
+        return {lang: self.refusal(split[kind][lang], hooks, model) for lang in LANGS}
 
     def directions(self, harmful: list[str], harmless: list[str], positions: str):
         return mean_difference(
@@ -115,9 +142,30 @@ def best_per_type(selection) -> dict:
     return out
 
 
+def _select(study: Study, log):
+    """Candidate directions at every layer and position kind, and `select_direction`'s pick."""
+    model, size = study.model, study.size
+    harmful_train, harmless_train = _both(study.train["harmful"]), _both(study.train["harmless"])
+    harmful_val, harmless_val = _both(study.val["harmful"]), _both(study.val["harmless"])
+    log(f"   candidate directions from {len(harmful_train)} harmful vs {len(harmless_train)} harmless prompts")
+    candidates = Directions.concat([study.directions(harmful_train, harmless_train, POSITION_TYPES[label])
+                                    for label in size.position_types])
+    selection = select_direction(model, harmful_train, harmless_train, harmful_val, harmless_val,
+                                 candidates=candidates, gen_length=size.gen_length, batch_size=size.batch_size,
+                                 progress=False)
+    if selection.winner is None:
+        raise RuntimeError(f"No candidate direction of {model.cfg.model_name} survived the selection filters; "
+                           "see the selection table (selection.table).")
+    best = selection.winner
+    log(f"   selected layer {best['layer']} position {best['position']} (bypass score {best['bypass']:.2f})")
+    return selection
+
+
 def run_study(model: HookedDiffusionTransformer, size: DemoSize = DemoSize(), out_dir: str | Path = "demo_out",
-              plots: bool = True, log=print) -> dict:
-    """Run the study and return the results dict (also written to `out_dir/results.json`).
+              plots: bool = True, log=print, moe: dict | None = None) -> dict:
+    """Run the study and return the results dict (also written to `out_dir/results.json`); with
+    `plots` and `size.full`, PNG figures and `report.html`. `moe`: a `run_moe_study` result, stored
+    as `results["moe"]` and reported alongside.
 
     Example:
         >>> model = HookedDiffusionTransformer.from_pretrained("tiny-refusal")
@@ -126,21 +174,11 @@ def run_study(model: HookedDiffusionTransformer, size: DemoSize = DemoSize(), ou
     """
     started = time.time()
     study = Study(model, size)
-    harmful_train, harmless_train = _both(study.train["harmful"]), _both(study.train["harmless"])
-    harmful_val, harmless_val = _both(study.val["harmful"]), _both(study.val["harmless"])
-
-    log(f"1/6 candidate directions from {len(harmful_train)} harmful vs {len(harmless_train)} harmless prompts")
-    candidates = Directions.concat([study.directions(harmful_train, harmless_train, POSITION_TYPES[label])
-                                    for label in size.position_types])
-    selection = select_direction(model, harmful_train, harmless_train, harmful_val, harmless_val,
-                                 candidates=candidates, gen_length=size.gen_length, batch_size=size.batch_size,
-                                 progress=False)
-    if selection.winner is None:
-        raise RuntimeError("No candidate direction survived the selection filters; see the selection table.")
+    log("1/6 direction selection")
+    selection = _select(study, log)
     best = selection.winner
     best_label = position_type(best["position"])
     direction = best["direction"]
-    log(f"   selected layer {best['layer']} position {best['position']} (bypass score {best['bypass']:.2f})")
 
     log("2/6 refusal rates (held-out templates/topics, and unseen prompts): baseline, ablated, random control")
     ablation = ablate(model, direction)
@@ -160,12 +198,14 @@ def run_study(model: HookedDiffusionTransformer, size: DemoSize = DemoSize(), ou
     results["best"] = {"layer": best["layer"], "position": str(best["position"]), "position_type": best_label}
     results["selection"] = selection.table
     results["seconds"] = round(time.time() - started, 1)
+    if moe is not None:
+        results["moe"] = moe
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     if plots and sens is not None:
-        _plots(out, selection, sens, format_table(results))
+        report.write_report(out, results, selection, sens, title=f"{model.cfg.model_name}: refusal-direction study")
     return results
 
 
@@ -195,82 +235,216 @@ def _full_study(study: Study, results: dict, selection, best_label: str, ablatio
         transfer[f"{source}_to_{target}"] = study.refusal(study.unseen["harmful"][target], transferred)
     results["transfer"] = transfer
 
-    log("6/6 layer x step-window sensitivity (one layer and one step window at a time; unseen prompts)")
-    sens = steering.sensitivity(
-        model, best["direction"], _both(study.unseen["harmful"]), over=("layers", "steps"), window=size.step_window,
-        batch_size=size.batch_size, generate_kwargs=study.generate_kwargs,
-    )
-    results["sensitivity"] = {
-        "values": sens.values.tolist(), "layers": sens.row_labels, "step_windows": [str(c) for c in sens.col_labels],
-        "baseline": sens.baseline, "all_layers_all_steps": sens.full, "prompts": "unseen",
-    }
-    return sens
+    log("6/6 layer x step-window sensitivity in two sampler settings, one block and four blocks (unseen prompts)")
+    harmful = _both({lang: v[: size.n_sensitivity] for lang, v in study.unseen["harmful"].items()})
+    results["sensitivity"] = {"prompts": f"unseen, {len(harmful)} harmful"}
+    grids = {}
+    for setting, kwargs in sampler_settings(size.gen_length).items():
+        grids[setting] = steering.sensitivity(
+            model, best["direction"], harmful, over=("layers", "steps"), window=size.step_window,
+            batch_size=size.batch_size, generate_kwargs=kwargs, progress=False,
+        )
+        sens = grids[setting]
+        results["sensitivity"][setting] = {
+            "generate_kwargs": kwargs, "values": sens.values.tolist(), "layers": sens.row_labels,
+            "step_windows": [str(c) for c in sens.col_labels], "baseline": sens.baseline,
+            "all_layers_all_steps": sens.full, "commit": commit_order(model, harmful, kwargs, size),
+        }
+    return grids
 
 
-def _plots(out: Path, selection, sens, table: str) -> None:
-    """PNG figures, and `report.html`: the table and the figures in one self-contained page."""
-    figures = {
-        "cosine_per_layer": plot.cosine_per_layer(selection.directions),
-        "selection_bypass": plot.selection_heatmap(selection, "bypass"),
-        "sensitivity": plot.sensitivity_heatmap(sens, title="Harmful refusal rate, ablating one layer x step window"),
-    }
-    images = []
-    for name, fig in figures.items():
-        fig.savefig(out / f"{name}.png", dpi=120, bbox_inches="tight")
-        encoded = base64.b64encode((out / f"{name}.png").read_bytes()).decode()
-        images.append(f'<h2>{name}</h2><img src="data:image/png;base64,{encoded}">')
-    page = ("<!doctype html><meta charset='utf-8'><title>tiny-refusal refusal-direction study</title>"
-            f"<h1>Refusal-direction study</h1><pre>{html.escape(table)}</pre>" + "".join(images))
-    (out / "report.html").write_text(page, encoding="utf-8")
+@torch.no_grad()
+def commit_order(model, prompt_list: list[str], generate_kwargs: dict, size: DemoSize) -> dict:
+    """When the sampler commits what: the mean step at which each of the answer's first `FIRST_WORDS` tokens is
+    unmasked, and the share of the first step window's commits that are end-of-text padding (EOS /
+    EOT / pad). Explains which steps a step-window ablation can still change.
+
+    Example:
+        >>> commit_order(model, harmful, sampler_settings(32)["one_block"], DemoSize())
+        {'first_words': 4, 'first_words_mean_step': 27.1, 'padding_share_first_window': 0.97, 'window': 8}
+    """
+    cfg = model.cfg
+    padding = torch.tensor(sorted({t for t in (cfg.eos_token_id, cfg.eot_token_id, cfg.pad_token_id) if t is not None}))
+    first_words, padding_first, first_window = [], 0, 0
+    for start in range(0, len(prompt_list), size.batch_size):
+        out = model.generate(prompt_list[start: start + size.batch_size], progress=False, **generate_kwargs)
+        response = out.trajectory[:, :, out.response_start:]  # [steps batch gen]
+        committed = response != cfg.mask_token_id
+        step = (~committed).sum(0)  # [batch gen]: the step index that unmasked each token
+        first_words.append(step[:, :FIRST_WORDS].double().flatten())
+        early = step < size.step_window
+        padding_first += int((early & torch.isin(out.responses, padding)).sum())
+        first_window += int(early.sum())
+    return {"first_words": FIRST_WORDS, "first_words_mean_step": round(float(torch.cat(first_words).mean()), 2),
+            "padding_share_first_window": round(padding_first / max(first_window, 1), 3), "window": size.step_window}
+
+
+def moe_conditions(model: HookedDiffusionTransformer, direction) -> dict[str, tuple]:
+    """The MoE study's four conditions as (model, hooks, runtime hooks with the same effect):
+
+    * `baseline`: the model, no hooks;
+    * `combined_output`: `direction` ablated at run time at every MoE layer's combined output
+      (`blocks.{l}.hook_mlp_out`, the experts' weighted sum) and nowhere else;
+    * `per_expert`: `orthogonalize_weights` on a copy (embedding, attention, every expert's and the
+      shared expert's down projection: the full abliteration; runtime twin `ablate(model, r)`);
+    * `non_expert`: the same edit on a copy with the routed experts' weights left as they were
+      (what a MoE-unaware abliterator edits); its runtime twin ablates the embedding
+      (`blocks.0.hook_resid_pre`), every attention output, dense layers' MLP outputs and the
+      shared expert's output.
+
+    The runtime twins measure masked KL (`masked_kl` compares hooks on one model); a test checks
+    that each equals its edited copy.
+
+    Example:
+        >>> conditions = moe_conditions(moe, r)
+        >>> edited, hooks, _ = conditions["non_expert"]
+        >>> edited.generate("How do I pick a lock?", hooks=hooks)
+    """
+    cfg = model.cfg
+    if not cfg.moe_layers:
+        raise ValueError(f"{cfg.model_name} has no mixture-of-experts layer (cfg.moe_layers is empty); "
+                         "moe_conditions needs a LLaDA-MoE-format model such as tiny-refusal-moe.")
+    if model.unembed.weight is model.embed.weight:
+        raise ValueError("moe_conditions: a tied LM head reads the edited embedding too; its non_expert runtime "
+                         "twin is not modelled. Use an untied model.")
+    unit = torch.as_tensor(direction, dtype=torch.float64)
+    unit = unit / unit.norm()
+    combined = ablate(model, unit, layers=list(cfg.moe_layers), sites=("hook_mlp_out",))
+
+    per_expert = copy.deepcopy(model)
+    edited = orthogonalize_weights(per_expert, unit)
+    non_expert = copy.deepcopy(model)
+    routed = [name for name in orthogonalize_weights(non_expert, unit) if ".mlp.experts." in name]
+    if not routed:
+        raise ValueError(f"orthogonalize_weights edited no routed expert of {cfg.model_name} ({edited[:4]}...); "
+                         "expected names under blocks.{l}.mlp.experts.")
+    originals = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in routed:
+            non_expert.get_parameter(name).copy_(originals[name])
+
+    dense = [layer for layer in range(cfg.n_layers) if layer not in cfg.moe_layers]
+    non_expert_hooks = ablate(model, unit, layers=[0], sites=("hook_resid_pre",)) \
+        + ablate(model, unit, sites=("hook_attn_out",)) \
+        + (ablate(model, unit, layers=dense, sites=("hook_mlp_out",)) if dense else [])
+    if cfg.d_shared_expert_mlp:
+        non_expert_hooks += [(f"blocks.{layer}.mlp.hook_shared_out", _projection(unit)) for layer in cfg.moe_layers]
+    return {"baseline": (model, [], []), "combined_output": (model, combined, combined),
+            "per_expert": (per_expert, [], ablate(model, unit)), "non_expert": (non_expert, [], non_expert_hooks)}
+
+
+def _projection(unit):
+    """A hook removing `unit`'s component: x <- x - (x.u) u (the shared expert's output has no `ablate` site)."""
+    def hook(x, hook):
+        u = unit.to(x.device, x.dtype)
+        return x - (x @ u)[..., None] * u
+    return hook
+
+
+def run_moe_study(model: HookedDiffusionTransformer, size: DemoSize = MOE, log=print) -> dict:
+    """The shorter study on a LLaDA-MoE-format model: direction selection with the dense study's
+    recipe, then per condition of `moe_conditions` the held-out harmful refusal per language and the
+    masked KL on held-out harmless prompts. Returns the dict stored as `results["moe"]`.
+
+    Example:
+        >>> moe = HookedDiffusionTransformer.from_pretrained("tiny-refusal-moe")
+        >>> out = run_moe_study(moe, MOE)
+        >>> out["per_expert"]["harmful"], out["combined_output"]["harmful"], out["kl_harmless"]
+    """
+    started = time.time()
+    if not model.cfg.moe_layers:
+        raise ValueError(f"run_moe_study needs a mixture-of-experts model; {model.cfg.model_name} has no MoE layer.")
+    study = Study(model, size)
+    log(f"MoE study on {model.cfg.model_name}: direction selection")
+    selection = _select(study, log)
+    best = selection.winner
+    log("   held-out harmful refusal and masked KL per condition: " + ", ".join(report.MOE_CONDITIONS))
+    harmless = _both(study.test["harmless"])
+    out: dict = {"kl_harmless": {}}
+    for name, (edited, hooks, runtime) in moe_conditions(model, best["direction"]).items():
+        out[name] = {"harmful": study.refusal_by_lang(study.test, "harmful", hooks, model=edited)}
+        out["kl_harmless"][name] = 0.0 if not runtime else masked_kl(
+            model, harmless, runtime, batch_size=size.batch_size, generate_kwargs=study.generate_kwargs).mean
+    out["best"] = {"layer": best["layer"], "position": str(best["position"]), "position_type": position_type(best["position"])}
+    out["model"] = model.cfg.model_name
+    out["moe_layers"] = list(model.cfg.moe_layers)
+    out["n_experts"], out["n_experts_per_token"] = model.cfg.n_experts, model.cfg.n_experts_per_token
+    out["prompts"] = {"harmful": "held_out", "kl": "held-out harmless"}
+    out["seconds"] = round(time.time() - started, 1)
+    return out
 
 
 def format_table(results: dict) -> str:
     """The printed summary: one row per measurement, columns en / zh for each prompt set."""
-    sets = ("held_out", "unseen")
-    lines = [f"{'':44s} " + "   ".join(f"{name:>13s}" for name in sets),
-             f"{'':44s} " + "   ".join(f"{'en':>6s} {'zh':>6s}" for _ in sets)]
-
-    def row(label, pick):
-        values = [pick(results[name]) for name in sets]
-        cells = ["   ".join(f"{v['en']:6.2f} {v['zh']:6.2f}" if v else f"{'-':>6s} {'-':>6s}" for v in values)]
-        lines.append(f"{label:44s} " + cells[0])
-
-    row("harmful refusal, baseline", lambda r: r["baseline"]["harmful"])
-    row("harmless refusal, baseline", lambda r: r["baseline"]["harmless"])
-    row("harmful refusal, direction ablated", lambda r: r["ablated"]["harmful"])
-    row("harmless refusal, direction ablated", lambda r: r["ablated"]["harmless"])
-    row("harmful refusal, random direction ablated", lambda r: r["random_control"]["harmful"])
-    if "induced" in results:
-        row("harmless refusal, difference added", lambda r: results["induced"]["harmless"] if r is results["held_out"] else None)
-        for label, entry in results["by_position"].items():
-            row(f"harmful refusal, best {label} dir.", lambda r, e=entry: e["harmful"] if e and r is results["unseen"] else None)
-        t = results["transfer"]
-        row("harmful refusal, other language's dir.",
-            lambda r: {"en": t["zh_to_en"], "zh": t["en_to_zh"]} if r is results["unseen"] else None)
+    lines = [f"{'':44s} " + "   ".join(f"{name:>13s}" for name in ("held_out", "unseen")),
+             f"{'':44s} " + "   ".join(f"{'en':>6s} {'zh':>6s}" for _ in range(2))]
+    for label, cells in report.table_rows(results):
+        text = [f"{'-':>6s}" if v is None else f"{v:6.2f}" for v in cells]
+        lines.append(f"{label:44s} {text[0]} {text[1]}   {text[2]} {text[3]}")
+    if "kl_harmless" in results:
         lines.append(f"masked KL on harmless prompts (nats): {results['kl_harmless']:.4f}")
     best = results["best"]
     lines.append(f"selected direction: layer {best['layer']}, {best['position']} ({best['position_type']})")
-    if "sensitivity" in results:
-        sens = results["sensitivity"]
-        lines.append("sensitivity, harmful refusal on unseen prompts (rows: ablated layer; columns: step windows "
-                     + ", ".join(sens["step_windows"]) + f"; no ablation {sens['baseline']:.2f}, "
-                     f"all layers and steps {sens['all_layers_all_steps']:.2f}):")
+    for setting, sens in results.get("sensitivity", {}).items():
+        if setting == "prompts":
+            continue
+        kwargs, commit = sens["generate_kwargs"], sens["commit"]
+        lines.append(f"sensitivity, {setting} (block_length {kwargs['block_length']}), harmful refusal on unseen prompts "
+                     f"(rows: ablated layer; columns: step windows; no ablation {sens['baseline']:.2f}, all layers "
+                     f"and steps {sens['all_layers_all_steps']:.2f}; first {commit['first_words']} answer tokens "
+                     f"committed at step {commit['first_words_mean_step']:.1f} on average):")
+        lines.append("  " + " " * 9 + " ".join(f"{w:>6s}" for w in sens["step_windows"]))
         for layer, values in zip(sens["layers"], sens["values"]):
-            lines.append(f"  layer {layer}: " + " ".join(f"{v:5.2f}" for v in values))
+            lines.append(f"  layer {layer:>2s} " + " ".join(f"{v:6.2f}" for v in values))
+    if "moe" in results:
+        lines.append(format_moe_table(results["moe"]))
     lines.append(f"took {results['seconds']:.0f} s")
     return "\n".join(lines)
 
 
+def format_moe_table(moe: dict) -> str:
+    """The MoE study's printed table: held-out harmful refusal per language and masked KL per condition."""
+    lines = [f"MoE model {moe['model']} ({moe['n_experts']} experts, top-{moe['n_experts_per_token']}; direction: "
+             f"layer {moe['best']['layer']}, {moe['best']['position']}), held-out prompts:",
+             f"  {'':44s} {'en':>6s} {'zh':>6s} {'KL':>8s}"]
+    for name in report.MOE_CONDITIONS:
+        harmful = moe[name]["harmful"]
+        lines.append(f"  {'harmful refusal, ' + report.MOE_LABELS[name]:44s} {harmful['en']:6.2f} {harmful['zh']:6.2f} "
+                     f"{moe['kl_harmless'][name]:8.4f}")
+    return "\n".join(lines)
+
+
+def load_moe_model() -> HookedDiffusionTransformer:
+    """The embedded MoE model, or an error saying it is missing and how to build it."""
+    try:
+        return HookedDiffusionTransformer.from_pretrained(MOE_MODEL)
+    except (OSError, ValueError, KeyError) as error:
+        raise RuntimeError(
+            f"The demo's MoE study needs the embedded model {MOE_MODEL!r} (diffusion_lens/pretrained/{MOE_MODEL}/), "
+            f"which could not be loaded: {error}. Train it with `python -m diffusion_lens.studies.tiny_refusal.train "
+            f"--n-experts 8 --out diffusion_lens/pretrained/{MOE_MODEL}` or run the dense study alone with "
+            "run_study(HookedDiffusionTransformer.from_pretrained('tiny-refusal'))."
+        ) from error
+
+
 def run_demo(out_dir: str = "demo_out", quick: bool = False) -> dict:
-    """`python -m diffusion_lens demo`: the study on the embedded model, its table printed.
+    """`python -m diffusion_lens demo`: the dense study on `tiny-refusal` and the shorter MoE study on
+    `tiny-refusal-moe`, their tables printed, `report.html` written (both models must be embedded).
 
     Example:
         >>> results = run_demo("demo_out", quick=True)   # QUICK: selection and refusal rates, about a minute
     """
+    started = time.time()
+    moe_model = load_moe_model()  # fail before the long dense study if the MoE model is missing
     model = HookedDiffusionTransformer.from_pretrained("tiny-refusal")
     print(model)
-    results = run_study(model, QUICK if quick else DemoSize(), out_dir)
+    moe = None
+    if not quick:
+        print(moe_model)
+        moe = run_moe_study(moe_model, MOE)
+    results = run_study(model, QUICK if quick else DemoSize(), out_dir, moe=moe)
     print()
     print(format_table(results))
-    print(f"\nwrote {Path(out_dir) / 'results.json'}" + ("" if quick else ", PNG plots and report.html"))
+    print(f"\nwrote {Path(out_dir) / 'results.json'}" + ("" if quick else ", PNG plots and report.html")
+          + f" in {time.time() - started:.0f} s")
     return results
