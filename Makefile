@@ -29,8 +29,9 @@ docs: setup
 	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
 	DIFFUSION_LENS_SITE=site $(PY) -m pytest tests/test_docs_site.py
 
-# Notebooks are committed without outputs; this executes them in place for browsing (strip the
-# outputs again before committing: `make notebooks-clean`).
+# Notebooks are committed without outputs; CI executes them in the site build (`make docs`, which
+# `make test` calls). This executes them in place instead, to browse them locally in Jupyter (strip
+# the outputs again before committing: `make notebooks-clean`).
 notebooks: setup
 	$(PY) -m pytest --nbmake --overwrite tutorials
 

@@ -1,9 +1,9 @@
 """Issue 7: tutorials and documentation.
 
-The notebooks themselves are executed by `make test` (`pytest --nbmake tutorials`) and the site is
-built by `make docs` (`mkdocs build --strict`); these tests check what those runs cannot: that the
-notebooks are committed without outputs, read in order from the README, end with a non-executed
-"On a real model" section, and that the generated hook-name reference covers every hook point.
+The notebooks themselves are executed while the site is built (`make docs`, which `make test` calls:
+mkdocs-jupyter runs each one during `mkdocs build --strict`); these tests check what that build
+cannot: that the notebooks are committed without outputs, read in order from the README, end with a
+non-executed "On a real model" section, and that the generated hook-name reference covers every hook point.
 """
 
 import importlib.util
