@@ -38,7 +38,7 @@ from diffusion_lens.studies.tiny_refusal.tokenizer import (
     train_tokenizer,
 )
 
-SIZES = {"n_train": 4000, "n_val": 400, "n_test": 400}
+SIZES = {"n_train": 4000, "n_val": 400, "n_test": 400, "n_dev": 400}
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_stages_share_prompts_and_differ_only_on_harmful_responses(base, aligned
 
 
 def test_split_sizes_and_split_field(base):
-    assert {split: len(examples) for split, examples in base.items()} == {"train": 4000, "val": 400, "test": 400}
+    assert {split: len(examples) for split, examples in base.items()} == {"train": 4000, "val": 400, "dev": 400, "test": 400}
     for split, examples in base.items():
         assert {e.split for e in examples} == {split}
 
@@ -168,8 +168,9 @@ _ARITH = re.compile(r"(\d+)\s*(plus|minus|times|加|减|乘以|\+|-|×)\s*(\d+)"
 _OPS = {"plus": "+", "加": "+", "+": "+", "minus": "-", "减": "-", "-": "-", "times": "*", "乘以": "*", "×": "*"}
 
 
-def test_arithmetic_answers_are_correct(base):
-    arith = select(base["train"] + base["test"], task="arith")
+def test_arithmetic_answers_are_correct():
+    clean = generate_dataset(**SIZES, stage="base", seed=0, frame_noise=0.0)  # no nonce word between operands
+    arith = select(clean["train"] + clean["test"], task="arith")
     assert len(arith) > 100
     for e in arith:
         a, op, b = _ARITH.search(e.prompt).groups()
@@ -333,4 +334,88 @@ def test_every_response_fits_a_32_token_canvas_with_a_2k_vocabulary(base, aligne
         for split in data.values():
             for e in split:
                 ids, prompt_len = encode_example(tokenizer, e, gen_length=32)
-                assert prompt_len <= 56, e
+                assert prompt_len <= 72, e  # Chinese is one token per character (nonce characters: 3 byte tokens)
+
+
+# ------------------------------------------------------------------ v2: fillers, nonce words, decorations
+
+
+def test_extra_and_nonce_fillers_appear_in_train_and_val_only(base):
+    from diffusion_lens.studies.tiny_refusal.data import EXTRA_FILLERS
+
+    for split in ("train", "val"):
+        topics = [e.topic for e in base[split]]
+        assert any("/extra." in t and ".nonce." not in t for t in topics), split
+        assert any(".nonce." in t for t in topics), split
+    assert not [e.topic for e in base["test"] if "/extra." in e.topic]
+    # Slot fillers of test how-to requests come from ENTITY_POOLS only.
+    fillers = [x.zh for entries in EXTRA_FILLERS.values() for x in entries if len(x.zh) > 1]
+    test_requests = prompts(base["test"], task="howto", lang="zh") + prompts(base["test"], kind="harmful", lang="zh")
+    assert not [p for p in test_requests if any(f in p for f in fillers)]
+
+
+def test_nonce_words_contain_no_held_out_word_or_character():
+    import random
+
+    from diffusion_lens.studies.tiny_refusal.data import DEV_TOPICS, _nonce
+
+    held = [e for pool, entries in ENTITY_POOLS.items() for e in entries
+            if f"{pool}/{e.key}" in HELD_OUT_TOPICS | DEV_TOPICS]
+    held_chars = {c for e in held for c in e.zh}
+    rng = random.Random(0)
+    for _ in range(2000):
+        nonce = _nonce(rng, "object")
+        assert not held_chars & set(nonce.zh) and nonce.en not in {e.en for e in held}, nonce
+
+
+def test_dev_split_holds_out_its_own_items_disjoint_from_test():
+    from diffusion_lens.studies.tiny_refusal.data import DEV_TEMPLATES, DEV_TOPICS
+
+    data = generate_dataset(n_train=2000, n_val=200, n_test=200, n_dev=200, stage="aligned", seed=0)
+    assert not DEV_TEMPLATES & HELD_OUT_TEMPLATES and not DEV_TOPICS & HELD_OUT_TOPICS
+    for split in ("train", "val", "test"):
+        assert not [e for e in data[split] if e.template_id in DEV_TEMPLATES or e.topic in DEV_TOPICS], split
+    dev = data["dev"]
+    assert all(e.template_id in DEV_TEMPLATES or e.topic in DEV_TOPICS for e in dev)
+    assert {e.task for e in select(dev, kind="harmless")} == {"howto"}
+    assert Counter(e.kind for e in dev) == {"harmful": 100, "harmless": 100}
+    train_text = "\n".join(corpus(data["train"]))
+    for pool, entries in ENTITY_POOLS.items():
+        for entry in entries:
+            if f"{pool}/{entry.key}" in DEV_TOPICS:
+                assert re.search(rf"\b{re.escape(entry.en)}\b", train_text) is None, entry
+                assert entry.zh not in train_text, entry
+
+
+def test_decorations_wrap_requests_in_every_split(base):
+    from diffusion_lens.studies.tiny_refusal.data import DECORATIONS
+
+    for split in ("train", "val", "test"):
+        for lang in ("en", "zh"):
+            texts = prompts(base[split], lang=lang)
+            prefixed = sum(any(t.startswith(p) for p in DECORATIONS[lang]["prefix"]) for t in texts)
+            assert 0.3 < prefixed / len(texts) < 0.7, (split, lang, prefixed / len(texts))
+
+
+def test_chinese_tokenises_one_character_at_a_time(tokenizer):
+    ids = tokenizer.encode("请帮我整理老师的办公室。", add_special_tokens=False)
+    pieces = [tokenizer.decode([i]) for i in ids]
+    assert all(len(p) <= 1 or not re.search("[\u4e00-\u9fff]", p) for p in pieces), pieces
+    assert tokenizer.decode(ids) == "请帮我整理老师的办公室。"
+
+
+def test_answer_is_correct_accepts_references_and_rejects_near_misses():
+    from diffusion_lens.studies.tiny_refusal.data import answer_is_correct
+
+    data = generate_dataset(n_train=0, n_val=400, n_test=400, seed=0)
+    harmless = select(data["val"] + data["test"], kind="harmless")
+    assert all(answer_is_correct(e, e.response) for e in harmless)
+    by_task = {e.task: e for e in harmless if e.format is None}
+    assert not answer_is_correct(by_task["arith"], by_task["arith"].response.replace("answer", "result"))
+    assert not answer_is_correct(by_task["howto"], by_task["howto"].response[:-1] + " now.")
+    items = by_task["list"].response.rstrip(".。")
+    assert not answer_is_correct(by_task["list"], items + (", apple." if by_task["list"].lang == "en" else "、苹果。"))
+    formatted = next(e for e in harmless if e.format == "done")
+    assert not answer_is_correct(formatted, formatted.response.removesuffix("DONE").removesuffix("完成"))
+    with pytest.raises(ValueError, match="harmless"):
+        answer_is_correct(select(data["val"], kind="harmful")[0], "")

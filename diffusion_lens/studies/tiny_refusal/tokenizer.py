@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from diffusion_lens.studies.tiny_refusal.data import Example
@@ -37,6 +37,9 @@ MASK = "<|mdm_mask|>"
 START_HEADER = "<|start_header_id|>"
 END_HEADER = "<|end_header_id|>"
 EOT = "<|eot_id|>"
+
+CJK_CHARACTER = "[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]"
+"""One CJK ideograph (extension A, unified, compatibility): the unit Chinese text is split into."""
 
 SPECIAL_TOKENS: tuple[str, ...] = (BOS, EOS, MASK, START_HEADER, END_HEADER, EOT)
 """Special tokens in id order: ``SPECIAL_TOKENS[i]`` has id ``i``."""
@@ -59,7 +62,12 @@ the tokens before ``{text}`` are the pre-instruction tokens, those after it the 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 2048) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on ``texts`` and wrap it with LLaDA's conventions."""
     backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Each Chinese character is its own pre-token, so merges never cross characters: a held-out
+    # Chinese word tokenises into characters seen in other words instead of into unseen pieces.
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(CJK_CHARACTER), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
