@@ -21,7 +21,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -39,7 +39,8 @@ from diffusion_lens.studies.tiny_refusal.tokenizer import encode_example, save_t
 @dataclass
 class TrainConfig:
     seed: int = 0
-    n_train: int = 40000
+    n_train: int = 80000
+    frame_noise: float = 0.2  # share of train frames with an inserted nonce word (data.FRAME_NOISE_SHARE)
     vocab_size: int = 2048
     gen_length: int = 32
     d_model: int = 128
@@ -48,13 +49,20 @@ class TrainConfig:
     d_mlp: int = 384
     batch_size: int = 64
     stage1_steps: int = 1200
-    stage2_steps: int = 250
+    stage2_steps: int = 400
     lr: float = 2e-3
-    stage2_lr: float = 5e-4
+    stage2_lr: float = 1e-3
     warmup_steps: int = 100
     weight_decay: float = 0.01
     mask_eps: float = 1e-3
     compile: bool = False  # eager by default: bucketed batches have varying widths
+    # LLaDA-MoE format instead of LLaDA when n_experts > 0: every layer's MLP is a mixture of
+    # n_experts SwiGLU experts of width d_expert_mlp, top n_experts_per_token, softmax router.
+    n_experts: int = 0
+    n_experts_per_token: int = 2
+    d_expert_mlp: int = 192
+    router_aux_loss: float = 0.01  # Switch-style load balancing, so that every expert is used
+    threads: int = 0  # torch threads (0: torch's default)
 
 
 @dataclass
@@ -117,24 +125,52 @@ def mask_responses(
 
 def sft_loss(
     model: HookedDiffusionTransformer, batch: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"],
-    prompt_width: int, eps: float, generator: torch.Generator,
+    prompt_width: int, eps: float, generator: torch.Generator, router_aux_loss: float = 0.0,
 ) -> Float[Tensor, ""]:
     noisy, masked, p = mask_responses(batch, prompt_width, model.cfg.mask_token_id, eps, generator)
-    logits = model.token_logits(model(noisy, attention_mask))
+    routing: list[tuple[Tensor, Tensor]] = []
+    hooks = _routing_hooks(model, routing, attention_mask.bool()) if router_aux_loss and model.cfg.is_moe else []
+    with model.hooks(fwd_hooks=hooks):
+        logits = model.token_logits(model(noisy, attention_mask))
     ce = F.cross_entropy(logits[masked].float(), batch[masked], reduction="none")
     weights = (1.0 / p).expand_as(masked)[masked]
     response_length = batch.shape[1] - prompt_width
-    return (ce * weights).sum() / (batch.shape[0] * response_length)
+    loss = (ce * weights).sum() / (batch.shape[0] * response_length)
+    return loss + router_aux_loss * load_balancing_loss(routing, model.cfg.n_experts) if routing else loss
+
+
+def _routing_hooks(model, routing: list, keep: Bool[Tensor, "batch pos"]) -> list:
+    """Hooks that append (router probs, chosen-expert mask) of the real tokens of every MoE layer."""
+    probs: dict[int, Tensor] = {}
+
+    def save_probs(value, hook):
+        probs[hook.layer()] = value[keep]
+
+    def save_choice(value, hook):
+        routing.append((probs.pop(hook.layer()), (value[keep] > 0).float()))
+
+    names = [f"blocks.{layer}.mlp.hook_router_probs" for layer in model.cfg.moe_layers]
+    return [(n, save_probs) for n in names] + [(n.replace("router_probs", "expert_weights"), save_choice) for n in names]
+
+
+def load_balancing_loss(routing: list[tuple[Tensor, Tensor]], n_experts: int) -> Float[Tensor, ""]:
+    """Switch Transformer's auxiliary loss, mean over layers: n_experts * sum_e (share of tokens
+    routed to e) * (mean router probability of e); 1.0 when routing is uniform."""
+    return torch.stack([n_experts * (chosen.mean(0) / chosen.mean(0).sum() * prob.mean(0)).sum()
+                        for prob, chosen in routing]).mean()
 
 
 def build_model(tokenizer, tc: TrainConfig) -> HookedDiffusionTransformer:
+    """A freshly initialised model in LLaDA's format, or LLaDA-MoE's when `tc.n_experts` > 0."""
     ids = special_token_ids(tokenizer)
-    cfg = DiffusionConfig(
+    family = "llada_moe" if tc.n_experts else "llada"
+    adapter = get_adapter(family)
+    cfg = adapter.to_config(_moe_checkpoint_config(tokenizer, tc)) if tc.n_experts else DiffusionConfig(
         d_model=tc.d_model, n_layers=tc.n_layers, n_heads=tc.n_heads, d_mlp=tc.d_mlp, d_vocab=len(tokenizer),
         rope_theta=10000.0, norm_eps=1e-5, mask_token_id=ids["mask"], eos_token_id=ids["eos"],
-        pad_token_id=ids["pad"], bos_token_id=ids["bos"], eot_token_id=ids["eot"], family="llada",
-        model_name="tiny-refusal",
+        pad_token_id=ids["pad"], bos_token_id=ids["bos"], family="llada",
     )
+    cfg = replace(cfg, eot_token_id=ids["eot"], model_name="tiny-refusal-moe" if tc.n_experts else "tiny-refusal")
     torch.manual_seed(tc.seed)
     model = HookedDiffusionTransformer(cfg, tokenizer=tokenizer)
     residual_writers = ("o_proj", "down_proj")
@@ -142,10 +178,27 @@ def build_model(tokenizer, tc: TrainConfig) -> HookedDiffusionTransformer:
         if param.ndim == 1:
             torch.nn.init.ones_(param)
         else:
-            std = 0.02 / math.sqrt(2 * tc.n_layers) if name.split(".")[-2] in residual_writers else 0.02
-            torch.nn.init.normal_(param, std=std)
-    model.adapter = get_adapter("llada")
+            writes = any(part in residual_writers for part in name.split(".")[-2:])
+            torch.nn.init.normal_(param, std=0.02 / math.sqrt(2 * tc.n_layers) if writes else 0.02)
+    model.adapter = adapter
     return model
+
+
+def _moe_checkpoint_config(tokenizer, tc: TrainConfig) -> dict:
+    """The config.json of a LLaDA-MoE checkpoint with these sizes (read by the llada_moe adapter,
+    so the model is exactly what loading such a checkpoint builds)."""
+    ids = special_token_ids(tokenizer)
+    return {
+        "model_type": "llada", "architectures": ["LLaDAMoEModelLM"], "vocab_size": len(tokenizer),
+        "hidden_size": tc.d_model, "num_hidden_layers": tc.n_layers, "num_attention_heads": tc.n_heads,
+        "num_key_value_heads": tc.n_heads, "num_experts": tc.n_experts, "num_experts_per_tok": tc.n_experts_per_token,
+        "expert_intermediate_size": tc.d_expert_mlp, "dense_intermediate_size": tc.d_mlp,
+        "shared_expert_intermediate_size": None, "moe_layer_freq": [1] * tc.n_layers,
+        "moe_router_score_function": "softmax", "norm_topk_prob": False, "moe_router_enable_expert_bias": False,
+        "qk_layernorm": True, "attention_bias": False, "clip_qkv": None, "partial_rotary_factor": 1.0,
+        "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "max_position_embeddings": 1024,
+        "mask_token_id": ids["mask"], "eos_token_id": ids["eos"], "pad_token_id": ids["pad"], "bos_token_id": ids["bos"],
+    }
 
 
 def train_stage(
@@ -184,10 +237,13 @@ def train(out: Path, tc: TrainConfig, base_dir: Path | None = None) -> HookedDif
     """Both stages; with `base_dir`, stage 1 is loaded from there if it exists, else saved there
     (so the refusal fine-tune can be iterated on without retraining the base)."""
     started = time.time()
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
     random.seed(tc.seed)
     generator = torch.Generator().manual_seed(tc.seed)
-    base = generate_dataset(n_train=tc.n_train, n_val=0, n_test=0, stage="base", seed=tc.seed)["train"]
-    aligned = generate_dataset(n_train=tc.n_train, n_val=0, n_test=0, stage="aligned", seed=tc.seed)["train"]
+    sizes = dict(n_train=tc.n_train, n_val=0, n_test=0, seed=tc.seed, frame_noise=tc.frame_noise)
+    base = generate_dataset(**sizes, stage="base")["train"]
+    aligned = generate_dataset(**sizes, stage="aligned")["train"]
     log: list[dict] = []
     if base_dir is not None and (base_dir / "config.json").is_file():
         model = HookedDiffusionTransformer.from_pretrained(base_dir)
@@ -201,7 +257,7 @@ def train(out: Path, tc: TrainConfig, base_dir: Path | None = None) -> HookedDif
     print(f"{model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
 
     def step_fn(tokens, mask, width, eps, gen):
-        return sft_loss(model, tokens, mask, width, eps, gen)
+        return sft_loss(model, tokens, mask, width, eps, gen, tc.router_aux_loss)
 
     compiled = torch.compile(step_fn) if tc.compile else step_fn
     if base_dir is None or not (base_dir / "config.json").is_file():
