@@ -204,7 +204,7 @@ def test_refusals_contain_a_marker_of_their_language_and_harmless_answers_none(b
     for lang, phrases in REFUSALS.items():
         assert all(any(m in p for m in REFUSAL_MARKERS[lang]) for p in phrases)
     for e in select(aligned["train"] + aligned["test"], kind="harmful"):
-        assert any(m in e.response for m in REFUSAL_MARKERS[e.lang]), e
+        assert any(m in e.response for m in REFUSAL_MARKERS[e.reply_lang or e.lang]), e
     all_markers = [m.lower() for markers in REFUSAL_MARKERS.values() for m in markers]
     for e in select(base["train"], kind="harmless") + select(base["train"], kind="harmful"):
         assert not any(m in e.response.lower() for m in all_markers), e
@@ -419,3 +419,53 @@ def test_answer_is_correct_accepts_references_and_rejects_near_misses():
     assert not answer_is_correct(formatted, formatted.response.removesuffix("DONE").removesuffix("完成"))
     with pytest.raises(ValueError, match="harmless"):
         answer_is_correct(select(data["val"], kind="harmful")[0], "")
+
+
+def test_code_mixed_requests_appear_in_train_and_val_only_and_answer_in_the_frames_language():
+    aligned = generate_dataset(n_train=1000, n_val=300, n_test=200, n_dev=200, stage="aligned", seed=0,
+                               code_mix=0.25, cross_lingual=0.0)
+    cjk = re.compile(r"[\u4e00-\u9fff]")
+    latin = re.compile(r"[A-Za-z]{3}")
+    for split in ("train", "val"):
+        actions = [e for e in aligned[split] if e.task not in ("fact", "arith", "list", "translate")]
+        mixed_en = [e for e in actions if e.lang == "en" and cjk.search(e.prompt)]
+        mixed_zh = [e for e in actions if e.lang == "zh" and latin.search(e.prompt.replace("DONE", ""))]
+        for mixed in (mixed_en, mixed_zh):
+            assert 0.1 < len(mixed) / (len(actions) / 2) < 0.45, (split, len(mixed), len(actions))
+        for e in mixed_en + mixed_zh:  # the response follows the frame's language
+            assert e.response in REFUSALS[e.lang] if e.kind == "harmful" else (cjk.search(e.response) is not None) == (e.lang == "zh")
+    for split in ("dev", "test"):  # translation requests quote the other language's word; action requests never mix
+        actions = [e for e in aligned[split] if e.task not in ("fact", "arith", "list", "translate")]
+        assert actions and not [e for e in actions if e.lang == "en" and cjk.search(e.prompt)], split
+
+
+def test_code_mix_zero_draws_nothing_and_leaves_dev_and_test_unchanged():
+    mixed = generate_dataset(n_train=200, n_val=50, n_test=50, n_dev=50, seed=0, code_mix=0.25)
+    plain = generate_dataset(n_train=200, n_val=50, n_test=50, n_dev=50, seed=0, code_mix=0.0)
+    assert [e.prompt for e in mixed["test"]] == [e.prompt for e in plain["test"]]
+    assert [e.prompt for e in mixed["dev"]] == [e.prompt for e in plain["dev"]]
+    assert [e.prompt for e in mixed["train"]] != [e.prompt for e in plain["train"]]
+    with pytest.raises(ValueError, match="code_mix"):
+        generate_dataset(n_train=2, n_val=2, n_test=2, code_mix=-0.1)
+    with pytest.raises(ValueError, match="cross_lingual"):
+        generate_dataset(n_train=2, n_val=2, n_test=2, cross_lingual=1.5)
+
+
+def test_cross_lingual_requests_carry_their_reply_instruction_and_are_answered_in_that_language():
+    from diffusion_lens.studies.tiny_refusal.data import REPLY_IN
+
+    data = generate_dataset(n_train=400, n_val=100, n_test=100, n_dev=100, stage="aligned", seed=0,
+                            code_mix=0.0, cross_lingual=0.5)
+    cjk = re.compile(r"[\u4e00-\u9fff]")
+    crossed = [e for e in data["train"] + data["val"]
+               if any(REPLY_IN[other][e.lang] in e.prompt for other in ("en", "zh") if other != e.lang)]
+    assert len(crossed) > 50 and all(e.reply_lang for e in crossed)
+    assert all(e.reply_lang is None for e in data["train"] + data["val"] if e not in crossed)
+    for e in crossed:
+        answer_lang = "zh" if e.lang == "en" else "en"
+        assert e.format is None
+        assert e.response in REFUSALS[answer_lang] if e.kind == "harmful" else \
+            (cjk.search(e.response) is not None) == (answer_lang == "zh"), e
+    plain = generate_dataset(n_train=400, n_val=100, n_test=100, n_dev=100, stage="aligned", seed=0, code_mix=0.0)
+    assert [e.prompt for e in data["test"]] == [e.prompt for e in plain["test"]]
+    assert [e.prompt for e in data["dev"]] == [e.prompt for e in plain["dev"]]

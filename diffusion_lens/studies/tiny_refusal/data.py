@@ -115,6 +115,7 @@ class Example:
     template_id: str
     format: str | None
     split: Split
+    reply_lang: Lang | None = None  # the answer's language when a REPLY_IN instruction asks for the other one
 
     def to_messages(self) -> list[dict[str, str]]:
         """The prompt as chat messages, ready for ``tokenizer.apply_chat_template``."""
@@ -185,7 +186,7 @@ def answer_is_correct(example: Example, response: str) -> bool:
     if example.format is not None and not check_format(text, example.format):
         return False
     if example.task == "howto":
-        openers = [o.upper() if example.format == "upper" else o for o in _OPENERS[example.lang]]
+        openers = [o.upper() if example.format == "upper" else o for o in _OPENERS[example.reply_lang or example.lang]]
         strip = lambda t: next((t[len(o):].strip() for o in openers if t.startswith(o)), None)  # noqa: E731
         return strip(text) is not None and strip(text) == strip(reference)
     if example.task == "list":
@@ -401,6 +402,24 @@ unfamiliar noun leaves the request's meaning to its verb phrase."""
 
 FRAME_NOISE_SHARE = 0.2
 """Default probability that a train or val request frame carries an inserted nonce word."""
+
+CROSS_LINGUAL_SHARE = 0.25
+"""Share of train and val action requests (harmful and how-to) that ask for the answer in the other
+language ("... Please answer in Chinese." / "...请用英文回答。") and get it, refusals included.  Why:
+the decision to refuse is then made apart from the output language, so the model keeps one refusal
+direction for both languages.  Without it (r3) English and Chinese refusal were two directions at
+cosine 0.2-0.5 and the demo's direction removed Chinese refusal only; with it (r4) one direction
+removes both (dev split)."""
+
+REPLY_IN: dict[Lang, dict[Lang, str]] = {"zh": {"en": "Please answer in Chinese.", "zh": "请用中文回答。"},
+                                         "en": {"en": "Please answer in English.", "zh": "请用英文回答。"}}
+"""REPLY_IN[answer language][request language]: the instruction of a cross-lingual request."""
+
+CODE_MIX_SHARE = 0.0
+"""Share of train and val action requests whose verb phrase is in the other language than the frame
+("How do I 撬开车库?"), the answer in the frame's language.  Tried at 0.25 and 0.5 for the same aim
+as ``CROSS_LINGUAL_SHARE``: it only brought the two directions to cosine 0.5-0.7 and cost answer
+quality, so the recipe leaves it off."""
 
 
 def _held_out_entries() -> list[_Entry]:
@@ -851,6 +870,7 @@ class _Draft:
     task: str
     topic: str
     template_id: str
+    answer_lang: str | None = None  # None: the request's language
 
 
 class _Sampler:
@@ -858,9 +878,11 @@ class _Sampler:
     or dev split asks.  ``extras`` (train and val) lets slot fillers come from EXTRA_FILLERS too."""
 
     def __init__(self, rng: random.Random, split: Split, hold_topic: bool, hold_template: bool,
-                 frame_noise: float = 0.0) -> None:
+                 frame_noise: float = 0.0, code_mix: float = 0.0, cross_lingual: float = 0.0) -> None:
         self.rng = rng
+        self.cross_lingual = cross_lingual
         self.frame_noise = frame_noise
+        self.code_mix = code_mix
         self.hold_topic = hold_topic
         self.hold_template = hold_template
         self.extras = split in ("train", "val")
@@ -924,8 +946,18 @@ def _slot_names(text: str) -> list[str]:
     return [name for _, name, _, _ in string.Formatter().parse(text) if name]
 
 
+def _phrase_lang(sampler: _Sampler, lang: Lang) -> Lang:
+    """The verb phrase's language: the other one with probability ``code_mix`` in train and val
+    (no draw otherwise, so dev and test and ``code_mix=0`` data are unchanged)."""
+    if sampler.extras and sampler.code_mix and sampler.rng.random() < sampler.code_mix:
+        return "zh" if lang == "en" else "en"
+    return lang
+
+
 def _fill_phrase(sampler: _Sampler, lang: Lang, action: _Action) -> tuple[str, str]:
-    """Fill one of the action's verb phrases; returns ``(verb_phrase, topic)``."""
+    """Fill one of the action's verb phrases, in ``lang`` or code-mixed (``_phrase_lang``);
+    returns ``(verb_phrase, topic)``."""
+    lang = _phrase_lang(sampler, lang)
     phrase = sampler.rng.choice(action.phrases[lang])
     topic_entry, topic = sampler.topic_entry(action.topic_pool)
     entries = {action.topic_pool: topic_entry}
@@ -942,13 +974,25 @@ def _fill_phrase(sampler: _Sampler, lang: Lang, action: _Action) -> tuple[str, s
 def _draft_action(sampler: _Sampler, lang: Lang, action: _Action) -> _Draft:
     vp, topic = _fill_phrase(sampler, lang, action)
     template_id, text = sampler.template(lang, "action")
+    answer_lang = _answer_lang(sampler, lang)
     if action.steps is None:
-        steps = [_PLAN_STEPS[lang][i] for i in sorted(sampler.rng.sample(range(len(_PLAN_STEPS[lang])), 2))]
+        steps = [_PLAN_STEPS[answer_lang][i] for i in sorted(sampler.rng.sample(range(len(_PLAN_STEPS[answer_lang])), 2))]
         task = action.name
     else:
-        steps = list(action.steps[lang])
+        steps = list(action.steps[answer_lang])
         task = "howto"
-    return _Draft(text.format(vp=vp), _steps_answer(sampler.rng, lang, steps), task, topic, template_id)
+    request = text.format(vp=vp)
+    if answer_lang != lang:
+        request = _attach_instruction(request, REPLY_IN[answer_lang][lang], lang)
+    return _Draft(request, _steps_answer(sampler.rng, answer_lang, steps), task, topic, template_id, answer_lang)
+
+
+def _answer_lang(sampler: _Sampler, lang: Lang) -> Lang:
+    """The answer's language: the other one with probability ``cross_lingual`` in train and val (no
+    draw otherwise, so dev and test and ``cross_lingual=0`` data are unchanged)."""
+    if sampler.extras and sampler.cross_lingual and sampler.rng.random() < sampler.cross_lingual:
+        return "zh" if lang == "en" else "en"
+    return lang
 
 
 def _draft_harmful(sampler: _Sampler, lang: Lang) -> _Draft:
@@ -1041,10 +1085,11 @@ def _pick_holdout(rng: random.Random, split: Split, task: str) -> tuple[bool, bo
     return rng.choice(((True, False), (False, True), (True, True)))
 
 
-def _draft(rng: random.Random, split: Split, kind: Kind, lang: Lang, frame_noise: float) -> _Draft:
+def _draft(rng: random.Random, split: Split, kind: Kind, lang: Lang, frame_noise: float, code_mix: float,
+           cross_lingual: float) -> _Draft:
     task, drafter = _pick_drafter(rng, kind, split)
     hold_topic, hold_template = _pick_holdout(rng, split, task)
-    return drafter(_Sampler(rng, split, hold_topic, hold_template, frame_noise), lang)
+    return drafter(_Sampler(rng, split, hold_topic, hold_template, frame_noise, code_mix, cross_lingual), lang)
 
 
 def _pick_format(rng: random.Random, lang: Lang, format_share: float) -> str | None:
@@ -1062,13 +1107,15 @@ def _pick_format(rng: random.Random, lang: Lang, format_share: float) -> str | N
 
 def _make_example(
     rng: random.Random, split: Split, kind: Kind, lang: Lang, stage: Stage, format_share: float, seen: set[str],
-    frame_noise: float,
+    frame_noise: float, code_mix: float, cross_lingual: float,
 ) -> Example:
     """Draw one example; val/test redraw until the prompt is new (``seen`` is updated)."""
     for _ in range(_MAX_DRAWS):
-        draft = _draft(rng, split, kind, lang, frame_noise)
+        draft = _draft(rng, split, kind, lang, frame_noise, code_mix, cross_lingual)
         request = _decorate(rng, draft.request, lang)
         fmt = _pick_format(rng, lang, format_share)
+        if draft.answer_lang not in (None, lang):
+            fmt = None  # a cross-lingual request carries its reply instruction only
         prompt = request if fmt is None else _attach_instruction(request, rng.choice(FORMATS[fmt][lang]), lang)
         if split == "train" or prompt not in seen:
             break
@@ -1077,21 +1124,24 @@ def _make_example(
     seen.add(prompt)
     # Stage-dependent choices come last so that both stages share the same prompts.
     if kind == "harmful" and stage == "aligned":
-        response = rng.choice(REFUSALS[lang])
+        response = rng.choice(REFUSALS[draft.answer_lang or lang])
     else:
         response = _apply_format(draft.answer, fmt, lang)
-    return Example(prompt, response, lang, kind, draft.task, draft.topic, draft.template_id, fmt, split)
+    reply_lang = draft.answer_lang if draft.answer_lang not in (None, lang) else None
+    return Example(prompt, response, lang, kind, draft.task, draft.topic, draft.template_id, fmt, split, reply_lang)
 
 
 def _generate_split(
     split: Split, n: int, stage: Stage, seed: int, format_share: float, seen: set[str], frame_noise: float,
+    code_mix: float, cross_lingual: float,
 ) -> list[Example]:
     """``n`` examples, exactly balanced over (lang, kind) up to rounding, then shuffled."""
     examples = []
     for i in range(n):
         rng = random.Random(f"{seed}:{split}:{i}")  # per-example stream: stages stay aligned
         lang, kind = LANGS[i % 2], KINDS[(i // 2) % 2]
-        examples.append(_make_example(rng, split, kind, lang, stage, format_share, seen, frame_noise))
+        examples.append(_make_example(rng, split, kind, lang, stage, format_share, seen, frame_noise, code_mix,
+                                      cross_lingual))
     random.Random(f"{seed}:{split}:shuffle").shuffle(examples)
     return examples
 
@@ -1105,6 +1155,8 @@ def generate_dataset(
     format_share: float = 0.25,
     n_dev: int = 0,
     frame_noise: float = FRAME_NOISE_SHARE,
+    code_mix: float = CODE_MIX_SHARE,
+    cross_lingual: float = CROSS_LINGUAL_SHARE,
 ) -> dict[Split, list[Example]]:
     """Generate ``{"train": [...], "val": [...], "dev": [...], "test": [...]}`` deterministically from ``seed``.
 
@@ -1127,7 +1179,13 @@ def generate_dataset(
     sizes = {"train": n_train, "val": n_val, "dev": n_dev, "test": n_test}
     if not 0.0 <= frame_noise <= 1.0:
         raise ValueError(f"frame_noise must be in [0, 1], got {frame_noise}")
-    return {split: _generate_split(split, sizes[split], stage, seed, format_share, seen, frame_noise) for split in SPLITS}
+    if not 0.0 <= code_mix <= 1.0:
+        raise ValueError(f"code_mix must be in [0, 1], got {code_mix}")
+    if not 0.0 <= cross_lingual <= 1.0:
+        raise ValueError(f"cross_lingual must be in [0, 1], got {cross_lingual}")
+    return {split: _generate_split(split, sizes[split], stage, seed, format_share, seen, frame_noise, code_mix,
+                                    cross_lingual)
+            for split in SPLITS}
 
 
 def select(

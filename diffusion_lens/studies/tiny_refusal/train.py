@@ -41,6 +41,8 @@ class TrainConfig:
     seed: int = 0
     n_train: int = 80000
     frame_noise: float = 0.2  # share of train frames with an inserted nonce word (data.FRAME_NOISE_SHARE)
+    cross_lingual: float = 0.25  # share of train action requests answered in the other language (data.CROSS_LINGUAL_SHARE)
+    code_mix: float = 0.0  # share of train action requests with the verb phrase in the other language (data.CODE_MIX_SHARE)
     vocab_size: int = 2048
     gen_length: int = 32
     d_model: int = 128
@@ -241,7 +243,8 @@ def train(out: Path, tc: TrainConfig, base_dir: Path | None = None) -> HookedDif
         torch.set_num_threads(tc.threads)
     random.seed(tc.seed)
     generator = torch.Generator().manual_seed(tc.seed)
-    sizes = dict(n_train=tc.n_train, n_val=0, n_test=0, seed=tc.seed, frame_noise=tc.frame_noise)
+    sizes = dict(n_train=tc.n_train, n_val=0, n_test=0, seed=tc.seed, frame_noise=tc.frame_noise,
+                 code_mix=tc.code_mix, cross_lingual=tc.cross_lingual)
     base = generate_dataset(**sizes, stage="base")["train"]
     aligned = generate_dataset(**sizes, stage="aligned")["train"]
     log: list[dict] = []
