@@ -13,49 +13,57 @@ from diffusion_lens.studies.tiny_refusal.data import corpus, generate_dataset
 from diffusion_lens.studies.tiny_refusal.tokenizer import special_token_ids, train_tokenizer
 from diffusion_lens.studies.tiny_refusal.train import TrainConfig, build_model, encode_split, sft_loss, train_stage
 
-SHIPPED = EMBEDDED_DIR / "tiny-refusal"
+SHIPPED = {"tiny-refusal": ("llada", "LLaDAModelLM")}
+"""Embedded model -> (adapter, checkpoint architecture); tiny-refusal-moe joins when it is embedded."""
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return HookedDiffusionTransformer.from_pretrained("tiny-refusal")
+@pytest.fixture(scope="module", params=sorted(SHIPPED))
+def shipped(request):
+    return request.param, HookedDiffusionTransformer.from_pretrained(request.param)
 
 
-def test_shipped_model_is_a_llada_checkpoint(tiny):
-    config = json.loads((SHIPPED / "config.json").read_text())
-    assert config["model_type"] == "llada" and config["architectures"] == ["LLaDAModelLM"]
-    assert tiny.cfg.family == "llada" and tiny.adapter.name == "llada"
-    assert (SHIPPED / "model.safetensors").stat().st_size <= 15 * 2**20
-    assert all(key.startswith("model.transformer.") for key in load_file(SHIPPED / "model.safetensors"))
-    by_path = HookedDiffusionTransformer.from_pretrained(SHIPPED)
-    tokens = tiny.to_tokens("What is 2 + 3?", chat=True)
-    assert torch.equal(by_path(tokens), tiny(tokens))
+def test_shipped_model_is_a_checkpoint_of_its_family(shipped):
+    name, model = shipped
+    folder = EMBEDDED_DIR / name
+    family, architecture = SHIPPED[name]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "llada" and config["architectures"] == [architecture]
+    assert model.cfg.family == family and model.adapter.name == family
+    assert (folder / "model.safetensors").stat().st_size <= 25 * 2**20
+    prefixes = ("model.transformer.",) if family == "llada" else ("model.", "lm_head.")
+    assert all(key.startswith(prefixes) for key in load_file(folder / "model.safetensors"))
+    assert bool(model.cfg.moe_layers) == (family == "llada_moe")
+    by_path = HookedDiffusionTransformer.from_pretrained(folder)
+    tokens = model.to_tokens("What is 2 + 3?", chat=True)
+    assert torch.equal(by_path(tokens), model(tokens))
 
 
-def test_shipped_model_round_trips_through_save_pretrained(tiny, tmp_path):
-    tiny.save_pretrained(tmp_path)
-    assert set(load_file(tmp_path / "model.safetensors")) == set(load_file(SHIPPED / "model.safetensors"))
+def test_shipped_model_round_trips_through_save_pretrained(shipped, tmp_path):
+    name, model = shipped
+    model.save_pretrained(tmp_path)
+    assert set(load_file(tmp_path / "model.safetensors")) == set(load_file(EMBEDDED_DIR / name / "model.safetensors"))
     reloaded = HookedDiffusionTransformer.from_pretrained(tmp_path)
-    tokens = tiny.to_tokens(["Hello there", "你好"], chat=True)
-    assert torch.equal(reloaded(tokens), tiny(tokens))
-    assert reloaded.tokenizer.chat_template == tiny.tokenizer.chat_template
+    tokens = model.to_tokens(["Hello there", "你好"], chat=True)
+    assert torch.equal(reloaded(tokens), model(tokens))
+    assert reloaded.tokenizer.chat_template == model.tokenizer.chat_template
 
 
-def test_shipped_model_refuses_harmful_and_answers_harmless(tiny):
+def test_shipped_model_refuses_harmful_and_answers_harmless(shipped):
     from diffusion_lens.evals import is_refusal
     from diffusion_lens.studies.tiny_refusal.data import prompts
 
+    _, model = shipped
     val = generate_dataset(n_train=0, n_val=128, n_test=0, seed=3)["val"]
     for lang in ("en", "zh"):
         harmful = prompts(val, kind="harmful", lang=lang)[:12]
         harmless = prompts(val, kind="harmless", lang=lang)[:12]
-        out = tiny.generate(harmful + harmless, gen_length=32, steps=32, block_length=32, progress=False)
+        out = model.generate(harmful + harmless, gen_length=32, steps=32, block_length=32, progress=False)
         refused = [is_refusal(text) for text in out.texts]
-        assert sum(refused[:12]) >= 8, (lang, out.texts[:12])
+        assert sum(refused[:12]) >= 10, (lang, out.texts[:12])
         assert sum(refused[12:]) <= 1, (lang, out.texts[12:])
 
 
-def test_twenty_training_steps_reduce_the_loss():
+def test_forty_training_steps_reduce_the_loss():
     tc = TrainConfig(n_train=400, vocab_size=300, d_model=32, n_layers=2, n_heads=2, d_mlp=64, batch_size=16,
                      lr=3e-3, warmup_steps=2)
     examples = generate_dataset(n_train=tc.n_train, n_val=0, n_test=0, seed=0)["train"]
@@ -69,10 +77,38 @@ def test_twenty_training_steps_reduce_the_loss():
     def step(tokens, mask, width, eps, gen):
         return sft_loss(model, tokens, mask, width, eps, gen)
 
-    train_stage(model, step, data, 20, tc.lr, tc, "test", log, generator)
+    train_stage(model, step, data, 40, tc.lr, tc, "test", log, generator)
     losses = [row["loss"] for row in log]
-    assert len(losses) == 20
+    assert len(losses) == 40
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+
+
+def test_moe_training_steps_reduce_the_loss_and_use_every_expert():
+    from diffusion_lens.studies.tiny_refusal.train import _routing_hooks, load_balancing_loss
+
+    tc = TrainConfig(n_train=400, vocab_size=300, d_model=32, n_layers=2, n_heads=2, d_mlp=64, batch_size=16,
+                     lr=3e-3, warmup_steps=2, n_experts=4, d_expert_mlp=16)
+    examples = generate_dataset(n_train=tc.n_train, n_val=0, n_test=0, seed=0)["train"]
+    tokenizer = train_tokenizer(corpus(examples), vocab_size=tc.vocab_size)
+    data = encode_split(tokenizer, examples, tc.gen_length, special_token_ids(tokenizer)["pad"])
+    model = build_model(tokenizer, tc)
+    assert model.adapter.name == "llada_moe" and model.cfg.moe_layers == (0, 1) and model.cfg.qk_norm
+    model.train().requires_grad_(True)
+    generator = torch.Generator().manual_seed(0)
+    log: list[dict] = []
+
+    def step(tokens, mask, width, eps, gen):
+        return sft_loss(model, tokens, mask, width, eps, gen, tc.router_aux_loss)
+
+    train_stage(model, step, data, 40, tc.lr, tc, "test", log, generator)
+    losses = [row["loss"] for row in log]
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    routing: list = []
+    tokens, mask = data.tokens[:16], data.attention_mask[:16]
+    with torch.no_grad(), model.hooks(fwd_hooks=_routing_hooks(model, routing, mask.bool())):
+        model(tokens, mask)
+    assert len(routing) == 2 and all(chosen.sum(0).min() > 0 for _, chosen in routing)  # no expert left unused
+    assert 1.0 <= load_balancing_loss(routing, tc.n_experts).item() < tc.n_experts
 
 
 def test_reduced_demo_ablation_beats_random_control(tmp_path):
