@@ -171,7 +171,7 @@ def test_to_str_tokens_gives_one_list_per_row(shipped):
     assert rows[1] == ["Tell", " me", " a", " joke"]
     assert shipped.to_str_tokens(batch[1:]) == rows[1]  # [1 pos] is one sequence, as in TransformerLens
     assert shipped.to_str_tokens("Tell me a joke") == rows[1]
-    assert shipped.to_str_tokens(["Tell me a joke", "Hi"]) == [rows[1], ["H", "i"]]
+    assert shipped.to_str_tokens(["Tell me a joke", "Hi"]) == [rows[1], shipped.to_str_tokens("Hi")]  # no padding
 
 
 def test_get_token_position(shipped):

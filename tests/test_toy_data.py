@@ -118,13 +118,18 @@ def test_every_test_example_holds_something_out(base):
     assert len(modes) == 3  # template only, topic only, both
 
 
-def test_held_out_surface_forms_never_appear_in_train_text(base):
-    train_text = "\n".join(corpus(base["train"]))
+def assert_topics_absent_from_train(train: list[Example], topics: set[str]) -> None:
+    """No surface form (English word, Chinese string) of an entity topic in `topics` occurs in train text."""
+    train_text = "\n".join(corpus(train))
     for pool, entries in ENTITY_POOLS.items():
         for entry in entries:
-            if f"{pool}/{entry.key}" in HELD_OUT_TOPICS:
+            if f"{pool}/{entry.key}" in topics:
                 assert re.search(rf"\b{re.escape(entry.en)}\b", train_text) is None, entry
                 assert entry.zh not in train_text, entry
+
+
+def test_held_out_surface_forms_never_appear_in_train_text(base):
+    assert_topics_absent_from_train(base["train"], HELD_OUT_TOPICS)
 
 
 def test_val_prompts_are_new_and_unique(base):
@@ -379,12 +384,7 @@ def test_dev_split_holds_out_its_own_items_disjoint_from_test():
     assert all(e.template_id in DEV_TEMPLATES or e.topic in DEV_TOPICS for e in dev)
     assert {e.task for e in select(dev, kind="harmless")} == {"howto"}
     assert Counter(e.kind for e in dev) == {"harmful": 100, "harmless": 100}
-    train_text = "\n".join(corpus(data["train"]))
-    for pool, entries in ENTITY_POOLS.items():
-        for entry in entries:
-            if f"{pool}/{entry.key}" in DEV_TOPICS:
-                assert re.search(rf"\b{re.escape(entry.en)}\b", train_text) is None, entry
-                assert entry.zh not in train_text, entry
+    assert_topics_absent_from_train(data["train"], DEV_TOPICS)
 
 
 def test_decorations_wrap_requests_in_every_split(base):
