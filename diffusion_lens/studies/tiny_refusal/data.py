@@ -870,7 +870,7 @@ class _Draft:
     task: str
     topic: str
     template_id: str
-    answer_lang: str | None = None  # None: the request's language
+    reply_lang: Lang | None = None  # the answer's language when a REPLY_IN instruction asks for the other one
 
 
 class _Sampler:
@@ -984,7 +984,8 @@ def _draft_action(sampler: _Sampler, lang: Lang, action: _Action) -> _Draft:
     request = text.format(vp=vp)
     if answer_lang != lang:
         request = _attach_instruction(request, REPLY_IN[answer_lang][lang], lang)
-    return _Draft(request, _steps_answer(sampler.rng, answer_lang, steps), task, topic, template_id, answer_lang)
+    reply_lang = answer_lang if answer_lang != lang else None
+    return _Draft(request, _steps_answer(sampler.rng, answer_lang, steps), task, topic, template_id, reply_lang)
 
 
 def _answer_lang(sampler: _Sampler, lang: Lang) -> Lang:
@@ -1114,7 +1115,7 @@ def _make_example(
         draft = _draft(rng, split, kind, lang, frame_noise, code_mix, cross_lingual)
         request = _decorate(rng, draft.request, lang)
         fmt = _pick_format(rng, lang, format_share)
-        if draft.answer_lang not in (None, lang):
+        if draft.reply_lang is not None:
             fmt = None  # a cross-lingual request carries its reply instruction only
         prompt = request if fmt is None else _attach_instruction(request, rng.choice(FORMATS[fmt][lang]), lang)
         if split == "train" or prompt not in seen:
@@ -1124,11 +1125,10 @@ def _make_example(
     seen.add(prompt)
     # Stage-dependent choices come last so that both stages share the same prompts.
     if kind == "harmful" and stage == "aligned":
-        response = rng.choice(REFUSALS[draft.answer_lang or lang])
+        response = rng.choice(REFUSALS[draft.reply_lang or lang])
     else:
         response = _apply_format(draft.answer, fmt, lang)
-    reply_lang = draft.answer_lang if draft.answer_lang not in (None, lang) else None
-    return Example(prompt, response, lang, kind, draft.task, draft.topic, draft.template_id, fmt, split, reply_lang)
+    return Example(prompt, response, lang, kind, draft.task, draft.topic, draft.template_id, fmt, split, draft.reply_lang)
 
 
 def _generate_split(
