@@ -10,6 +10,8 @@ through `diffusion_lens.denoising.hooks.at`. Permanent edits change weights in p
 """
 
 from diffusion_lens.prompts import instruction_template, prepare_prompts
+from diffusion_lens.steering.abliteration import (AblationKernel, AbliterationEdit, AbliterationHandle,
+                                                 interpolate_direction)
 from diffusion_lens.steering.collect import collect_activations
 from diffusion_lens.steering.directions import Directions, PCAResult, class_pca, mean_difference
 from diffusion_lens.steering.interventions import ABLATION_SITES, ablate, add, project_coefficient
@@ -21,8 +23,9 @@ from diffusion_lens.steering.transport import AffineMap, fit_transport, fold
 from diffusion_lens.steering.weights import orthogonalize_weights, residual_writers
 
 __all__ = [
-    "ABLATION_SITES", "AffineMap", "CanvasProbe", "Directions", "PCAResult", "PatchingResult", "Selection",
-    "Sensitivity", "ablate", "add", "class_pca", "collect_activations", "fit_transport", "fold",
-    "instruction_template", "mean_difference", "orthogonalize_weights", "patch_across_steps", "prepare_prompts",
-    "project_coefficient", "record_run", "replay", "residual_writers", "select_direction", "sensitivity",
+    "ABLATION_SITES", "AblationKernel", "AbliterationEdit", "AbliterationHandle", "AffineMap", "CanvasProbe",
+    "Directions", "PCAResult", "PatchingResult", "Selection", "Sensitivity", "ablate", "add", "class_pca",
+    "collect_activations", "fit_transport", "fold", "instruction_template", "interpolate_direction",
+    "mean_difference", "orthogonalize_weights", "patch_across_steps", "prepare_prompts", "project_coefficient",
+    "record_run", "replay", "residual_writers", "select_direction", "sensitivity",
 ]
