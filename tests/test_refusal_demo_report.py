@@ -12,7 +12,7 @@ from diffusion_lens import DiffusionConfig, HookedDiffusionTransformer
 from diffusion_lens.checkpoints import get_adapter
 from diffusion_lens.steering import ablate
 from diffusion_lens.studies import report
-from diffusion_lens.studies.refusal_demo import (QUICK, DemoSize, format_table, moe_conditions, run_demo,
+from diffusion_lens.studies.refusal_demo import (QUICK, DemoSize, format_table, moe_conditions,
                                                  run_moe_study, run_study, sampler_settings)
 
 
@@ -116,6 +116,9 @@ def test_moe_conditions_equal_their_runtime_twins(tiny, shared):
     routed = model.blocks[1].mlp.experts[0].down_proj.weight
     assert torch.equal(non_expert.blocks[1].mlp.experts[0].down_proj.weight, routed)
     assert not torch.equal(non_expert.blocks[1].attn.o_proj.weight, model.blocks[1].attn.o_proj.weight)
+    random_control, _, runtime = conditions["random_control"]
+    torch.testing.assert_close(random_control(tokens), model.run_with_hooks(tokens, fwd_hooks=runtime), atol=1e-5, rtol=0)
+    assert (random_control(tokens) - full).abs().max() > 1e-3  # another direction than r
     _, combined, _ = conditions["combined_output"]
     assert {name for name, _ in combined} == {"blocks.1.hook_mlp_out", "blocks.2.hook_mlp_out"}
     torch.testing.assert_close(model(tokens), base)  # the copies were edited, not the model
@@ -131,17 +134,9 @@ def test_moe_study_runs_on_a_random_moe_model(tiny):
     assert moe["kl_harmless"]["baseline"] == 0.0 and moe["kl_harmless"]["per_expert"] > 0
     assert moe["n_experts"] == 8 and moe["moe_layers"] == [1, 2]
     html = report.moe_table_html(moe)
-    assert html.count("<tr>") == 5 and "every expert orthogonalised" in html
+    assert html.count("<tr>") == 6 and "every expert orthogonalised" in html and "random direction" in html
     with pytest.raises(ValueError, match="no mixture-of-experts layer"):
         moe_conditions(tiny, torch.ones(tiny.cfg.d_model))
-
-
-def test_run_demo_says_when_the_moe_model_is_missing(tmp_path, monkeypatch, capsys):
-    from diffusion_lens.studies import refusal_demo
-
-    monkeypatch.setattr(refusal_demo, "MOE_MODEL", str(tmp_path / "no-such-model"))
-    assert refusal_demo.load_moe_model() is None
-    assert "MoE study skipped: the embedded model" in capsys.readouterr().out
 
 
 def test_plotly_heatmaps_abbreviate_ticks_and_keep_full_names_on_hover():
@@ -167,3 +162,16 @@ def test_plotly_heatmaps_abbreviate_ticks_and_keep_full_names_on_hover():
     assert len(fig.data[1].x) == 2 and len(fig.layout.shapes) == 1  # two filtered cells marked, the winner boxed
     with pytest.raises(ValueError, match="score must be"):
         plot.selection_heatmap_plotly(sel, "x")
+
+
+def test_moe_interpretation_follows_the_numbers():
+    def study(per_expert, non_expert):
+        rates = {"baseline": 1.0, "combined_output": 0.97, "per_expert": per_expert, "non_expert": non_expert,
+                 "random_control": 1.0}
+        return {**{name: {"harmful": {"en": r, "zh": r}} for name, r in rates.items()},
+                "kl_harmless": dict.fromkeys(rates, 0.1)}
+
+    agrees = report.interpret_moe(study(0.0, 0.1))
+    assert "agrees" in agrees and "0.10 with it removed from every weight but the routed experts'" in agrees
+    assert "does not show it" in report.interpret_moe(study(0.1, 0.1))  # the experts' part adds nothing
+    assert "does not show it" in report.interpret_moe(study(0.9, 1.0))  # not 0.1 below the combined-output edit

@@ -13,8 +13,8 @@ from diffusion_lens.studies.tiny_refusal.data import corpus, generate_dataset
 from diffusion_lens.studies.tiny_refusal.tokenizer import special_token_ids, train_tokenizer
 from diffusion_lens.studies.tiny_refusal.train import TrainConfig, build_model, encode_split, sft_loss, train_stage
 
-SHIPPED = {"tiny-refusal": ("llada", "LLaDAModelLM")}
-"""Embedded model -> (adapter, checkpoint architecture); tiny-refusal-moe joins when it is embedded."""
+SHIPPED = {"tiny-refusal": ("llada", "LLaDAModelLM"), "tiny-refusal-moe": ("llada_moe", "LLaDAMoEModelLM")}
+"""Embedded model -> (adapter, checkpoint architecture)."""
 
 
 @pytest.fixture(scope="module", params=sorted(SHIPPED))
@@ -137,3 +137,21 @@ def test_reduced_demo_ablation_beats_random_control(tmp_path):
         assert key in saved
     assert len(saved["sensitivity"]["one_block"]["values"]) == model.cfg.n_layers
     assert {"sensitivity_one_block.png", "sensitivity_four_blocks.png", "report.html"} <= {p.name for p in tmp_path.iterdir()}
+
+
+def test_reduced_moe_demo_every_expert_beats_combined_output_and_random_control():
+    """On the MoE sibling (held-out prompts), removing the direction from every weight that writes
+    the residual stream, each routed expert included, removes refusal in both languages; the same
+    edit with a random direction leaves it, and so does removing it at the combined MoE outputs only."""
+    from diffusion_lens.studies.refusal_demo import QUICK, run_moe_study
+
+    moe = HookedDiffusionTransformer.from_pretrained("tiny-refusal-moe")
+    out = run_moe_study(moe, QUICK, log=lambda *_: None)
+    for lang in ("en", "zh"):
+        baseline = out["baseline"]["harmful"][lang]
+        every_expert = out["per_expert"]["harmful"][lang]
+        assert baseline >= 0.7 and baseline - every_expert >= 0.5, (lang, out)
+        assert abs(baseline - out["random_control"]["harmful"][lang]) <= 0.2, (lang, out)
+        assert out["combined_output"]["harmful"][lang] - every_expert >= 0.5, (lang, out)
+    assert out["kl_harmless"]["random_control"] < out["kl_harmless"]["per_expert"]
+

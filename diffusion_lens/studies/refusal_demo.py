@@ -21,7 +21,8 @@
 4. `run_moe_study` (the MoE model `tiny-refusal-moe`, a shorter study): the same selection, then
    held-out harmful refusal and masked KL with the direction removed at the MoE layers' combined
    output only, from every expert's weights (full abliteration) and from every weight but the
-   routed experts' (what a MoE-unaware abliterator edits).
+   routed experts' (what a MoE-unaware abliterator edits), and a random direction removed from
+   every expert's weights (the control).
 
 Results go to `<out>/results.json`, with PNG plots and `report.html` (`diffusion_lens.studies.report`).
 """
@@ -31,6 +32,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -279,8 +281,8 @@ def commit_order(model, prompt_list: list[str], generate_kwargs: dict, size: Dem
             "padding_share_first_window": round(padding_first / max(first_window, 1), 3), "window": size.step_window}
 
 
-def moe_conditions(model: HookedDiffusionTransformer, direction) -> dict[str, tuple]:
-    """The MoE study's four conditions as (model, hooks, runtime hooks with the same effect):
+def moe_conditions(model: HookedDiffusionTransformer, direction, seed: int = 0) -> dict[str, tuple]:
+    """The MoE study's five conditions as (model, hooks, runtime hooks with the same effect):
 
     * `baseline`: the model, no hooks;
     * `combined_output`: `direction` ablated at run time at every MoE layer's combined output
@@ -290,7 +292,9 @@ def moe_conditions(model: HookedDiffusionTransformer, direction) -> dict[str, tu
     * `non_expert`: the same edit on a copy with the routed experts' weights left as they were
       (what a MoE-unaware abliterator edits); its runtime twin ablates the embedding
       (`blocks.0.hook_resid_pre`), every attention output, dense layers' MLP outputs and the
-      shared expert's output.
+      shared expert's output;
+    * `random_control`: the `per_expert` edit with a random direction (`torch.randn`, `seed`)
+      instead of `direction`, so that what `per_expert` removes is not just any edit's damage.
 
     The runtime twins measure masked KL (`masked_kl` compares hooks on one model); a test checks
     that each equals its edited copy.
@@ -329,8 +333,13 @@ def moe_conditions(model: HookedDiffusionTransformer, direction) -> dict[str, tu
         + (ablate(model, unit, layers=dense, sites=("hook_mlp_out",)) if dense else [])
     if cfg.d_shared_expert_mlp:
         non_expert_hooks += [(f"blocks.{layer}.mlp.hook_shared_out", _projection(unit)) for layer in cfg.moe_layers]
+    random_unit = torch.randn(cfg.d_model, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    random_unit = random_unit / random_unit.norm()
+    random_control = copy.deepcopy(model)
+    orthogonalize_weights(random_control, random_unit)
     return {"baseline": (model, [], []), "combined_output": (model, combined, combined),
-            "per_expert": (per_expert, [], ablate(model, unit)), "non_expert": (non_expert, [], non_expert_hooks)}
+            "per_expert": (per_expert, [], ablate(model, unit)), "non_expert": (non_expert, [], non_expert_hooks),
+            "random_control": (random_control, [], ablate(model, random_unit))}
 
 
 def _projection(unit):
@@ -356,15 +365,20 @@ def run_moe_study(model: HookedDiffusionTransformer, size: DemoSize = MOE, log=p
         raise ValueError(f"run_moe_study needs a mixture-of-experts model; {model.cfg.model_name} has no MoE layer.")
     study = Study(model, size)
     log(f"MoE study on {model.cfg.model_name}: direction selection")
-    selection = _select(study, log)
-    best = selection.winner
-    log("   held-out harmful refusal and masked KL per condition: " + ", ".join(report.MOE_CONDITIONS))
-    harmless = _both(study.test["harmless"])
-    out: dict = {"kl_harmless": {}}
-    for name, (edited, hooks, runtime) in moe_conditions(model, best["direction"]).items():
-        out[name] = {"harmful": study.refusal_by_lang(study.test, "harmful", hooks, model=edited)}
-        out["kl_harmless"][name] = 0.0 if not runtime else masked_kl(
-            model, harmless, runtime, batch_size=size.batch_size, generate_kwargs=study.generate_kwargs).mean
+    with warnings.catch_warnings():
+        if model.cfg.attention_mask_mode == "ignored":  # warned once here instead of at every batch
+            log(f"   {model.cfg.model_name} ignores the attention mask, as upstream LLaDA-MoE does: in a batch, "
+                "left pads take part in attention (the model was trained that way)")
+            warnings.filterwarnings("ignore", message="This model ignores the attention mask")
+        selection = _select(study, log)
+        best = selection.winner
+        log("   held-out harmful refusal and masked KL per condition: " + ", ".join(report.MOE_CONDITIONS))
+        harmless = _both(study.test["harmless"])
+        out: dict = {"kl_harmless": {}}
+        for name, (edited, hooks, runtime) in moe_conditions(model, best["direction"]).items():
+            out[name] = {"harmful": study.refusal_by_lang(study.test, "harmful", hooks, model=edited)}
+            out["kl_harmless"][name] = 0.0 if not runtime else masked_kl(
+                model, harmless, runtime, batch_size=size.batch_size, generate_kwargs=study.generate_kwargs).mean
     out["best"] = {"layer": best["layer"], "position": str(best["position"]), "position_type": position_type(best["position"])}
     out["model"] = model.cfg.model_name
     out["moe_layers"] = list(model.cfg.moe_layers)
@@ -404,41 +418,30 @@ def format_table(results: dict) -> str:
 
 def format_moe_table(moe: dict) -> str:
     """The MoE study's printed table: held-out harmful refusal per language and masked KL per condition."""
+    labels = {name: "harmful refusal, " + report.MOE_LABELS[name] for name in report.MOE_CONDITIONS}
+    width = max(map(len, labels.values()))
     lines = [f"MoE model {moe['model']} ({moe['n_experts']} experts, top-{moe['n_experts_per_token']}; direction: "
              f"layer {moe['best']['layer']}, {moe['best']['position']}), held-out prompts:",
-             f"  {'':44s} {'en':>6s} {'zh':>6s} {'KL':>8s}"]
-    for name in report.MOE_CONDITIONS:
+             f"  {'':{width}s} {'en':>6s} {'zh':>6s} {'KL':>8s}"]
+    for name, label in labels.items():
         harmful = moe[name]["harmful"]
-        lines.append(f"  {'harmful refusal, ' + report.MOE_LABELS[name]:44s} {harmful['en']:6.2f} {harmful['zh']:6.2f} "
-                     f"{moe['kl_harmless'][name]:8.4f}")
+        lines.append(f"  {label:{width}s} {harmful['en']:6.2f} {harmful['zh']:6.2f} {moe['kl_harmless'][name]:8.4f}")
     return "\n".join(lines)
 
 
-def load_moe_model() -> HookedDiffusionTransformer | None:
-    """The embedded MoE model, or None (with the reason printed) while it is not shipped."""
-    try:
-        return HookedDiffusionTransformer.from_pretrained(MOE_MODEL)
-    except (OSError, ValueError, KeyError) as error:
-        print(f"MoE study skipped: the embedded model {MOE_MODEL!r} could not be loaded ({error}). "
-              "It is not shipped yet (issue 15); run_moe_study runs on any LLaDA-MoE-format model.")
-        return None
-
-
 def run_demo(out_dir: str = "demo_out", quick: bool = False) -> dict:
-    """`python -m diffusion_lens demo`: the dense study on `tiny-refusal` and, when it is embedded, the
-    shorter MoE study on `tiny-refusal-moe`; their tables printed, `report.html` written.
+    """`python -m diffusion_lens demo`: the dense study on `tiny-refusal` and the shorter MoE study on
+    `tiny-refusal-moe`; their tables printed, `report.html` written.
 
     Example:
         >>> results = run_demo("demo_out", quick=True)   # QUICK: selection and refusal rates, about a minute
     """
     started = time.time()
-    moe_model = load_moe_model()
+    moe_model = HookedDiffusionTransformer.from_pretrained(MOE_MODEL)
+    print(moe_model)
+    moe = run_moe_study(moe_model, QUICK if quick else MOE)
     model = HookedDiffusionTransformer.from_pretrained("tiny-refusal")
     print(model)
-    moe = None
-    if not quick and moe_model is not None:
-        print(moe_model)
-        moe = run_moe_study(moe_model, MOE)
     results = run_study(model, QUICK if quick else DemoSize(), out_dir, moe=moe)
     print()
     print(format_table(results))

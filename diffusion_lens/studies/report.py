@@ -21,9 +21,10 @@ from typing import Optional
 
 from diffusion_lens import plot
 
-MOE_CONDITIONS = ("baseline", "combined_output", "per_expert", "non_expert")
+MOE_CONDITIONS = ("baseline", "combined_output", "per_expert", "non_expert", "random_control")
 MOE_LABELS = {"baseline": "baseline", "combined_output": "ablated at combined MoE output",
-              "per_expert": "every expert orthogonalised", "non_expert": "all but routed experts orth."}
+              "per_expert": "every expert orthogonalised", "non_expert": "all but routed experts orth.",
+              "random_control": "random direction, every expert orth."}
 SETTING_NAMES = {"one_block": "pure diffusion", "four_blocks": "semi-autoregressive decoding"}
 
 _CSS = """
@@ -254,16 +255,22 @@ def write_report(out_dir, results: dict, selection, grids: dict, title: str = "R
 
 
 def interpret_moe(moe: dict) -> str:
-    """One sentence under the MoE table: does removing the direction at the combined MoE output suffice,
-    or must every expert's weights be edited (the blog's finding)?"""
+    """One sentence under the MoE table: must the direction leave every expert's weights (the blog's
+    finding), or does removing it at the combined MoE outputs, or everywhere but the experts, suffice?
+
+    By linearity, ablating at a MoE layer's combined output equals orthogonalising only its experts'
+    down projections; so the three edits are: the experts only, everything but the routed experts, and
+    both (the full abliteration)."""
     def mean(name):
         return (moe[name]["harmful"]["en"] + moe[name]["harmful"]["zh"]) / 2
 
-    base, combined, per_expert, non_expert = (mean(n) for n in MOE_CONDITIONS)
+    base, combined, per_expert, non_expert, random_control = (mean(n) for n in MOE_CONDITIONS)
     kl = moe["kl_harmless"]
-    finding = per_expert < combined - 0.1 and per_expert < non_expert - 0.1
-    return (f"Mean harmful refusal falls from {base:.2f} to {combined:.2f} with the direction removed at the combined "
-            f"MoE output only, to {per_expert:.2f} with every expert orthogonalised (KL {kl['per_expert']:.3f}) and to "
-            f"{non_expert:.2f} when the routed experts are left unedited; the blog found that abliterating a MoE model "
-            "must edit every expert rather than the combined output, and this model "
-            + ("agrees." if finding else "does not show it clearly: the full edit is not at least 0.1 below both partial ones."))
+    finding = per_expert < combined - 0.1 and per_expert < non_expert
+    return (f"Mean harmful refusal is {base:.2f} at baseline, {combined:.2f} with the direction removed at the combined "
+            f"MoE outputs only, {non_expert:.2f} with it removed from every weight but the routed experts' (what a "
+            f"MoE-unaware tool edits; KL {kl['non_expert']:.3f}) and {per_expert:.2f} with every expert edited too "
+            f"(KL {kl['per_expert']:.3f}; a random direction: {random_control:.2f}); the blog found that abliterating a "
+            "MoE model must edit every expert, and this model "
+            + ("agrees: the full edit removes more refusal than either partial one." if finding else
+               "does not show it: the full edit does not remove more refusal than both partial ones."))
