@@ -7,8 +7,9 @@
   the self-conditioning pass given random logits); the page lists `model.hook_dict` names, the
   shapes they produced per layer (one row per distinct shape: sliding and full layers differ) and
   the passes a hook point fires in. Nothing is hand-written, so the page cannot drift from the code.
-* `model_card.md`: the embedded model's card, `diffusion_lens/pretrained/tiny-refusal/README.md`,
-  copied in as it is.
+* `model_card.md`, `model_card_moe.md`: the embedded models' cards
+  (`diffusion_lens/pretrained/<name>/README.md`), copied in with their links to each other
+  pointed at the site's pages.
 * `tutorials/*.ipynb`: the notebooks as pages. mkdocs-jupyter (mkdocs.yml) executes each one while
   the site is built, in `tutorials/` as `make notebooks` would, and renders it with its outputs and
   figures; the notebooks stay committed without outputs. `notebooks/*.ipynb`: the same files
@@ -28,8 +29,9 @@ from mkdocs.plugins import event_priority
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
-EMBEDDED = ROOT / "diffusion_lens" / "pretrained" / "tiny-refusal"
-MODEL_CARD = EMBEDDED / "README.md"
+PRETRAINED = ROOT / "diffusion_lens" / "pretrained"
+EMBEDDED = PRETRAINED / "tiny-refusal"
+CARD_PAGES = {"tiny-refusal": "model_card.md", "tiny-refusal-moe": "model_card_moe.md"}  # model -> site page
 TUTORIALS = ROOT / "tutorials"
 
 BATCH, POS = 3, 11  # chosen to differ from every dimension of the tiny fixtures
@@ -261,14 +263,15 @@ def hook_names_page() -> str:
     return "\n".join(lines)
 
 
-def model_card_page() -> str:
-    if MODEL_CARD.is_file():
-        return MODEL_CARD.read_text()
-    return (
-        "# tiny-refusal\n\n"
-        "The embedded model's card (`diffusion_lens/pretrained/tiny-refusal/README.md`) is not in this\n"
-        "checkout yet. It is copied here when the site is built.\n"
-    )
+def model_card_page(name: str) -> str:
+    """The card of the embedded model `name`; its `../<other>/README.md` links become site pages."""
+    card = PRETRAINED / name / "README.md"
+    if not card.is_file():
+        return f"# {name}\n\nThis checkout has no card for the embedded model `{name}` (`{card.relative_to(ROOT)}`).\n"
+    text = card.read_text()
+    for other, page in CARD_PAGES.items():
+        text = text.replace(f"](../{other}/README.md)", f"]({page})")
+    return text
 
 
 # ---------------------------------------------------------------------------------------------- mkdocs hooks
@@ -279,7 +282,7 @@ def on_files(files, config):
 
     generated = {
         "reference/hook_names.md": hook_names_page(),
-        "model_card.md": model_card_page(),
+        **{page: model_card_page(name) for name, page in CARD_PAGES.items()},
     }
     for src_uri, content in generated.items():
         files.append(File.generated(config, src_uri, content=content))

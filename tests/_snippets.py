@@ -46,10 +46,10 @@ _PAIR = re.compile(r"`(?P<old>[^`]+)`\s*->\s*`(?P<new>[^`]*)`")
 
 
 def documentation_pages(root: Path = ROOT) -> list[Path]:
-    """README.md, every page under docs/ (API pages included) and the embedded model's card,
-    which the site copies in as `model_card.md` (scripts/docs_hooks.py)."""
+    """README.md, every page under docs/ (API pages included) and the embedded models' cards,
+    which the site copies in (`model_card.md`, `model_card_moe.md`: scripts/docs_hooks.py)."""
     pages = [root / "README.md", *sorted((root / "docs").rglob("*.md")),
-             root / "diffusion_lens" / "pretrained" / "tiny-refusal" / "README.md"]
+             *sorted((root / "diffusion_lens" / "pretrained").glob("*/README.md"))]
     return [p for p in pages if p.is_file()]
 
 

@@ -152,11 +152,14 @@ class ModelAdapter:
         if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
             return None
         # AutoTokenizer reads config.json too and warns that transformers does not know our
-        # model_type ("llada", ...); that is expected here, since only the tokenizer is wanted.
+        # model_type ("llada", ...) or that a model key is deprecated there (LLaDA-MoE's
+        # `rope_scaling`); both are expected here, since only the tokenizer is wanted.
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         try:
-            return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.configuration_utils")
+                return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
         finally:
             hf_logging.set_verbosity(verbosity)
 
