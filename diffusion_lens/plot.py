@@ -267,3 +267,60 @@ def sensitivity_heatmap_plotly(sensitivity, *, title: Optional[str] = None, colo
 
 __all__ = ["cosine_per_layer", "pca_scatter", "selection_heatmap", "selection_heatmap_plotly", "sensitivity_heatmap",
            "sensitivity_heatmap_plotly", "short_label"]
+
+
+def _pareto_points(trials: Sequence[dict]):
+    if not trials:
+        raise ValueError("No completed trial to plot; run the search first.")
+    return ([t["diffusion_kl"] for t in trials], [t["refusal"] for t in trials])
+
+
+def pareto_scatter(trials: Sequence[dict], front: Sequence[int], *, title: Optional[str] = None):
+    """Refusal rate against diffusion KL, one point per abliteration trial (rows of
+    `SearchResult.row`), the Pareto front (trial numbers `front`) joined and highlighted.
+
+    Example:
+        >>> fig = pareto_scatter([result.row(t) for t in result.trials()], [r["trial"] for r in result.front()])
+    """
+    kl, refusal = _pareto_points(trials)
+    fig, ax = _figure((6.0, 4.0))
+    ax.scatter(kl, refusal, s=18, color="#9aa5b1", label="trial")
+    best = sorted((t for t in trials if t["trial"] in set(front)), key=lambda t: t["diffusion_kl"])
+    ax.plot([t["diffusion_kl"] for t in best], [t["refusal"] for t in best], "o-", color="#d1495b", label="Pareto front")
+    ax.set_xscale("symlog", linthresh=1e-2)
+    ax.set_xlabel("diffusion KL on harmless prompts (nats)")
+    ax.set_ylabel("refusal rate on harmful prompts")
+    ax.set_ylim(-0.05, 1.05)
+    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title(title or f"abliteration search: {len(trials)} trials")
+    return fig
+
+
+def pareto_plotly(trials: Sequence[dict], front: Sequence[int], *, title: Optional[str] = None):
+    """Interactive twin of `pareto_scatter`: hover shows each trial's number, objectives, the
+    first-position (proxy) KL and its parameters.
+
+    Example:
+        >>> pareto_plotly(rows, front).write_html("pareto.html", include_plotlyjs=True)
+    """
+    go = _plotly()
+    kl, refusal = _pareto_points(trials)
+
+    def hover(t):
+        params = "<br>".join(f"{k}: {v:.3g}" if isinstance(v, float) else f"{k}: {v}" for k, v in t["params"].items())
+        return (f"trial {t['trial']}<br>refusal {t['refusal']:.3f}<br>diffusion KL {t['diffusion_kl']:.4f}<br>"
+                f"first-position KL {t['first_position_kl']:.4f}<br>{params}")
+
+    best = sorted((t for t in trials if t["trial"] in set(front)), key=lambda t: t["diffusion_kl"])
+    fig = go.Figure([
+        go.Scatter(x=kl, y=refusal, mode="markers", name="trial", marker={"color": "#9aa5b1", "size": 7},
+                   customdata=[hover(t) for t in trials], hovertemplate="%{customdata}<extra></extra>"),
+        go.Scatter(x=[t["diffusion_kl"] for t in best], y=[t["refusal"] for t in best], mode="lines+markers",
+                   name="Pareto front", marker={"color": "#d1495b", "size": 9},
+                   customdata=[hover(t) for t in best], hovertemplate="%{customdata}<extra></extra>"),
+    ])
+    fig.update_layout(title={"text": title or f"abliteration search: {len(trials)} trials"}, template="plotly_white",
+                      xaxis={"title": {"text": "diffusion KL on harmless prompts (nats)"}},
+                      yaxis={"title": {"text": "refusal rate on harmful prompts"}, "range": [-0.05, 1.05]},
+                      width=720, height=460)
+    return fig

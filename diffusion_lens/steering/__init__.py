@@ -11,7 +11,7 @@ through `diffusion_lens.denoising.hooks.at`. Permanent edits change weights in p
 
 from diffusion_lens.prompts import instruction_template, prepare_prompts
 from diffusion_lens.steering.abliteration import (AblationKernel, AbliterationEdit, AbliterationHandle,
-                                                 interpolate_direction)
+                                                 interpolate_direction, model_components)
 from diffusion_lens.steering.collect import collect_activations
 from diffusion_lens.steering.directions import Directions, PCAResult, class_pca, mean_difference
 from diffusion_lens.steering.interventions import ABLATION_SITES, ablate, add, project_coefficient
@@ -26,6 +26,6 @@ __all__ = [
     "ABLATION_SITES", "AblationKernel", "AbliterationEdit", "AbliterationHandle", "AffineMap", "CanvasProbe",
     "Directions", "PCAResult", "PatchingResult", "Selection", "Sensitivity", "ablate", "add", "class_pca",
     "collect_activations", "fit_transport", "fold", "instruction_template", "interpolate_direction",
-    "mean_difference", "orthogonalize_weights", "patch_across_steps", "prepare_prompts", "project_coefficient",
+    "mean_difference", "model_components", "orthogonalize_weights", "patch_across_steps", "prepare_prompts", "project_coefficient",
     "record_run", "replay", "residual_writers", "select_direction", "sensitivity",
 ]

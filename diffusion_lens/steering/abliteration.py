@@ -290,6 +290,21 @@ class AbliterationEdit:
         return out
 
 
+def model_components(model) -> list[str]:
+    """The component kinds the model's residual writers belong to, in `writer_sites` order.
+
+    Example:
+        >>> model_components(tiny_moe)      # ['embedding', 'attention', 'experts']
+    """
+    kinds: list[str] = []
+    for writer in writer_sites(model):
+        for name, weight in writer.weights:
+            kind = component_kind(name, weight)
+            if kind not in kinds:
+                kinds.append(kind)
+    return kinds
+
+
 def component_kind(name: str, weight: Writer) -> str:
     """The component a writer weight belongs to, from its module path (`writer_sites` names): the
     embedding, the self-conditioning MLP, attention, routed experts (modules under `experts`, or a

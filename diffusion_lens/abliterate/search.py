@@ -1,0 +1,253 @@
+"""Automatic abliteration: a heretic-style multi-objective search (Optuna, TPE) whose costs are
+measured on the denoising process itself.
+
+Each trial proposes an `AbliterationEdit` (which candidate direction, global or per-layer scope,
+per-component ablation weights over depth), applies it to the model's weights in place, measures
+two objectives, and restores the weights bitwise:
+
+* refusal: the judge's refusal rate (default `diffusion_lens.evals.refusal_rate`) over the whole
+  denoised responses to the harmful evaluation prompts;
+* diffusion KL: mean KL(unmodified || edited) over the still-masked response positions along the
+  unmodified model's own denoising trajectories on the harmless evaluation prompts, recorded once
+  and replayed teacher-forced for every trial (`diffusion_lens.evals.kl_reference`).
+
+Every trial also stores the first-position KL (heretic's and Arditi's proxy: the first response
+position of the step-0 canvas); `SearchResult.proxy_correlation()` says how well the proxy ranks
+the trials like the diffusion KL. The study lives in an Optuna RDB storage (a SQLite file by
+default), so a search resumes after a crash and several processes can share one study.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from diffusion_lens.evals import kl_reference, rank_correlation, refusal_rate
+from diffusion_lens.steering import AblationKernel, AbliterationEdit, Directions, mean_difference, model_components
+
+BLOCK_KINDS = ("attention", "mlp", "experts", "shared_expert")
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What a trial may choose. Candidate directions are difference-of-means directions of every
+    layer at each position kind of `positions`, read at each denoising step of `extraction_steps`
+    (one `mean_difference` each, computed once before the search). Per block component (attention,
+    dense MLP, routed experts, shared expert: those the model has) a kernel over depth with its peak
+    weight in `max_weight`, its peak anywhere, its minimum weight a fraction of the peak and its
+    reach `min_weight_distance` (in layers); the embedding rows one weight in `embedding_weight`.
+
+    Example:
+        >>> SearchSpace(positions=("post_instruction",), norm_preserving=(False, True))
+    """
+
+    positions: tuple[str, ...] = ("post_instruction", "pre_instruction", "mean_response")
+    extraction_steps: tuple[int, ...] = (0,)
+    scopes: tuple[str, ...] = ("global", "per_layer")
+    max_weight: tuple[float, float] = (0.5, 1.5)
+    embedding_weight: tuple[float, float] = (0.0, 1.0)
+    norm_preserving: tuple[bool, ...] = (False,)
+
+    def __post_init__(self):
+        for name in ("positions", "extraction_steps", "scopes", "norm_preserving"):
+            if not getattr(self, name):
+                raise ValueError(f"SearchSpace.{name} is empty; give at least one choice.")
+        bad = [s for s in self.scopes if s not in ("global", "per_layer")]
+        if bad:
+            raise ValueError(f"SearchSpace.scopes has {bad}; the scopes are 'global' and 'per_layer'.")
+        for name in ("max_weight", "embedding_weight"):
+            low, high = getattr(self, name)
+            if not 0 <= low <= high:
+                raise ValueError(f"SearchSpace.{name} must be (low, high) with 0 <= low <= high; got {(low, high)}.")
+
+
+@dataclass
+class Candidates:
+    """Per-layer candidate directions [n_layers d_model] by name ("post_instruction[-1]@step0"): row l
+    is the difference of class means of block l's output (`hook_resid_post`), as heretic reads them;
+    a block input would be the bare token embedding at layer 0, the same for both classes at the
+    chat template's positions."""
+
+    directions: dict[str, torch.Tensor]
+
+    @classmethod
+    def compute(cls, model, harmful: Sequence[str], harmless: Sequence[str], space: SearchSpace, *,
+                gen_length: int, batch_size: int, generate_kwargs: Optional[dict] = None) -> "Candidates":
+        """One `mean_difference` per (position kind, extraction step), every layer.
+
+        Example:
+            >>> Candidates.compute(model, harmful, harmless, SearchSpace(), gen_length=32, batch_size=32)
+        """
+        out: dict[str, torch.Tensor] = {}
+        for step in space.extraction_steps:
+            for kind in space.positions:
+                dirs: Directions = mean_difference(model, harmful, harmless, layers="all", positions=kind, step=step,
+                                                   site="hook_resid_post", gen_length=gen_length,
+                                                   batch_size=batch_size, progress=False,
+                                                   generate_kwargs=generate_kwargs if step else None)
+                for column, label in enumerate(dirs.positions):
+                    vectors = dirs.directions[:, column]
+                    if bool((vectors.norm(dim=-1) > 0).all()):
+                        out[f"{label}@step{step}"] = vectors
+        if not out:
+            raise ValueError("Every candidate direction is zero: the harmful and harmless prompts give the same "
+                             "activations. Check the prompt sets.")
+        return cls(out)
+
+
+def suggest_edit(trial, space: SearchSpace, candidates: Candidates, components: Sequence[str],
+                 n_layers: int) -> AbliterationEdit:
+    """The edit a trial's parameters describe (the same names replay a stored trial: `trial` may be an
+    `optuna.trial.FrozenTrial`). Every parameter is suggested on every trial, so the search space is
+    static (multivariate TPE models them jointly); `direction_index` is unused with per-layer scope.
+
+    Example:
+        >>> edit = suggest_edit(study.best_trials[0], space, candidates, model_components(model), 6)
+    """
+    top = float(max(n_layers - 1, 1))
+    name = trial.suggest_categorical("direction", sorted(candidates.directions))
+    scope = trial.suggest_categorical("scope", list(space.scopes))
+    index = trial.suggest_float("direction_index", 0.0, float(n_layers - 1))
+    norm_preserving = trial.suggest_categorical("norm_preserving", list(space.norm_preserving))
+    weights: dict = {}
+    for kind in components:
+        if kind in BLOCK_KINDS:
+            peak = trial.suggest_float(f"{kind}.max_weight", *space.max_weight)
+            weights[kind] = AblationKernel(
+                max_weight=peak,
+                max_weight_position=trial.suggest_float(f"{kind}.max_weight_position", 0.0, float(n_layers - 1)),
+                min_weight=peak * trial.suggest_float(f"{kind}.min_weight_fraction", 0.0, 1.0),
+                min_weight_distance=trial.suggest_float(f"{kind}.min_weight_distance", 0.5, top),
+            )
+        elif kind == "embedding":
+            weights[kind] = trial.suggest_float("embedding.weight", *space.embedding_weight)
+    return AbliterationEdit.from_directions(candidates.directions[name], weights,
+                                            index=index if scope == "global" else None,
+                                            norm_preserving=norm_preserving)
+
+
+@dataclass
+class SearchResult:
+    """A finished (or resumed) search: the Optuna study and what rebuilds any trial's edit.
+
+    Example:
+        >>> result.front()                     # the Pareto front, lowest refusal first
+        >>> result.proxy_correlation()         # Spearman rho: first-position KL vs diffusion KL
+        >>> edit = result.edit(result.choose(max_kl=0.1))
+    """
+
+    study: object
+    space: SearchSpace
+    candidates: Candidates
+    components: list[str]
+    n_layers: int
+    info: dict = field(default_factory=dict)
+
+    def trials(self) -> list:
+        """Completed trials (both objectives measured)."""
+        import optuna
+
+        return [t for t in self.study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+
+    def row(self, trial) -> dict:
+        refusal, kl = trial.values
+        return {"trial": trial.number, "refusal": refusal, "diffusion_kl": kl,
+                "first_position_kl": trial.user_attrs["first_position_kl"], "params": dict(trial.params)}
+
+    def front(self) -> list[dict]:
+        """The Pareto front (`study.best_trials`) as rows, lowest refusal first."""
+        return sorted((self.row(t) for t in self.study.best_trials), key=lambda r: (r["refusal"], r["diffusion_kl"]))
+
+    def choose(self, max_kl: float = 0.1):
+        """The front trial with the lowest refusal among those with diffusion KL <= `max_kl` (ties:
+        lower KL). An error names the front's lowest KL when no trial qualifies.
+
+        Example:
+            >>> result.choose(max_kl=0.1).number
+        """
+        front = [t for t in self.study.best_trials if t.values[1] <= max_kl]
+        if not front:
+            lowest = min((t.values[1] for t in self.study.best_trials), default=float("nan"))
+            raise ValueError(f"No trial on the Pareto front has diffusion KL <= {max_kl} (lowest: {lowest:.4f}); "
+                             "raise max_kl or run more trials.")
+        return min(front, key=lambda t: (t.values[0], t.values[1]))
+
+    def edit(self, trial) -> AbliterationEdit:
+        """The edit trial `trial` (a FrozenTrial or its number) applied."""
+        if isinstance(trial, int):
+            trial = self.study.trials[trial]
+        return suggest_edit(trial, self.space, self.candidates, self.components, self.n_layers)
+
+    def proxy_correlation(self) -> float:
+        """Spearman's rho between the first-position KL and the diffusion KL over completed trials:
+        how far the proxy ranks edits like the measure it stands for."""
+        rows = [self.row(t) for t in self.trials()]
+        return rank_correlation([r["first_position_kl"] for r in rows], [r["diffusion_kl"] for r in rows])
+
+
+def search(model, harmful_train: Sequence[str], harmless_train: Sequence[str], harmful_eval: Sequence[str],
+           harmless_eval: Sequence[str], *, trials: int, storage: Optional[str] = None,
+           study_name: str = "abliteration", seed: int = 0, space: SearchSpace = SearchSpace(),
+           startup_trials: Optional[int] = None, generate_kwargs: Optional[dict] = None, batch_size: int = 32,
+           judge: Callable[[list[str]], float] = refusal_rate, progress: bool = True) -> SearchResult:
+    """Run (or resume) the search: `trials` more trials in the study `study_name` of `storage` (an
+    SQLAlchemy URL such as "sqlite:///out/study.db"; None keeps it in memory). Objectives, both
+    minimised: `judge` over the responses to `harmful_eval`, and the diffusion KL on `harmless_eval`
+    (module docstring). TPE, multivariate, seeded, after `startup_trials` random trials (default:
+    a quarter of `trials`, at least 4). `generate_kwargs`: the sampler options of every generation
+    (gen_length, steps, block_length, ...).
+
+    Example:
+        >>> result = search(model, harmful[:64], harmless[:64], harmful[64:], harmless[64:], trials=60,
+        ...                 storage="sqlite:///abl/study.db", generate_kwargs=dict(gen_length=32, steps=32))
+        >>> result.front()[0]
+    """
+    import optuna
+
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise ValueError(f"trials must be an int >= 1; got {trials!r}.")
+    for name, prompts in (("harmful_train", harmful_train), ("harmless_train", harmless_train),
+                          ("harmful_eval", harmful_eval), ("harmless_eval", harmless_eval)):
+        if isinstance(prompts, str) or not prompts:
+            raise ValueError(f"{name} must be a non-empty list of prompts; got {prompts!r:.60}.")
+    options = dict(generate_kwargs or {})
+    gen_length = options.get("gen_length", model.adapter.sampler(model.cfg).gen_length)
+    started = time.time()
+    candidates = Candidates.compute(model, harmful_train, harmless_train, space, gen_length=gen_length,
+                                    batch_size=batch_size, generate_kwargs=options)
+    reference = kl_reference(model, list(harmless_eval), generate_kwargs=options, batch_size=batch_size)
+    components = [k for k in model_components(model) if k in BLOCK_KINDS or k == "embedding"]
+    n_layers = model.cfg.n_layers
+    sampler = optuna.samplers.TPESampler(multivariate=True, seed=seed,
+                                         n_startup_trials=startup_trials if startup_trials is not None
+                                         else max(4, trials // 4))
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler, storage=storage,
+                                study_name=study_name, load_if_exists=True)
+    study.set_user_attr("objectives", ["refusal", "diffusion_kl"])
+
+    def objective(trial) -> tuple[float, float]:
+        edit = suggest_edit(trial, space, candidates, components, n_layers)
+        with edit.applied(model):
+            texts = []
+            for start in range(0, len(harmful_eval), batch_size):
+                chunk = list(harmful_eval[start: start + batch_size])
+                texts += model.generate(chunk, progress=False, **options).texts
+            refusal = float(judge(texts))
+            kl = reference.measure(model)
+        trial.set_user_attr("first_position_kl", float(kl.first_position.mean()))
+        if not math.isfinite(kl.masked.mean):
+            raise ValueError("The diffusion KL is not finite: no masked position was measured (gen_length 0?).")
+        return refusal, kl.masked.mean
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study.optimize(objective, n_trials=trials, show_progress_bar=progress, catch=())
+    info = {"seconds": round(time.time() - started, 1), "trials_this_run": trials, "seed": seed,
+            "generate_kwargs": options, "n_prompts": {"harmful_train": len(harmful_train),
+                                                     "harmless_train": len(harmless_train),
+                                                     "harmful_eval": len(harmful_eval),
+                                                     "harmless_eval": len(harmless_eval)}}
+    return SearchResult(study, space, candidates, components, n_layers, info)
