@@ -47,3 +47,4 @@ bench: setup
 	$(PY) bench/fast_dllm.py
 	$(PY) bench/steering_cache.py --threads 1
 	$(PY) bench/diffusion_gemma.py
+	$(PY) bench/abliterate.py

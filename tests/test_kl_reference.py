@@ -93,6 +93,14 @@ def test_max_bytes_bounds_the_reference_before_and_while_it_runs(model):
     for wrong in (0, 1.5, True):
         with pytest.raises(ValueError, match="max_bytes must be a positive int"):
             kl_reference(model, PROMPTS, generate_kwargs=OPTS, max_bytes=wrong)
+    # masked_kl keeps one batch's reference at a time: the limit applies per batch
+    hooks = ablate(model, random_unit(model.cfg.d_model))
+    one = kl_reference(model, PROMPTS[:1], steps=[0], generate_kwargs=OPTS, max_bytes=None).nbytes
+    streamed = masked_kl(model, PROMPTS, hooks, steps=[0], generate_kwargs=OPTS, batch_size=1, max_bytes=2 * one)
+    assert streamed.mean == kl_reference(model, PROMPTS, steps=[0], generate_kwargs=OPTS, batch_size=1,
+                                         max_bytes=None).measure(model, hooks).masked.mean
+    with pytest.raises(ValueError, match="for one batch of 3 prompts"):
+        masked_kl(model, PROMPTS, hooks, steps=[0], generate_kwargs=OPTS, batch_size=3, max_bytes=2 * one)
 
 
 def test_wrong_options_and_incompatible_models_are_refused(model):

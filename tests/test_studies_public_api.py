@@ -13,8 +13,8 @@ import pytest
 
 STUDIES = Path(__file__).resolve().parents[1] / "diffusion_lens" / "studies"
 PUBLIC_PACKAGES = {
-    "diffusion_lens", "diffusion_lens.checkpoints", "diffusion_lens.denoising", "diffusion_lens.evals",
-    "diffusion_lens.plot", "diffusion_lens.prompts", "diffusion_lens.steering",
+    "diffusion_lens", "diffusion_lens.abliterate", "diffusion_lens.checkpoints", "diffusion_lens.denoising",
+    "diffusion_lens.evals", "diffusion_lens.plot", "diffusion_lens.prompts", "diffusion_lens.steering",
 }
 
 

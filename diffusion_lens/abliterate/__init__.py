@@ -1,6 +1,6 @@
 """Automatic abliteration for diffusion LMs (heretic's search, with costs measured on the
 denoising process): `search` runs or resumes an Optuna study of `AbliterationEdit`s, `write_front`
-and `save_abliterated` write its results. See `diffusion_lens.abliterate.search` for the objectives.
+and `save_abliterated` write its results. See `diffusion_lens.abliterate.study` for the objectives.
 
 Example:
     >>> from diffusion_lens.abliterate import search, save_abliterated
@@ -10,7 +10,7 @@ Example:
 """
 
 from diffusion_lens.abliterate.outputs import front_table, save_abliterated, write_front
-from diffusion_lens.abliterate.search import Candidates, SearchResult, SearchSpace, search, suggest_edit
+from diffusion_lens.abliterate.study import Candidates, SearchResult, SearchSpace, search, suggest_edit
 
 __all__ = ["Candidates", "SearchResult", "SearchSpace", "front_table", "save_abliterated", "search", "suggest_edit",
            "write_front"]

@@ -11,7 +11,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from diffusion_lens import plot
-from diffusion_lens.abliterate.search import SearchResult
+from diffusion_lens.abliterate.study import SearchResult
 
 
 def write_front(result: SearchResult, out) -> dict[str, Path]:

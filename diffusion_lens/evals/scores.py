@@ -350,28 +350,7 @@ class KLReference:
             >>> ref.measure(abliterated).first_position            # [n_prompts]
         """
         self._check_model(model)
-        last = max(self.steps)
-        totals = {s: torch.zeros((), dtype=torch.float64) for s in self.steps}
-        counts = {s: 0 for s in self.steps}
-        firsts, order = [], []
-        for batch in self.batches:
-            states = batch.run.states
-            edited = generate(model, batch.tokens, attention_mask=batch.attention_mask, replay=batch.run, hooks=list(hooks),
-                              stop_after=max(last, batch.first_step), capture_logits=sorted({*self.steps, batch.first_step}),
-                              return_trajectory=False, progress=False)
-            for s in self.steps:
-                predicted = _predicted(model, edited.logits[s], states[s], batch.where[s])
-                totals[s] = totals[s] + _kl_from_log_probs(batch.log_probs[s], predicted).sum()
-                counts[s] += int(batch.where[s].sum())
-            state = states[batch.first_step]
-            first = _predicted(model, edited.logits[batch.first_step], state, _first_response(state))
-            firsts.append(_kl_from_log_probs(batch.first, first))
-            order.append(batch.indices)
-        n = torch.tensor([counts[s] for s in self.steps])
-        total = torch.stack([totals[s] for s in self.steps])
-        per_step = torch.where(n > 0, total / n.clamp_min(1), torch.full_like(total, float("nan")))
-        mean = float(total.sum() / n.sum()) if int(n.sum()) else float("nan")
-        return DiffusionKL(MaskedKL(list(self.steps), per_step, n, mean), in_prompt_order(firsts, order))
+        return _aggregate(self.steps, [_replay_batch(batch, self.steps, model, hooks) for batch in self.batches])
 
     def _check_model(self, model) -> None:
         got = _signature(model)
@@ -382,9 +361,81 @@ class KLReference:
                              "kl_reference(model, ...).")
 
 
+def _replay_batch(batch: _ReferenceBatch, steps: list[int], model, hooks: Sequence) -> tuple:
+    """One recorded batch replayed through `model` with `hooks`: (KL sum per step, positions per step,
+    first-position KL per prompt, the prompts' indices)."""
+    states = batch.run.states
+    edited = generate(model, batch.tokens, attention_mask=batch.attention_mask, replay=batch.run, hooks=list(hooks),
+                      stop_after=max(max(steps), batch.first_step), capture_logits=sorted({*steps, batch.first_step}),
+                      return_trajectory=False, progress=False)
+    totals, counts = {}, {}
+    for s in steps:
+        predicted = _predicted(model, edited.logits[s], states[s], batch.where[s])
+        totals[s] = _kl_from_log_probs(batch.log_probs[s], predicted).sum()
+        counts[s] = int(batch.where[s].sum())
+    state = states[batch.first_step]
+    first = _kl_from_log_probs(batch.first, _predicted(model, edited.logits[batch.first_step], state, _first_response(state)))
+    return totals, counts, first, batch.indices
+
+
+def _aggregate(steps: list[int], parts: list[tuple]) -> DiffusionKL:
+    """The `DiffusionKL` of every batch's `_replay_batch` part."""
+    n = torch.tensor([sum(part[1][s] for part in parts) for s in steps])
+    total = torch.stack([sum((part[0][s] for part in parts), torch.zeros((), dtype=torch.float64)) for s in steps])
+    per_step = torch.where(n > 0, total / n.clamp_min(1), torch.full_like(total, float("nan")))
+    mean = float(total.sum() / n.sum()) if int(n.sum()) else float("nan")
+    return DiffusionKL(MaskedKL(list(steps), per_step, n, mean),
+                       in_prompt_order([part[2] for part in parts], [part[3] for part in parts]))
+
+
 def _check_max_bytes(max_bytes) -> None:
     if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1):
         raise ValueError(f"max_bytes must be a positive int (or None for no limit); got {max_bytes!r}.")
+
+
+def _plan(model, prompts, generate_kwargs, steps, batch_size, chat) -> tuple:
+    """Checked options of a reference run: (sampler, driver options, chosen steps, prepared prompts, batches)."""
+    check_batch_size(batch_size)
+    sampler, driver = split_generate_kwargs(model, generate_kwargs)
+    reserved = sorted(set(driver) & {"stop_after", "capture_logits", "record", "replay", "attention_mask", "hooks",
+                                     "cache", "return_trajectory"})
+    if reserved:
+        hint = " (the reference is the unmodified run: pass hooks to measure())" if "hooks" in reserved else ""
+        raise ValueError(f"generate_kwargs may not set {reserved}: kl_reference runs and keeps the recording itself{hint}.")
+    n_steps = sampler.n_steps()
+    chosen = list(range(n_steps)) if steps is None else sorted({int(s) for s in steps})
+    bad = [s for s in chosen if not 0 <= s < n_steps]
+    if bad or not chosen:
+        raise ValueError(f"steps {bad or '[]'} are outside the run's 0..{n_steps - 1}.")
+    driver.setdefault("progress", False)
+    prepared = prepare_prompts(model, prompts, chat=chat)
+    return sampler, driver, chosen, prepared, batch_indices(model, prepared, batch_size)
+
+
+def _record_batch(model, prepared, indices: list[int], sampler, driver: dict, chosen: list[int],
+                  response_only: bool) -> _ReferenceBatch:
+    """The unmodified run of one batch, and what a replay is compared against."""
+    tokens, mask, _ = left_pad(model, [prepared.tokens[i] for i in indices])
+    run = generate(model, tokens, attention_mask=mask, sampler=sampler, record=True, stop_after=max(chosen),
+                   capture_logits=sorted({0, *chosen}), return_trajectory=False, **driver)
+    where, log_probs = {}, {}
+    for s in chosen:
+        state = run.states[s]
+        selected = state.is_masked & (state.is_response if response_only else ~state.is_pad) & state.is_computed
+        where[s] = selected.cpu()
+        log_probs[s] = _log_probs(_predicted(model, run.logits[s], state, selected))
+    first_step = next((st.step for st in run.states if st.needs_logits and st.is_computed[0, st.response_start]), None)
+    if first_step is None:
+        raise ValueError(f"No forward up to step {max(chosen)} predicts the first response column (e.g. step 0 is an "
+                         "encoder prefill); include a later step in steps=.")
+    recording = dataclasses.replace(run, logits={}, trajectory=None, cache=None)
+    first_logits = run.logits.get(first_step)
+    if first_logits is None:  # a replay of the unmodified model repeats the recorded forward exactly
+        first_logits = generate(model, tokens, attention_mask=mask, replay=recording, stop_after=first_step,
+                                capture_logits=[first_step], return_trajectory=False, progress=False).logits[first_step]
+    state = run.states[first_step]
+    first = _log_probs(_predicted(model, first_logits, state, _first_response(state)))
+    return _ReferenceBatch(indices, tokens, mask, recording, where, log_probs, first_step, first)
 
 
 @torch.no_grad()
@@ -417,22 +468,9 @@ def kl_reference(
         >>> ref = kl_reference(model, harmless, steps=[0, 16, 32, 48], generate_kwargs=dict(steps=64, gen_length=64))
         >>> [ref.measure(model, hooks=ablate(model, r)).masked.mean for r in candidates]
     """
-    check_batch_size(batch_size)
     _check_max_bytes(max_bytes)
-    sampler, driver = split_generate_kwargs(model, generate_kwargs)
-    reserved = sorted(set(driver) & {"stop_after", "capture_logits", "record", "replay", "attention_mask", "hooks",
-                                     "cache", "return_trajectory"})
-    if reserved:
-        hint = " (the reference is the unmodified run: pass hooks to measure())" if "hooks" in reserved else ""
-        raise ValueError(f"generate_kwargs may not set {reserved}: kl_reference runs and keeps the recording itself{hint}.")
+    sampler, driver, chosen, prepared, groups = _plan(model, prompts, generate_kwargs, steps, batch_size, chat)
     n_steps = sampler.n_steps()
-    chosen = list(range(n_steps)) if steps is None else sorted({int(s) for s in steps})
-    bad = [s for s in chosen if not 0 <= s < n_steps]
-    if bad or not chosen:
-        raise ValueError(f"steps {bad or '[]'} are outside the run's 0..{n_steps - 1}.")
-    driver.setdefault("progress", False)
-    prepared = prepare_prompts(model, prompts, chat=chat)
-    groups = batch_indices(model, prepared, batch_size)
 
     bytes_per = torch.finfo(REFERENCE_DTYPE).bits // 8 * model.cfg.d_vocab_out
     response = sampler.response_length()
@@ -447,27 +485,7 @@ def kl_reference(
 
     batches: list[_ReferenceBatch] = []
     for indices in groups:
-        tokens, mask, _ = left_pad(model, [prepared.tokens[i] for i in indices])
-        run = generate(model, tokens, attention_mask=mask, sampler=sampler, record=True, stop_after=max(chosen),
-                       capture_logits=sorted({0, *chosen}), return_trajectory=False, **driver)
-        where, log_probs = {}, {}
-        for s in chosen:
-            state = run.states[s]
-            selected = state.is_masked & (state.is_response if response_only else ~state.is_pad) & state.is_computed
-            where[s] = selected.cpu()
-            log_probs[s] = _log_probs(_predicted(model, run.logits[s], state, selected))
-        first_step = next((st.step for st in run.states if st.needs_logits and st.is_computed[0, st.response_start]), None)
-        if first_step is None:
-            raise ValueError(f"No forward up to step {max(chosen)} predicts the first response column (e.g. step 0 is an "
-                             "encoder prefill); include a later step in steps=.")
-        recording = dataclasses.replace(run, logits={}, trajectory=None, cache=None)
-        first_logits = run.logits.get(first_step)
-        if first_logits is None:  # a replay of the unmodified model repeats the recorded forward exactly
-            first_logits = generate(model, tokens, attention_mask=mask, replay=recording, stop_after=first_step,
-                                    capture_logits=[first_step], return_trajectory=False, progress=False).logits[first_step]
-        state = run.states[first_step]
-        first = _log_probs(_predicted(model, first_logits, state, _first_response(state)))
-        batches.append(_ReferenceBatch(indices, tokens, mask, recording, where, log_probs, first_step, first))
+        batches.append(_record_batch(model, prepared, indices, sampler, driver, chosen, response_only))
         held = _tensor_bytes(batches)
         if max_bytes is not None and held > max_bytes:
             raise ValueError(f"kl_reference holds {held / 2**30:.2f} GiB after {len(batches)} of {len(groups)} batches "
@@ -491,25 +509,34 @@ def masked_kl(
 ) -> MaskedKL:
     """KL between unsteered and steered predictions over every masked position, at chosen steps.
 
-    `kl_reference(model, prompts, ...).measure(model, hooks).masked`: the unsteered run is generated
+    The same number as `kl_reference(model, prompts, ...).measure(model, hooks).masked`: the unsteered run is generated
     once (`generate_kwargs`: sampler options such as steps / gen_length / block_length, and driver
     arguments such as seed); the steered forwards are teacher-forced on its canvases
     (`generate(..., replay=run)`), so both sides see the same input at every step and only the hooks
     differ. Step-scheduled hooks (`diffusion_lens.denoising.hooks.at`) see the usual `hook.state`.
     Masked positions are those holding the mask token in the canvas entering the step (response
     columns only unless `response_only=False`; inside the forward's window under a KV cache);
-    predictions are per token (logit shift applied; conditional rows under CFG). To score many
-    edits against one unsteered run, keep the `kl_reference` and call its `measure` (`max_bytes`
-    bounds what it keeps).
+    predictions are per token (logit shift applied; conditional rows under CFG). One batch is
+    recorded and replayed at a time (`max_bytes` bounds one batch's reference). To score many edits
+    against one unsteered run, keep a `kl_reference` and call its `measure`.
 
     Example:
         >>> opts = dict(steps=64, gen_length=64, block_length=32)
         >>> res = masked_kl(model, harmless, ablate(model, r), steps=range(0, 64, 8), generate_kwargs=opts)
         >>> res.per_step, res.mean
     """
-    reference = kl_reference(model, prompts, generate_kwargs=generate_kwargs, steps=steps, batch_size=batch_size,
-                             chat=chat, response_only=response_only, max_bytes=max_bytes)
-    return reference.measure(model, hooks).masked
+    _check_max_bytes(max_bytes)
+    sampler, driver, chosen, prepared, groups = _plan(model, prompts, generate_kwargs, steps, batch_size, chat)
+    parts = []
+    for indices in groups:  # one batch's reference at a time: memory does not grow with the number of prompts
+        batch = _record_batch(model, prepared, indices, sampler, driver, chosen, response_only)
+        held = _tensor_bytes([batch])
+        if max_bytes is not None and held > max_bytes:
+            raise ValueError(f"masked_kl holds {held / 2**30:.2f} GiB for one batch of {len(indices)} prompts, over "
+                             f"max_bytes={max_bytes}. Pass fewer steps= (now {len(chosen)}), a smaller batch_size or a "
+                             "shorter gen_length, or raise max_bytes.")
+        parts.append(_replay_batch(batch, chosen, model, hooks))
+    return _aggregate(chosen, parts).masked
 
 
 def _scores(values, name: str) -> Float[Tensor, " n"]:
