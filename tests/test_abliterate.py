@@ -133,3 +133,7 @@ def test_command_line_writes_the_study_front_and_model(tmp_path):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging folder left
     with pytest.raises(ValueError, match="--harmful has 4 prompts"):
         main([*args[:-2], "--n-train", "3", "--max-kl", "1e9"])
+    with pytest.raises(ValueError, match="--kl-every must be >= 1"):
+        main([*args, "--kl-every", "0"])
+    with pytest.raises(ValueError, match="over max_bytes"):  # the reference bound reaches the search
+        main([*args, "--kl-max-gb", "1e-6"])

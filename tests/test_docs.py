@@ -22,6 +22,7 @@ EXPECTED = [
     "04_patching_across_steps.ipynb",
     "05_adding_a_model.ipynb",
     "06_diffusion_gemma.ipynb",
+    "07_automatic_abliteration.ipynb",
 ]
 
 

@@ -193,13 +193,16 @@ def search(model, harmful_train: Sequence[str], harmless_train: Sequence[str], h
            harmless_eval: Sequence[str], *, trials: int, storage: Optional[str] = None,
            study_name: str = "abliteration", seed: int = 0, space: SearchSpace = SearchSpace(),
            startup_trials: Optional[int] = None, generate_kwargs: Optional[dict] = None, batch_size: int = 32,
+           kl_steps: Optional[Sequence[int]] = None, kl_max_bytes: Optional[int] = 2**30,
            judge: Callable[[list[str]], float] = refusal_rate, progress: bool = True) -> SearchResult:
     """Run (or resume) the search: `trials` more trials in the study `study_name` of `storage` (an
     SQLAlchemy URL such as "sqlite:///out/study.db"; None keeps it in memory). Objectives, both
     minimised: `judge` over the responses to `harmful_eval`, and the diffusion KL on `harmless_eval`
     (module docstring). TPE, multivariate, seeded, after `startup_trials` random trials (default:
     a quarter of `trials`, at least 4). `generate_kwargs`: the sampler options of every generation
-    (gen_length, steps, block_length, ...).
+    (gen_length, steps, block_length, ...). `kl_steps` / `kl_max_bytes`: the denoising steps the
+    diffusion KL scores (default all) and the bound on the recorded reference (`kl_reference`): it
+    keeps full-vocabulary log-probabilities, so on a 126k-token model score a few steps.
 
     Example:
         >>> result = search(model, harmful[:64], harmless[:64], harmful[64:], harmless[64:], trials=60,
@@ -219,7 +222,8 @@ def search(model, harmful_train: Sequence[str], harmless_train: Sequence[str], h
     started = time.time()
     candidates = Candidates.compute(model, harmful_train, harmless_train, space, gen_length=gen_length,
                                     batch_size=batch_size, generate_kwargs=options)
-    reference = kl_reference(model, list(harmless_eval), generate_kwargs=options, batch_size=batch_size)
+    reference = kl_reference(model, list(harmless_eval), generate_kwargs=options, batch_size=batch_size,
+                             steps=kl_steps, max_bytes=kl_max_bytes)
     components = [k for k in model_components(model) if k in BLOCK_KINDS or k == "embedding"]
     n_layers = model.cfg.n_layers
     sampler = optuna.samplers.TPESampler(multivariate=True, seed=seed,
@@ -246,7 +250,7 @@ def search(model, harmful_train: Sequence[str], harmless_train: Sequence[str], h
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study.optimize(objective, n_trials=trials, show_progress_bar=progress, catch=())
     info = {"seconds": round(time.time() - started, 1), "trials_this_run": trials, "seed": seed,
-            "generate_kwargs": options, "n_prompts": {"harmful_train": len(harmful_train),
+            "generate_kwargs": options, "kl_steps": reference.steps, "n_prompts": {"harmful_train": len(harmful_train),
                                                      "harmless_train": len(harmless_train),
                                                      "harmful_eval": len(harmful_eval),
                                                      "harmless_eval": len(harmless_eval)}}

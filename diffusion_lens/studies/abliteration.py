@@ -73,8 +73,12 @@ def run(args) -> dict:
                            block_length=args.block_length or args.gen_length)
     space = SearchSpace(norm_preserving=(False, True) if args.norm_preserving == "search"
                         else (args.norm_preserving == "on",))
+    n_steps = generate_kwargs["steps"]
+    if args.kl_every < 1 or args.kl_max_gb <= 0:
+        raise ValueError(f"--kl-every must be >= 1 and --kl-max-gb > 0; got {args.kl_every}, {args.kl_max_gb}.")
     result = search(model, **sets, trials=args.trials, storage=storage, study_name=args.study, seed=args.seed,
-                    space=space, generate_kwargs=generate_kwargs, batch_size=args.batch_size)
+                    space=space, generate_kwargs=generate_kwargs, batch_size=args.batch_size,
+                    kl_steps=range(0, n_steps, args.kl_every), kl_max_bytes=int(args.kl_max_gb * 2**30))
     paths = write_front(result, out)
     print(front_table(result))
     print(f"wrote {paths['json']}, {paths['html']}, {paths['png']} (study: {storage})")
@@ -101,6 +105,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, help="denoising steps (default: gen-length)")
     parser.add_argument("--block-length", type=int, help="semi-autoregressive block length (default: gen-length)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--kl-every", type=int, default=1, help="score the diffusion KL at every K-th step (default 1)")
+    parser.add_argument("--kl-max-gb", type=float, default=1.0, help="bound on the recorded KL reference (default 1 GiB)")
     parser.add_argument("--norm-preserving", choices=("off", "on", "search"), default="off")
     parser.add_argument("--max-kl", type=float, default=0.1, help="the saved trial's diffusion KL bound")
     parser.add_argument("--no-save", action="store_true", help="do not write the chosen model")
