@@ -47,6 +47,9 @@ def test_search_measures_both_objectives_on_every_trial(study):
     assert front and [r["refusal"] for r in front] == sorted(r["refusal"] for r in front)
     assert {r["trial"] for r in front} <= {t.number for t in result.trials()}
     assert set(result.components) == {"embedding", "attention", "mlp"}
+    assert result.info["candidates"] == sorted(result.candidates.directions)
+    assert all(layers for layers in result.info["candidates_left_out"].values())
+    assert {r["params"]["direction"] for r in front} <= set(result.candidates.directions)
     assert len(front_table(result).splitlines()) == len(front) + 1
 
 
@@ -100,6 +103,14 @@ def test_a_failed_save_leaves_nothing(study, model, tmp_path, monkeypatch):
         save_abliterated(model, result, result.front()[0]["trial"], tmp_path / "model")
     assert list(tmp_path.iterdir()) == []
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+
+def test_a_position_with_a_zero_difference_is_left_out_and_said(model):
+    from diffusion_lens.abliterate import Candidates
+
+    same = ["How do I bake bread?", "What is 2 + 3?"]  # one class against itself: every difference is zero
+    with pytest.raises(ValueError, match=r"Every candidate position has a zero difference.*post_instruction\[-1\]@step0"):
+        Candidates.compute(model, same, same, SearchSpace(positions=("post_instruction",)), gen_length=8, batch_size=8)
 
 
 def test_bad_input_is_an_error(model, sets):

@@ -70,9 +70,11 @@ class Candidates:
     """Per-layer candidate directions [n_layers d_model] by name ("post_instruction[-1]@step0"): row l
     is the difference of class means of block l's output (`hook_resid_post`), as heretic reads them;
     a block input would be the bare token embedding at layer 0, the same for both classes at the
-    chat template's positions."""
+    chat template's positions. A position whose difference is zero at some layer has no direction
+    there; it is listed in `left_out` (with those layers) instead of `directions`."""
 
     directions: dict[str, torch.Tensor]
+    left_out: dict[str, list[int]] = field(default_factory=dict)
 
     @classmethod
     def compute(cls, model, harmful: Sequence[str], harmless: Sequence[str], space: SearchSpace, *,
@@ -83,6 +85,7 @@ class Candidates:
             >>> Candidates.compute(model, harmful, harmless, SearchSpace(), gen_length=32, batch_size=32)
         """
         out: dict[str, torch.Tensor] = {}
+        left_out: dict[str, list[int]] = {}
         for step in space.extraction_steps:
             for kind in space.positions:
                 dirs: Directions = mean_difference(model, harmful, harmless, layers="all", positions=kind, step=step,
@@ -91,12 +94,15 @@ class Candidates:
                                                    generate_kwargs=generate_kwargs if step else None)
                 for column, label in enumerate(dirs.positions):
                     vectors = dirs.directions[:, column]
-                    if bool((vectors.norm(dim=-1) > 0).all()):
+                    zero = (vectors.norm(dim=-1) == 0).nonzero().flatten().tolist()
+                    if zero:
+                        left_out[f"{label}@step{step}"] = [dirs.layers[i] for i in zero]
+                    else:
                         out[f"{label}@step{step}"] = vectors
         if not out:
-            raise ValueError("Every candidate direction is zero: the harmful and harmless prompts give the same "
-                             "activations. Check the prompt sets.")
-        return cls(out)
+            raise ValueError(f"Every candidate position has a zero difference of means at some layer ({left_out}): "
+                             "the harmful and harmless prompts give the same activations there. Check the prompt sets.")
+        return cls(out, left_out)
 
 
 def suggest_edit(trial, space: SearchSpace, candidates: Candidates, components: Sequence[str],
@@ -250,7 +256,8 @@ def search(model, harmful_train: Sequence[str], harmless_train: Sequence[str], h
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study.optimize(objective, n_trials=trials, show_progress_bar=progress, catch=())
     info = {"seconds": round(time.time() - started, 1), "trials_this_run": trials, "seed": seed,
-            "generate_kwargs": options, "kl_steps": reference.steps, "n_prompts": {"harmful_train": len(harmful_train),
+            "generate_kwargs": options, "kl_steps": reference.steps,
+            "candidates": sorted(candidates.directions), "candidates_left_out": candidates.left_out, "n_prompts": {"harmful_train": len(harmful_train),
                                                      "harmless_train": len(harmless_train),
                                                      "harmful_eval": len(harmful_eval),
                                                      "harmless_eval": len(harmless_eval)}}
