@@ -42,7 +42,11 @@ def _proxy(result: SearchResult):
 
 
 def front_table(result: SearchResult) -> str:
-    """The Pareto front as text, one trial per line."""
+    """The Pareto front as text, one trial per line.
+
+    Example:
+        >>> print(front_table(result))
+    """
     lines = [f"{'trial':>5s} {'refusal':>8s} {'diffusion KL':>13s} {'first-pos KL':>13s}  direction (scope)"]
     for r in result.front():
         p = r["params"]

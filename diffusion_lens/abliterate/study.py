@@ -154,18 +154,31 @@ class SearchResult:
     info: dict = field(default_factory=dict)
 
     def trials(self) -> list:
-        """Completed trials (both objectives measured)."""
+        """Completed trials (both objectives measured).
+
+        Example:
+            >>> [t.values for t in result.trials()]      # [(refusal, diffusion KL), ...]
+        """
         import optuna
 
         return [t for t in self.study.trials if t.state == optuna.trial.TrialState.COMPLETE]
 
     def row(self, trial) -> dict:
+        """One trial as a plain dict: number, both objectives, the proxy KL and the parameters.
+
+        Example:
+            >>> result.row(result.study.best_trials[0])["diffusion_kl"]
+        """
         refusal, kl = trial.values
         return {"trial": trial.number, "refusal": refusal, "diffusion_kl": kl,
                 "first_position_kl": trial.user_attrs["first_position_kl"], "params": dict(trial.params)}
 
     def front(self) -> list[dict]:
-        """The Pareto front (`study.best_trials`) as rows, lowest refusal first."""
+        """The Pareto front (`study.best_trials`) as rows, lowest refusal first.
+
+        Example:
+            >>> [(r["refusal"], r["diffusion_kl"]) for r in result.front()]
+        """
         return sorted((self.row(t) for t in self.study.best_trials), key=lambda r: (r["refusal"], r["diffusion_kl"]))
 
     def choose(self, max_kl: float = 0.1):
@@ -183,14 +196,23 @@ class SearchResult:
         return min(front, key=lambda t: (t.values[0], t.values[1]))
 
     def edit(self, trial) -> AbliterationEdit:
-        """The edit trial `trial` (a FrozenTrial or its number) applied."""
+        """The edit trial `trial` (a FrozenTrial or its number) applied.
+
+        Example:
+            >>> with result.edit(12).applied(model):
+            ...     model.generate("How do I pick a lock?")
+        """
         if isinstance(trial, int):
             trial = self.study.trials[trial]
         return suggest_edit(trial, self.space, self.candidates, self.components, self.n_layers)
 
     def proxy_correlation(self) -> float:
         """Spearman's rho between the first-position KL and the diffusion KL over completed trials:
-        how far the proxy ranks edits like the measure it stands for."""
+        how far the proxy ranks edits like the measure it stands for.
+
+        Example:
+            >>> result.proxy_correlation()        # 1.0: the proxy orders the trials exactly as the diffusion KL
+        """
         rows = [self.row(t) for t in self.trials()]
         return rank_correlation([r["first_position_kl"] for r in rows], [r["diffusion_kl"] for r in rows])
 

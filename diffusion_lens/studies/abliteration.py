@@ -39,7 +39,12 @@ def read_prompts(path) -> list[str]:
 
 
 def prompt_sets(model_name: str, harmful, harmless, n_train: int, n_eval: int) -> dict[str, list[str]]:
-    """The four prompt sets of a search: from the files, or the toy data for an embedded model."""
+    """The four prompt sets of a search: from the files, or the toy data for an embedded model.
+
+    Example:
+        >>> sets = prompt_sets("tiny-refusal", None, None, n_train=64, n_eval=32)
+        >>> search(model, **sets, trials=60)
+    """
     if harmful is None and harmless is None:
         if model_name not in EMBEDDED:
             raise ValueError(f"Give --harmful FILE and --harmless FILE for {model_name!r}; only the embedded models "
@@ -63,7 +68,12 @@ def prompt_sets(model_name: str, harmful, harmless, n_train: int, n_eval: int) -
 
 
 def run(args) -> dict:
-    """The command: search, then the front's files and (unless --no-save) the chosen model."""
+    """The command: search, then the front's files and (unless --no-save) the chosen model.
+
+    Example:
+        >>> from diffusion_lens.__main__ import main
+        >>> main(["abliterate", "tiny-refusal", "--trials", "60", "--out", "abl"])     # calls run(args)
+    """
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = HookedDiffusionTransformer.from_pretrained(args.model)
@@ -90,7 +100,12 @@ def run(args) -> dict:
 
 
 def add_arguments(parser) -> None:
-    """The `abliterate` subcommand's options."""
+    """The `abliterate` subcommand's options.
+
+    Example:
+        >>> parser = argparse.ArgumentParser(); add_arguments(parser)
+        >>> parser.parse_args(["tiny-refusal", "--trials", "4", "--out", "abl"]).kl_every      # 1
+    """
     parser.add_argument("model", help="a hub id, a local checkpoint folder, or an embedded model (tiny-refusal)")
     parser.add_argument("--trials", type=int, required=True, help="trials to run (added to a resumed study)")
     parser.add_argument("--out", required=True, help="output folder (study.db, front.json, pareto.html/png, model/)")

@@ -260,7 +260,11 @@ def interpret_moe(moe: dict) -> str:
 
     By linearity, ablating at a MoE layer's combined output equals orthogonalising only its experts'
     down projections; so the three edits are: the experts only, everything but the routed experts, and
-    both (the full abliteration)."""
+    both (the full abliteration).
+
+    Example:
+        >>> interpret_moe(results["moe"])     # "Mean harmful refusal is 0.98 at baseline, ..."
+    """
     def mean(name):
         return (moe[name]["harmful"]["en"] + moe[name]["harmful"]["zh"]) / 2
 
