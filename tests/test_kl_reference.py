@@ -85,6 +85,7 @@ def test_max_bytes_bounds_the_reference_before_and_while_it_runs(model):
         kl_reference(model, PROMPTS, steps=[0, 1], generate_kwargs=OPTS, max_bytes=bound - 1)
     ref = kl_reference(model, PROMPTS, steps=[0, 1], generate_kwargs=OPTS, max_bytes=None)
     kept = sum(t.numel() * 4 for b in ref.batches for t in [*b.log_probs.values(), b.first])
+    assert all(b.prefill is None for b in ref.batches)
     assert kept <= bound and ref.nbytes > kept  # the bound covers the log-probabilities; nbytes adds the recorded run
     # step 0 keeps every response position, so the bound passes and the recorded run tips it over
     at_zero = kl_reference(model, PROMPTS, steps=[0], generate_kwargs=OPTS, max_bytes=None)
@@ -159,3 +160,23 @@ def test_windowed_forwards_score_the_columns_they_compute():
     zero, ablated = ref.measure(gemma), ref.measure(gemma, ablate(gemma, random_unit(gemma.cfg.d_model, 1)))
     assert ablated.masked.n_positions[0] == 0 and math.isnan(ablated.masked.per_step[0]) and ablated.masked.mean > 0
     assert zero.masked.mean == 0.0 and torch.all(zero.first_position == 0) and torch.all(ablated.first_position > 0)
+
+
+def test_prefill_proxy_is_the_encoder_next_token_kl():
+    """On a run that opens with a prompt prefill (DiffusionGemma's autoregressive encoder) the reference also
+    scores that pass's next-token prediction at the last prompt column: heretic's encoder proxy, computed
+    here by hand from two encoder forwards. One-pass mask families have no prefill (None)."""
+    tokens = torch.randint(5, 300, (3, 6), generator=torch.Generator().manual_seed(1))
+    gemma = load("diffusion-gemma-tiny")
+    hooks = ablate(gemma, random_unit(gemma.cfg.d_model, 2))
+    ref = kl_reference(gemma, tokens, steps=[1, 2], batch_size=2)
+    zero, ablated = ref.measure(gemma), ref.measure(gemma, hooks)
+    base = torch.log_softmax(gemma(tokens, pass_name="encoder")[:, -1].double(), -1)
+    edited = torch.log_softmax(gemma.run_with_hooks(tokens, fwd_hooks=hooks, pass_name="encoder")[:, -1].double(), -1)
+    by_hand = (base.exp() * (base - edited)).sum(-1)
+    assert torch.all(zero.prefill == 0) and torch.all(ablated.prefill > 0)
+    torch.testing.assert_close(ablated.prefill, by_hand, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(ablated.prefill, ablated.first_position)  # a different prediction: the decoder's
+
+    llada = load("llada-tiny-mha")
+    assert kl_reference(llada, tokens, generate_kwargs=OPTS, batch_size=2).measure(llada).prefill is None

@@ -223,15 +223,20 @@ class DiffusionKL:
     positions of the chosen steps of the unmodified run, per step and overall). `first_position`
     [n_prompts]: the KL at the first response position, in prompt order, read at the first forward
     that predicts it (step 0's all-mask canvas on mask families; equal to `first_position_kl` for the
-    same prompts and gen_length): the first-token proxy of Arditi et al. / heretic.
+    same prompts and gen_length): the first-token proxy of Arditi et al. / heretic. `prefill`
+    [n_prompts] or None: on a run that opens with a prompt prefill (a forward over the prompt whose
+    logits the sampler does not read: DiffusionGemma's autoregressive encoder), the KL of that pass's
+    next-token prediction at the last prompt column, the proxy heretic's DiffusionGemma pull requests
+    measure; None on runs without one.
 
     Example:
         >>> kl = reference.measure(edited_model)
-        >>> kl.masked.mean, kl.first_position.mean()
+        >>> kl.masked.mean, kl.first_position.mean(), kl.prefill      # prefill: None on LLaDA
     """
 
     masked: MaskedKL
     first_position: Float[Tensor, " n_prompts"]
+    prefill: Optional[Float[Tensor, " n_prompts"]] = None
 
 
 #: dtype of the kept log-probabilities (half of float64's bytes: real vocabularies have 126k+ tokens).
@@ -251,6 +256,7 @@ class _ReferenceBatch:
     log_probs: dict[int, Tensor]  # step -> Float [n_masked vocab], CPU, REFERENCE_DTYPE
     first_step: int  # the first forward that predicts the first response column (0 on a mask canvas)
     first: Float[Tensor, "batch vocab"]  # its prediction there
+    prefill: Optional[Float[Tensor, "batch vocab"]]  # step 0's next-token prediction when it is a prompt prefill
 
 
 def _predicted(
@@ -259,6 +265,18 @@ def _predicted(
     """Per-token predictions at the `selected` canvas positions ([batch pos], inside the forward's
     computed columns) from that forward's raw logits, which cover its computed columns only."""
     return model.token_logits(logits)[selected[:, state.computed].to(logits.device)]
+
+
+def _is_prefill(state) -> bool:
+    """Whether a forward is a prompt prefill: it computes the last prompt column but no response
+    column, and the sampler does not read its logits (DiffusionGemma's encoder over the prompt)."""
+    return (not state.needs_logits and bool(state.is_computed[:, state.response_start - 1].all())
+            and not bool(state.is_computed[:, state.response_start:].any()))
+
+
+def _prefill_next_token(logits: Float[Tensor, "batch computed_pos vocab"], state) -> Float[Tensor, "batch vocab"]:
+    """A prefill's next-token prediction: its raw logits at the last prompt column (prompts are left-padded)."""
+    return logits[:, state.response_start - 1 - state.computed.start]
 
 
 def _first_response(state) -> Tensor:
@@ -318,7 +336,8 @@ class KLReference:
     recorded canvases through the edited model, so every edit is compared on the same inputs. Kept
     per batch: the recorded run (canvases on the model's device), the still-masked positions of each
     chosen step and the unmodified log-probabilities there (float32, CPU), and the log-probabilities
-    at the first response position (the first-token proxy). `nbytes`: what it holds.
+    at the first response position (the first-token proxy) and, on a run that opens with a prompt
+    prefill, its next-token prediction (the encoder proxy). `nbytes`: what it holds.
 
     Example:
         >>> ref = kl_reference(model, harmless, steps=range(0, 64, 8), generate_kwargs=dict(steps=64, gen_length=64))
@@ -339,7 +358,7 @@ class KLReference:
 
     @torch.no_grad()
     def measure(self, model, hooks: Sequence = ()) -> DiffusionKL:
-        """Diffusion KL and first-position KL of `model` with `hooks` against the recorded unmodified run.
+        """Diffusion KL and the proxies' KLs of `model` with `hooks` against the recorded unmodified run.
 
         `model` may be the recorded object itself (with edited weights or `hooks`) or another model
         of the same shape (vocabulary, d_model, mask token, device; checked). Step-scheduled hooks see
@@ -366,7 +385,7 @@ def _replay_batch(batch: _ReferenceBatch, steps: list[int], model, hooks: Sequen
     first-position KL per prompt, the prompts' indices)."""
     states = batch.run.states
     edited = generate(model, batch.tokens, attention_mask=batch.attention_mask, replay=batch.run, hooks=list(hooks),
-                      stop_after=max(max(steps), batch.first_step), capture_logits=sorted({*steps, batch.first_step}),
+                      stop_after=max(max(steps), batch.first_step), capture_logits=sorted({0, *steps, batch.first_step}),
                       return_trajectory=False, progress=False)
     totals, counts = {}, {}
     for s in steps:
@@ -375,7 +394,9 @@ def _replay_batch(batch: _ReferenceBatch, steps: list[int], model, hooks: Sequen
         counts[s] = int(batch.where[s].sum())
     state = states[batch.first_step]
     first = _kl_from_log_probs(batch.first, _predicted(model, edited.logits[batch.first_step], state, _first_response(state)))
-    return totals, counts, first, batch.indices
+    prefill = None if batch.prefill is None else \
+        _kl_from_log_probs(batch.prefill, _prefill_next_token(edited.logits[0], states[0]))
+    return totals, counts, first, batch.indices, prefill
 
 
 def _aggregate(steps: list[int], parts: list[tuple]) -> DiffusionKL:
@@ -384,8 +405,9 @@ def _aggregate(steps: list[int], parts: list[tuple]) -> DiffusionKL:
     total = torch.stack([sum((part[0][s] for part in parts), torch.zeros((), dtype=torch.float64)) for s in steps])
     per_step = torch.where(n > 0, total / n.clamp_min(1), torch.full_like(total, float("nan")))
     mean = float(total.sum() / n.sum()) if int(n.sum()) else float("nan")
+    prefill = None if parts[0][4] is None else in_prompt_order([part[4] for part in parts], [part[3] for part in parts])
     return DiffusionKL(MaskedKL(list(steps), per_step, n, mean),
-                       in_prompt_order([part[2] for part in parts], [part[3] for part in parts]))
+                       in_prompt_order([part[2] for part in parts], [part[3] for part in parts]), prefill)
 
 
 def _check_max_bytes(max_bytes) -> None:
@@ -435,7 +457,9 @@ def _record_batch(model, prepared, indices: list[int], sampler, driver: dict, ch
                                 capture_logits=[first_step], return_trajectory=False, progress=False).logits[first_step]
     state = run.states[first_step]
     first = _log_probs(_predicted(model, first_logits, state, _first_response(state)))
-    return _ReferenceBatch(indices, tokens, mask, recording, where, log_probs, first_step, first)
+    opening = run.states[0]
+    prefill = _log_probs(_prefill_next_token(run.logits[0], opening)) if _is_prefill(opening) else None
+    return _ReferenceBatch(indices, tokens, mask, recording, where, log_probs, first_step, first, prefill)
 
 
 @torch.no_grad()
@@ -475,7 +499,8 @@ def kl_reference(
     bytes_per = torch.finfo(REFERENCE_DTYPE).bits // 8 * model.cfg.d_vocab_out
     response = sampler.response_length()
     rows = [len(g) * (response if response_only else response + max(prepared.tokens[i].numel() for i in g)) for g in groups]
-    bound = (len(chosen) * sum(rows) + len(prepared)) * bytes_per
+    per_prompt = 2 if model.cfg.layer_scalar_passes else 1  # the first position, and a multi-pass run's prefill
+    bound = (len(chosen) * sum(rows) + per_prompt * len(prepared)) * bytes_per
     shrink = (f"Pass fewer steps= (now {len(chosen)} of {n_steps}), fewer prompts (now {len(prepared)}) or a shorter "
               f"gen_length, or raise max_bytes={max_bytes}")
     if max_bytes is not None and bound > max_bytes:
