@@ -105,6 +105,48 @@ def test_edited_weights_equal_the_runtime_twin(name, index, norm_preserving):
         assert (edited - plain).abs().max() > 0.1
 
 
+@pytest.mark.parametrize("norm_preserving", [False, True])
+@pytest.mark.parametrize("name", ["llada2-tiny", "diffusion-gemma-tiny"])
+def test_a_rank_2_subspace_edit_equals_its_runtime_twin_and_restores_bitwise(name, norm_preserving):
+    """Per-layer subspaces [n_layers 2 d_model] (a learned subspace's shape): the same exactness. On the
+    models with routed + shared experts and with sandwich norms (where `writer_basis` orthonormalises
+    the two rows times the norm weights)."""
+    model = load(name)
+    raw = torch.randn(model.cfg.n_layers, 2, model.cfg.d_model, generator=torch.Generator().manual_seed(3))
+    weights = {kind: w for kind, w in KERNELS.items() if kind in kinds(model)}
+    x = tokens(model)
+    if norm_preserving and name == "diffusion-gemma-tiny":  # fused experts: no per-expert hook
+        with pytest.raises(ValueError, match="No hook carries the output of blocks.0.mlp.experts.down_proj alone"):
+            AbliterationEdit(raw, weights, norm_preserving=True).hooks(model)
+        return
+    for dtype, tol in ((torch.float32, dict(atol=3e-5, rtol=0)), (torch.float64, dict(atol=1e-9, rtol=0))):
+        model = model.to(dtype)
+        edit = AbliterationEdit(raw.to(dtype), weights, norm_preserving=norm_preserving)
+        assert edit.directions.shape == raw.shape
+        gram = edit.directions.double() @ edit.directions.double().transpose(1, 2)
+        torch.testing.assert_close(gram, torch.eye(2, dtype=torch.float64).expand_as(gram), atol=1e-6, rtol=0)
+        before = params(model)
+        with torch.no_grad():
+            plain = model(x)
+            twin = model.run_with_hooks(x, fwd_hooks=edit.hooks(model))
+            one = model.run_with_hooks(x, fwd_hooks=AbliterationEdit(raw[:, 0].to(dtype), weights,
+                                                                     norm_preserving=norm_preserving).hooks(model))
+            with edit.applied(model):
+                edited = model(x)
+        torch.testing.assert_close(edited, twin, **tol)
+        assert (edited - plain).abs().max() > 0.1 and (edited - one).abs().max() > 1e-3  # the second row matters
+        assert all(torch.equal(before[n], p) for n, p in params(model).items())
+
+
+def test_subspace_directions_are_checked():
+    with pytest.raises(ValueError, match="layer 1's subspace are linearly dependent"):
+        AbliterationEdit(torch.stack([torch.randn(2, 128), torch.ones(2, 128)]), {"embedding": 1.0})
+    with pytest.raises(ValueError, match=r"subspaces \[n_layers k d_model\] are used per layer: pass index=None"):
+        AbliterationEdit.from_directions(torch.randn(6, 2, 128), {"embedding": 1.0}, index=1.0)
+    with pytest.raises(ValueError, match=r"\(6, 128\) or \(6, k, 128\)"):
+        AbliterationEdit(torch.randn(5, 2, 128), {"embedding": 1.0}).apply(load("tiny-refusal"))
+
+
 def test_moe_edits_every_expert_slice_and_hooks_each_expert_when_edits_differ():
     model = load("llada2-tiny")
     hooks = [name for name, _ in trial(model).hooks(model)]

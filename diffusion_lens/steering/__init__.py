@@ -19,13 +19,14 @@ from diffusion_lens.steering.patching import PatchingResult, patch_across_steps
 from diffusion_lens.steering.replay import CanvasProbe, record_run, replay
 from diffusion_lens.steering.selection import Selection, select_direction
 from diffusion_lens.steering.sensitivity import Sensitivity, sensitivity
+from diffusion_lens.steering.subspace import LearnedSubspace, learn_subspace, subspace_ablation_hooks
 from diffusion_lens.steering.transport import AffineMap, fit_transport, fold
 from diffusion_lens.steering.weights import orthogonalize_weights, residual_writers
 
 __all__ = [
     "ABLATION_SITES", "AblationKernel", "AbliterationEdit", "AbliterationHandle", "AffineMap", "CanvasProbe",
-    "Directions", "PCAResult", "PatchingResult", "Selection", "Sensitivity", "ablate", "add", "class_pca",
+    "Directions", "LearnedSubspace", "PCAResult", "PatchingResult", "Selection", "Sensitivity", "ablate", "add", "class_pca",
     "collect_activations", "fit_transport", "fold", "instruction_template", "interpolate_direction",
-    "mean_difference", "model_components", "orthogonalize_weights", "patch_across_steps", "prepare_prompts", "project_coefficient",
-    "record_run", "replay", "residual_writers", "select_direction", "sensitivity",
+    "learn_subspace", "mean_difference", "model_components", "orthogonalize_weights", "patch_across_steps", "prepare_prompts", "project_coefficient",
+    "record_run", "replay", "residual_writers", "select_direction", "sensitivity", "subspace_ablation_hooks",
 ]

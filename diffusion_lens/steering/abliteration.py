@@ -2,12 +2,13 @@
 trial of an automatic search applies, measures, and undoes.
 
 A trial is an `AbliterationEdit`: a direction per layer (one global direction repeated, or each layer's
-own; `interpolate_direction` reads a float layer index), and per-component ablation weights over depth
+own; `interpolate_direction` reads a float layer index), or a k-dim subspace per layer (k orthonormal
+rows, e.g. a `learn_subspace` basis at every layer), and per-component ablation weights over depth
 (`AblationKernel`). The writer of component c in block l (`writer_sites`: attention output, dense MLP
 down, every routed expert, the shared expert) loses w = kernel_c.weights(n_layers)[l] of its output
-along that layer's direction: y <- y - w (y q^T) q, with q = `writer_basis(writer, r_l)` (r times the
-norm weights after the writer, where such norms sit). The embedding rows and a self-conditioning MLP
-take one scalar weight each and layer 0's direction (they write before block 0).
+along that layer's span: y <- y - w (y Q^T) Q, with Q = `writer_basis(writer, R_l)` (R times the
+norm weights after the writer, where such norms sit, orthonormalised). The embedding rows and a
+self-conditioning MLP take one scalar weight each and layer 0's direction (they write before block 0).
 
 `norm_preserving=True` then rescales each output feature back to its old norm: y <- (y A) * s with
 s_i = |W_i| / |(A W)_i| over the rows i of an nn.Linear weight [d_out d_in] (each fused expert slice
@@ -32,7 +33,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from diffusion_lens.core.components.writers import ResidualWriter, Writer
-from diffusion_lens.steering._common import Hook
+from diffusion_lens.steering._common import Hook, orthonormal_rows
 from diffusion_lens.steering.edits import EditHook, SiteEdit, fold_producer, fold_rows
 from diffusion_lens.steering.weights import writer_basis, writer_sites
 
@@ -127,7 +128,8 @@ class AbliterationHandle:
 
 @dataclass
 class AbliterationEdit:
-    """One abliteration: per-layer unit directions and a weight per component.
+    """One abliteration: per-layer unit directions [n_layers d_model] (or per-layer subspaces
+    [n_layers k d_model], each layer's rows orthonormalised) and a weight per component.
 
     `weights` maps a component kind to its weight: an `AblationKernel` for block components
     ("attention", "mlp", "experts", "shared_expert"), a float for "embedding" and
@@ -140,13 +142,14 @@ class AbliterationEdit:
         ...     logits = model(tokens)              # == model.run_with_hooks(tokens, fwd_hooks=edit.hooks(model))
     """
 
-    directions: Float[Tensor, "n_layers d_model"]
+    directions: Union[Float[Tensor, "n_layers d_model"], Float[Tensor, "n_layers k d_model"]]
     weights: dict[str, Union[AblationKernel, float]]
     norm_preserving: bool = False
 
     def __post_init__(self):
-        if self.directions.ndim != 2:
-            raise ValueError(f"directions must be [n_layers d_model]; got shape {tuple(self.directions.shape)}.")
+        if self.directions.ndim not in (2, 3) or 0 in self.directions.shape:
+            raise ValueError("directions must be [n_layers d_model] (a direction per layer) or [n_layers k d_model] "
+                             f"(a k-dim subspace per layer); got shape {tuple(self.directions.shape)}.")
         for kind, weight in self.weights.items():
             if kind in BLOCK_COMPONENTS and not isinstance(weight, AblationKernel):
                 raise TypeError(f"The weight of {kind!r} must be an AblationKernel; got {weight!r}.")
@@ -155,20 +158,29 @@ class AbliterationEdit:
                 raise TypeError(f"The weight of {kind!r} must be a finite number >= 0; got {weight!r}.")
             if kind not in BLOCK_COMPONENTS + MODEL_COMPONENTS:
                 raise ValueError(f"Unknown component {kind!r}; expected some of {MODEL_COMPONENTS + BLOCK_COMPONENTS}.")
+        if self.directions.ndim == 3:
+            self.directions = torch.stack([orthonormal_rows(rows, name=f"layer {layer}'s subspace")
+                                           for layer, rows in enumerate(self.directions)]).to(self.directions.dtype)
+            return
         norms = self.directions.double().norm(dim=1, keepdim=True)
         if not bool((norms > 0).all()):
             raise ValueError("Every layer's direction must be nonzero.")
         self.directions = (self.directions.double() / norms).to(self.directions.dtype)
 
     @classmethod
-    def from_directions(cls, directions: Float[Tensor, "n_layers d_model"], weights: dict, *,
+    def from_directions(cls, directions: Union[Float[Tensor, "n_layers d_model"], Float[Tensor, "n_layers k d_model"]],
+                        weights: dict, *,
                         index: Optional[float] = None, norm_preserving: bool = False) -> "AbliterationEdit":
         """Global scope (`index` a float: `interpolate_direction(directions, index)` at every layer) or
-        per-layer scope (`index=None`: layer l uses directions[l]).
+        per-layer scope (`index=None`: layer l uses directions[l]). Subspaces [n_layers k d_model]
+        have no interpolation: only per-layer scope.
 
         Example:
             >>> AbliterationEdit.from_directions(dirs, {"mlp": kernel}, index=2.5)     # global
         """
+        if index is not None and directions.ndim == 3:
+            raise ValueError(f"index={index} interpolates between layers' directions; subspaces [n_layers k d_model] "
+                             "are used per layer: pass index=None (or the same basis at every layer).")
         if index is not None:
             directions = interpolate_direction(directions, index).expand_as(directions).clone()
         return cls(directions, dict(weights), norm_preserving)
@@ -178,15 +190,16 @@ class AbliterationEdit:
         """Each edited writer with its (name, kind, weight, edit) rows; a fused tensor's edit is a list
         (one per slice). Checks the directions' shape and that every configured component exists."""
         n_layers = model.cfg.n_layers
-        if self.directions.shape != (n_layers, model.cfg.d_model):
+        if self.directions.shape[0] != n_layers or self.directions.shape[-1] != model.cfg.d_model:
             raise ValueError(f"directions has shape {tuple(self.directions.shape)}; this model needs one row per "
-                             f"layer: ({n_layers}, {model.cfg.d_model}).")
+                             f"layer: ({n_layers}, {model.cfg.d_model}) or ({n_layers}, k, {model.cfg.d_model}).")
         kernels = {kind: w.weights(n_layers) for kind, w in self.weights.items() if isinstance(w, AblationKernel)}
         plan, found = [], set()
         for writer in writer_sites(model):
             first = writer.weights[0][0].split(".")
             layer = int(first[1]) if first[0] == "blocks" else None  # None: written before block 0
-            q = writer_basis(writer, self.directions[layer or 0].double()[None])
+            basis = self.directions[layer or 0].double()
+            q = writer_basis(writer, basis[None] if basis.ndim == 1 else basis)
             rows = []
             for name, weight in writer.weights:
                 kind = component_kind(name, weight)
