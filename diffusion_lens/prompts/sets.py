@@ -15,7 +15,14 @@ advbench           walledai/AdvBench                          train        promp
 harmbench          walledai/HarmBench (standard)              train        prompt (category)          MIT
 alpaca             tatsu-lab/alpaca                           train        instruction, input == ""   CC BY-NC 4.0
 ifeval             google/IFEval                              train        prompt (+ instruction_id_list, kwargs)  Apache-2.0
+heretic_harmful    mlabonne/harmful_behaviors                 train, test  text                       MIT (AdvBench)
+heretic_harmless   mlabonne/harmless_alpaca                   train, test  text                       CC BY-NC 4.0
 =================  =========================================  ===========  =========================  ==========
+
+The two `heretic_*` sets are p-e-w/heretic's defaults (directions from `split="train[:400]"`,
+refusals and KL counted on `split="test[:100]"`); `split=` takes the `datasets` slicing syntax.
+`refusal_splits` cuts any of these sets into the refusal-direction papers' 128 / 32 / 100
+train / validation / test parts.
 
 Offline (no network, or `HF_HUB_OFFLINE=1` / `HF_DATASETS_OFFLINE=1`, or `offline=True`) without
 `path=` raises an OSError that says which file to pass.
@@ -71,6 +78,10 @@ SOURCES: dict[str, PromptSource] = {
                            "CC BY-NC 4.0", keep=_alpaca_keep),
     "ifeval": PromptSource("ifeval", "google/IFEval", None, "train", ("prompt",), (), "Apache-2.0",
                            extra_columns=("instruction_id_list", "kwargs")),
+    "heretic_harmful": PromptSource("heretic_harmful", "mlabonne/harmful_behaviors", None, "train",
+                                    ("prompt", "text"), (), "MIT (AdvBench)"),
+    "heretic_harmless": PromptSource("heretic_harmless", "mlabonne/harmless_alpaca", None, "train",
+                                     ("prompt", "text"), (), "CC BY-NC 4.0"),
 }
 
 
@@ -232,6 +243,20 @@ def load_ifeval(**kwargs) -> datasets.Dataset:
     return load_prompts("ifeval", **kwargs)
 
 
+def load_heretic(*, harmless: bool = False, **kwargs) -> datasets.Dataset:
+    """heretic's default prompt sets: mlabonne/harmful_behaviors (AdvBench goals, 416 train / 104 test),
+    or mlabonne/harmless_alpaca with `harmless=True`; both hold one `text` column.
+
+    Why: an abliteration compared with heretic's should see heretic's prompts (its directions use
+    `split="train[:400]"`, its refusal count and KL `split="test[:100]"`).
+
+    Example:
+        >>> harmful = load_heretic(split="train[:400]")                        # online
+        >>> harmless = load_heretic(harmless=True, path="harmless_alpaca.jsonl")  # offline
+    """
+    return load_prompts("heretic_harmless" if harmless else "heretic_harmful", **kwargs)
+
+
 def ifeval_records(dataset: datasets.Dataset) -> list[dict]:
     """IFEval rows as records with `kwargs` decoded to dicts, for `evals.instruction_following`.
 
@@ -279,6 +304,40 @@ def split_prompts(
         )
     shuffled = dataset.shuffle(seed=seed)
     return [shuffled.select(range(a, b)) for a, b in bounds]
+
+
+#: Train / validation / test sizes of the refusal-direction papers (Arditi et al. 2024 and followers).
+REFUSAL_SPLIT_SIZES: tuple[int, int, int] = (128, 32, 100)
+
+
+def refusal_splits(
+    dataset: datasets.Dataset, *, sizes: Sequence[int] = REFUSAL_SPLIT_SIZES, seed: int = 42
+) -> list[datasets.Dataset]:
+    """Shuffle with `seed` and take consecutive parts of exactly `sizes` prompts (default 128 / 32 / 100).
+
+    Why: the refusal-direction papers fix the counts, not fractions: 128 prompts to find the
+    direction, 32 to select it, 100 to report. Prompts beyond `sum(sizes)` are left out; fewer is an
+    error that says how many are needed.
+
+    Example:
+        >>> train, val, test = refusal_splits(load_advbench(path="advbench.csv"))   # 520 -> 128 / 32 / 100
+        >>> len(train), len(val), len(test)
+        (128, 32, 100)
+    """
+    if not isinstance(dataset, datasets.Dataset):
+        raise TypeError(f"refusal_splits takes a datasets.Dataset; got {type(dataset).__name__}. For a list of "
+                        "strings use datasets.Dataset.from_dict({'prompt': prompts}).")
+    sizes = list(sizes)
+    if not sizes or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in sizes):
+        raise ValueError(f"sizes must be positive ints (e.g. (128, 32, 100)); got {sizes}.")
+    if len(dataset) < sum(sizes):
+        raise ValueError(
+            f"refusal_splits needs {sum(sizes)} prompts for sizes {tuple(sizes)}; this dataset has {len(dataset)}. "
+            f"Pass a larger set (AdvBench has 520, heretic's harmful train split 416) or smaller sizes=."
+        )
+    shuffled = dataset.shuffle(seed=seed)
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [shuffled.select(range(a, a + k)) for a, k in zip(starts, sizes)]
 
 
 def _split_bounds(n: int, fractions: Sequence[float]) -> list[tuple[int, int]]:
@@ -341,7 +400,7 @@ def _dataset_columns(dataset) -> list[str]:
 
 
 __all__ = [
-    "COLUMNS", "PROMPT_COLUMNS", "SOURCES", "PromptSource", "ifeval_records", "load_advbench", "load_alpaca",
-    "load_harmbench", "load_ifeval", "load_jailbreakbench", "load_prompts", "prompt_column", "prompt_texts",
-    "split_prompts",
+    "COLUMNS", "PROMPT_COLUMNS", "REFUSAL_SPLIT_SIZES", "SOURCES", "PromptSource", "ifeval_records",
+    "load_advbench", "load_alpaca", "load_harmbench", "load_heretic", "load_ifeval", "load_jailbreakbench",
+    "load_prompts", "prompt_column", "prompt_texts", "refusal_splits", "split_prompts",
 ]
