@@ -1,8 +1,24 @@
 """Evaluations for steered diffusion LMs: text refusal judge, refusal log-odds score, masked-position
 (diffusion) KL against a recorded unmodified run, rank correlation, positions left masked, verifiable
-instruction checks (IFEval categories)."""
+instruction checks (IFEval categories), refusal judges behind one interface (`judges`: JailbreakBench's
+prefix judge, the whole-response judge, local classifier and chat-guard models) and the batched,
+resumable benchmark runner (`runner.evaluate`, one JSONL row per prompt).
+
+Example:
+    >>> from diffusion_lens.evals import SubstringJudge, evaluate
+    >>> run = evaluate(model, prompts, judges=[SubstringJudge.jailbreakbench()], out="run.jsonl")
+    >>> print(run.table())
+"""
 
 from diffusion_lens.evals.instructions import INSTRUCTION_CHECKS, check_instruction, instruction_following
+from diffusion_lens.evals.judges import (
+    JBB_REFUSAL_PREFIXES,
+    ClassifierJudge,
+    GuardJudge,
+    Judge,
+    SubstringJudge,
+    check_pairs,
+)
 from diffusion_lens.evals.refusal import (
     ARDITI_MARKERS,
     CHINESE_MARKERS,
@@ -12,6 +28,7 @@ from diffusion_lens.evals.refusal import (
     normalize_text,
     refusal_rate,
 )
+from diffusion_lens.evals.runner import EvaluationRun, evaluate, generate_texts
 from diffusion_lens.evals.scores import (
     DiffusionKL,
     KLReference,
@@ -32,4 +49,6 @@ __all__ = [
     "ARDITI_MARKERS", "CHINESE_MARKERS", "DEFAULT_MARKERS", "EXTENDED_MARKERS", "INSTRUCTION_CHECKS",
     "check_instruction", "count_left_masked", "first_position_kl", "instruction_following",
     "is_refusal", "kl_divergence", "log_odds", "normalize_text", "refusal_rate", "refusal_score", "refusal_token_ids",
+    "JBB_REFUSAL_PREFIXES", "ClassifierJudge", "EvaluationRun", "GuardJudge", "Judge", "SubstringJudge", "check_pairs",
+    "evaluate", "generate_texts",
 ]
