@@ -148,3 +148,55 @@ def test_command_line_writes_the_study_front_and_model(tmp_path):
         main([*args, "--kl-every", "0"])
     with pytest.raises(ValueError, match="over max_bytes"):  # the reference bound reaches the search
         main([*args, "--kl-max-gb", "1e-6"])
+
+
+def test_a_learned_subspace_candidate_is_searched_and_replays(model, tmp_path):
+    """`subspace_rank=2`: the learned subspace joins the candidates (a trial enqueued on it runs
+    first), the info (front.json) records its losses, and learning again gives the same basis
+    bitwise, so a resumed study rebuilds a stored trial's edit exactly."""
+    import optuna
+
+    from diffusion_lens.abliterate import Candidates, suggest_edit
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    optuna.create_study(directions=["minimize", "minimize"], storage=storage,
+                        study_name="abliteration").enqueue_trial({"direction": "learned_subspace[2]"})
+    sets = prompt_sets("tiny-refusal", None, None, n_train=4, n_eval=2)
+    space = SearchSpace(positions=("post_instruction",), subspace_rank=2, subspace_steps=4)
+    result = search(model, **sets, trials=1, storage=storage, space=space, generate_kwargs=OPTS, batch_size=8,
+                    progress=False)
+    assert "learned_subspace[2]" in result.info["candidates"] and len(result.trials()) == 1
+    learned = result.info["learned_subspace"]
+    assert learned["rank"] == 2 and len(learned["losses"]) == 5 and learned["loss"][1] < learned["loss"][0]
+    assert learned["init"].startswith("post_instruction[")  # the row with the largest relative separation
+    first = result.study.trials[0]
+    assert first.params["direction"] == "learned_subspace[2]"
+    edit, basis = result.edit(first), result.candidates.subspace.basis
+    assert edit.directions.shape == (6, 2, 128)
+    for layer in range(6):  # the same span at every layer: scope and direction_index are unused
+        projector = edit.directions[layer].double().T @ edit.directions[layer].double()
+        torch.testing.assert_close(projector, basis.T @ basis, atol=1e-12, rtol=0)
+
+    again = Candidates.compute(model, sets["harmful_train"], sets["harmless_train"], space, gen_length=8, batch_size=8)
+    assert torch.equal(again.subspace.basis, basis) and again.subspace.losses == learned["losses"]
+    rebuilt = suggest_edit(first, space, again, result.components, 6)
+    assert torch.equal(rebuilt.directions, edit.directions) and rebuilt.weights == edit.weights
+    with pytest.raises(ValueError, match="subspace_rank must be an int >= 0"):
+        SearchSpace(subspace_rank=-1)
+
+
+def test_command_line_passes_the_subspace_options(monkeypatch, tmp_path):
+    import diffusion_lens.studies.abliteration as command
+    from diffusion_lens.__main__ import main
+
+    seen = {}
+
+    def stop(model, **kwargs):
+        seen.update(kwargs)
+        raise KeyboardInterrupt("stop before searching")
+
+    monkeypatch.setattr(command, "search", stop)
+    with pytest.raises(KeyboardInterrupt, match="stop before searching"):
+        main(["abliterate", "tiny-refusal", "--trials", "1", "--out", str(tmp_path), "--n-train", "2", "--n-eval", "2",
+              "--subspace-rank", "3", "--subspace-steps", "5"])
+    assert (seen["space"].subspace_rank, seen["space"].subspace_steps) == (3, 5)

@@ -2,7 +2,8 @@
 measured on the denoising process itself.
 
 Each trial proposes an `AbliterationEdit` (which candidate direction, global or per-layer scope,
-per-component ablation weights over depth), applies it to the model's weights in place, measures
+per-component ablation weights over depth; optionally a learned k-dim subspace as one more
+candidate, `SearchSpace.subspace_rank`), applies it to the model's weights in place, measures
 two objectives, and restores the weights bitwise:
 
 * refusal: the judge's refusal rate (default `diffusion_lens.evals.refusal_rate`) over the whole
@@ -27,7 +28,8 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from diffusion_lens.evals import kl_reference, rank_correlation, refusal_rate
-from diffusion_lens.steering import AblationKernel, AbliterationEdit, Directions, mean_difference, model_components
+from diffusion_lens.steering import (AblationKernel, AbliterationEdit, Directions, LearnedSubspace, learn_subspace,
+                                     mean_difference, model_components)
 
 BLOCK_KINDS = ("attention", "mlp", "experts", "shared_expert")
 
@@ -41,8 +43,13 @@ class SearchSpace:
     weight in `max_weight`, its peak anywhere, its minimum weight a fraction of the peak and its
     reach `min_weight_distance` (in layers); the embedding rows one weight in `embedding_weight`.
 
+    `subspace_rank` k > 0 adds one more candidate, "learned_subspace[k]": a k-dim subspace learned
+    before the search by `learn_subspace` (`subspace_steps` Adam steps through the frozen model, see
+    `Candidates.compute`), the same basis at every layer. 0 (the default) learns nothing.
+
     Example:
         >>> SearchSpace(positions=("post_instruction",), norm_preserving=(False, True))
+        >>> SearchSpace(subspace_rank=2, subspace_steps=20)        # + the candidate "learned_subspace[2]"
     """
 
     positions: tuple[str, ...] = ("post_instruction", "pre_instruction", "mean_response")
@@ -51,6 +58,8 @@ class SearchSpace:
     max_weight: tuple[float, float] = (0.5, 1.5)
     embedding_weight: tuple[float, float] = (0.0, 1.0)
     norm_preserving: tuple[bool, ...] = (False,)
+    subspace_rank: int = 0
+    subspace_steps: int = 20
 
     def __post_init__(self):
         for name in ("positions", "extraction_steps", "scopes", "norm_preserving"):
@@ -63,6 +72,10 @@ class SearchSpace:
             low, high = getattr(self, name)
             if not 0 <= low <= high:
                 raise ValueError(f"SearchSpace.{name} must be (low, high) with 0 <= low <= high; got {(low, high)}.")
+        for name, least in (("subspace_rank", 0), ("subspace_steps", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"SearchSpace.{name} must be an int >= {least}; got {value!r}.")
 
 
 @dataclass
@@ -71,21 +84,37 @@ class Candidates:
     is the difference of class means of block l's output (`hook_resid_post`), as heretic reads them;
     a block input would be the bare token embedding at layer 0, the same for both classes at the
     chat template's positions. A position whose difference is zero at some layer has no direction
-    there; it is listed in `left_out` (with those layers) instead of `directions`."""
+    there; it is listed in `left_out` (with those layers) instead of `directions`.
+
+    With `SearchSpace.subspace_rank` k > 0, "learned_subspace[k]" holds the learned basis at every
+    layer [n_layers k d_model]; `subspace` is its `LearnedSubspace` (losses per step) and
+    `subspace_init` names the difference-of-means row it started from."""
 
     directions: dict[str, torch.Tensor]
     left_out: dict[str, list[int]] = field(default_factory=dict)
+    subspace: Optional[LearnedSubspace] = None
+    subspace_init: Optional[str] = None
 
     @classmethod
     def compute(cls, model, harmful: Sequence[str], harmless: Sequence[str], space: SearchSpace, *,
-                gen_length: int, batch_size: int, generate_kwargs: Optional[dict] = None) -> "Candidates":
-        """One `mean_difference` per (position kind, extraction step), every layer.
+                gen_length: int, batch_size: int, generate_kwargs: Optional[dict] = None,
+                seed: int = 0) -> "Candidates":
+        """One `mean_difference` per (position kind, extraction step), every layer; then, with
+        `space.subspace_rank` k > 0, one `learn_subspace` (rank k, `space.subspace_steps` steps, `seed`,
+        the step-0 canvas with `gen_length` masks) on the same prompts.
+
+        The subspace starts from the candidate row (candidate, layer) with the largest relative
+        separation |m_harmful - m_harmless| / ((|m_harmful| + |m_harmless|) / 2) of the class means:
+        the raw difference grows with the residual norm over depth, the ratio does not, so it picks
+        where the classes are furthest apart for their size without a forward per row. The learning
+        then only has to improve a direction that already separates the classes.
 
         Example:
             >>> Candidates.compute(model, harmful, harmless, SearchSpace(), gen_length=32, batch_size=32)
         """
         out: dict[str, torch.Tensor] = {}
         left_out: dict[str, list[int]] = {}
+        best: tuple[float, str, torch.Tensor] = (-1.0, "", torch.zeros(0))  # (separation, "name layer l", row)
         for step in space.extraction_steps:
             for kind in space.positions:
                 dirs: Directions = mean_difference(model, harmful, harmless, layers="all", positions=kind, step=step,
@@ -97,19 +126,33 @@ class Candidates:
                     zero = (vectors.norm(dim=-1) == 0).nonzero().flatten().tolist()
                     if zero:
                         left_out[f"{label}@step{step}"] = [dirs.layers[i] for i in zero]
-                    else:
-                        out[f"{label}@step{step}"] = vectors
+                        continue
+                    out[f"{label}@step{step}"] = vectors
+                    size = (dirs.mean_positive[:, column].norm(dim=-1) + dirs.mean_negative[:, column].norm(dim=-1)) / 2
+                    separation = vectors.norm(dim=-1) / size
+                    row = int(separation.argmax())
+                    if float(separation[row]) > best[0]:
+                        best = (float(separation[row]), f"{label}@step{step} layer {dirs.layers[row]}", vectors[row])
         if not out:
             raise ValueError(f"Every candidate position has a zero difference of means at some layer ({left_out}): "
                              "the harmful and harmless prompts give the same activations there. Check the prompt sets.")
-        return cls(out, left_out)
+        if not space.subspace_rank:
+            return cls(out, left_out)
+        rank = space.subspace_rank
+        subspace = learn_subspace(model, harmful, harmless, rank=rank, init=best[2],
+                                  steps=space.subspace_steps, gen_length=gen_length, batch_size=batch_size, seed=seed)
+        out[f"learned_subspace[{rank}]"] = subspace.basis.expand(model.cfg.n_layers, -1, -1).clone()
+        return cls(out, left_out, subspace, best[1])
 
 
 def suggest_edit(trial, space: SearchSpace, candidates: Candidates, components: Sequence[str],
                  n_layers: int) -> AbliterationEdit:
     """The edit a trial's parameters describe (the same names replay a stored trial: `trial` may be an
     `optuna.trial.FrozenTrial`). Every parameter is suggested on every trial, so the search space is
-    static (multivariate TPE models them jointly); `direction_index` is unused with per-layer scope.
+    static (multivariate TPE models them jointly); `direction_index` is unused with per-layer scope,
+    and both `scope` and `direction_index` are unused with the learned subspace ("learned_subspace[k]":
+    its one basis at every layer; the search re-learns it identically when it resumes, so a stored
+    trial rebuilds the same edit).
 
     Example:
         >>> edit = suggest_edit(study.best_trials[0], space, candidates, model_components(model), 6)
@@ -131,8 +174,9 @@ def suggest_edit(trial, space: SearchSpace, candidates: Candidates, components: 
             )
         elif kind == "embedding":
             weights[kind] = trial.suggest_float("embedding.weight", *space.embedding_weight)
-    return AbliterationEdit.from_directions(candidates.directions[name], weights,
-                                            index=index if scope == "global" else None,
+    directions = candidates.directions[name]
+    return AbliterationEdit.from_directions(directions, weights,
+                                            index=index if scope == "global" and directions.ndim == 2 else None,
                                             norm_preserving=norm_preserving)
 
 
@@ -249,7 +293,7 @@ def search(model, harmful_train: Sequence[str], harmless_train: Sequence[str], h
     gen_length = options.get("gen_length", model.adapter.sampler(model.cfg).gen_length)
     started = time.time()
     candidates = Candidates.compute(model, harmful_train, harmless_train, space, gen_length=gen_length,
-                                    batch_size=batch_size, generate_kwargs=options)
+                                    batch_size=batch_size, generate_kwargs=options, seed=seed)
     reference = kl_reference(model, list(harmless_eval), generate_kwargs=options, batch_size=batch_size,
                              steps=kl_steps, max_bytes=kl_max_bytes)
     components = [k for k in model_components(model) if k in BLOCK_KINDS or k == "embedding"]
@@ -283,4 +327,7 @@ def search(model, harmful_train: Sequence[str], harmless_train: Sequence[str], h
                                                      "harmless_train": len(harmless_train),
                                                      "harmful_eval": len(harmful_eval),
                                                      "harmless_eval": len(harmless_eval)}}
+    if candidates.subspace is not None:
+        info["learned_subspace"] = {**candidates.subspace.summary(), "init": candidates.subspace_init,
+                                    "losses": candidates.subspace.losses}
     return SearchResult(study, space, candidates, components, n_layers, info)

@@ -8,6 +8,8 @@ prompts for the directions, validation prompts for the objectives (both language
 the study (`study.db`, SQLite: rerun the command to resume it or add trials), `front.json`,
 `pareto.html`, `pareto.png` and, unless `--no-save`, `model/`: the front trial with the lowest
 refusal at diffusion KL <= `--max-kl`, in the family's original format with `abliteration.json`.
+`--subspace-rank K` adds a learned K-dim subspace to the candidates (`SearchSpace.subspace_rank`;
+its losses go to front.json's "learned_subspace").
 """
 
 from __future__ import annotations
@@ -82,7 +84,8 @@ def run(args) -> dict:
     generate_kwargs = dict(gen_length=args.gen_length, steps=args.steps or args.gen_length,
                            block_length=args.block_length or args.gen_length)
     space = SearchSpace(norm_preserving=(False, True) if args.norm_preserving == "search"
-                        else (args.norm_preserving == "on",))
+                        else (args.norm_preserving == "on",), subspace_rank=args.subspace_rank,
+                        subspace_steps=args.subspace_steps)
     n_steps = generate_kwargs["steps"]
     if args.kl_every < 1 or args.kl_max_gb <= 0:
         raise ValueError(f"--kl-every must be >= 1 and --kl-max-gb > 0; got {args.kl_every}, {args.kl_max_gb}.")
@@ -123,5 +126,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--kl-every", type=int, default=1, help="score the diffusion KL at every K-th step (default 1)")
     parser.add_argument("--kl-max-gb", type=float, default=1.0, help="bound on the recorded KL reference (default 1 GiB)")
     parser.add_argument("--norm-preserving", choices=("off", "on", "search"), default="off")
+    parser.add_argument("--subspace-rank", type=int, default=0,
+                        help="learn a K-dim refusal subspace before the search, one more candidate (default 0: off)")
+    parser.add_argument("--subspace-steps", type=int, default=20, help="gradient steps of that learning (default 20)")
     parser.add_argument("--max-kl", type=float, default=0.1, help="the saved trial's diffusion KL bound")
     parser.add_argument("--no-save", action="store_true", help="do not write the chosen model")
