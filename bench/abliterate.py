@@ -14,7 +14,11 @@ Also printed: the Pareto front and the rank correlation of the first-position (p
 diffusion KL over the trials, then the front's lowest-refusal trial at diffusion KL <= 0.1 measured
 again on held-out prompts (test split: request templates and topics the search never saw).
 
-Run: `.venv/bin/python bench/abliterate.py [--model tiny-refusal] [--trials 60] [--threads 2]`.
+With `--subspace-rank K` the search also has the learned K-dim subspace candidate
+(`SearchSpace.subspace_rank`); its losses and learning time are reported, and the results go to
+bench_out/abliterate_subspace{K}.json.
+
+Run: `.venv/bin/python bench/abliterate.py [--model tiny-refusal] [--trials 60] [--threads 2] [--subspace-rank 2]`.
 Results go to bench_out/abliterate.json.
 """
 
@@ -35,8 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from diffusion_lens import HookedDiffusionTransformer  # noqa: E402
-from diffusion_lens.abliterate import front_table, search  # noqa: E402
-from diffusion_lens.evals import kl_reference, masked_kl, refusal_rate  # noqa: E402
+from diffusion_lens.abliterate import SearchSpace, front_table, search  # noqa: E402
+from diffusion_lens.evals import generate_texts, kl_reference, masked_kl, refusal_rate  # noqa: E402
 from diffusion_lens.studies.abliteration import prompt_sets  # noqa: E402
 from diffusion_lens.studies.tiny_refusal import generate_dataset, prompts  # noqa: E402
 
@@ -46,10 +50,7 @@ def peak_rss_mb() -> float:
 
 
 def judge(model, harmful, options, batch_size, hooks=()):
-    texts = []
-    for start in range(0, len(harmful), batch_size):
-        texts += model.generate(harmful[start: start + batch_size], hooks=list(hooks), progress=False, **options).texts
-    return refusal_rate(texts)
+    return refusal_rate(generate_texts(model, harmful, batch_size=batch_size, hooks=list(hooks), **options))
 
 
 def held_out(n: int) -> dict[str, list[str]]:
@@ -68,6 +69,8 @@ def main() -> None:
     parser.add_argument("--gen-length", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--subspace-rank", type=int, default=0, help="add the learned K-dim subspace candidate")
+    parser.add_argument("--subspace-steps", type=int, default=20)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = HookedDiffusionTransformer.from_pretrained(args.model)
@@ -77,7 +80,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         result = search(model, **sets, trials=args.trials, storage=f"sqlite:///{tmp}/study.db", seed=args.seed,
-                        generate_kwargs=options, batch_size=batch_size, progress=False)
+                        generate_kwargs=options, batch_size=batch_size, progress=False,
+                        space=SearchSpace(subspace_rank=args.subspace_rank, subspace_steps=args.subspace_steps))
         seconds = time.perf_counter() - started
     peak = peak_rss_mb()
     print(front_table(result))
@@ -116,6 +120,8 @@ def main() -> None:
         "prompts": {"search": {k: len(v) for k, v in sets.items()}, "held_out": {k: len(v) for k, v in test.items()}},
         "generate_kwargs": options, "threads": args.threads, "torch": torch.__version__,
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "learned_subspace": result.info.get("learned_subspace"),
+        "trials_on_learned_subspace": sum(t.params["direction"].startswith("learned_subspace") for t in result.trials()),
     }
     print(f"\n{args.trials} trials in {seconds:.0f} s: {out['trials_per_minute']} trials/min, peak RSS {peak:.0f} MB")
     print(f"per trial, replay of the recorded reference / regenerating it (masked_kl): {out['per_trial_replay_over_regenerate']}")
@@ -124,7 +130,15 @@ def main() -> None:
           f"held-out: refusal {baseline_refusal:.3f} -> {test_refusal:.3f}, diffusion KL {test_kl.masked.mean:.4f}")
     folder = ROOT / "bench_out"
     folder.mkdir(exist_ok=True)
-    (folder / "abliterate.json").write_text(json.dumps(out, indent=2) + "\n")
+    if args.subspace_rank:
+        learned = result.info["learned_subspace"]
+        print(f"learned subspace (rank {args.subspace_rank}, from {learned['init']}): loss {learned['loss'][0]:.3f} -> "
+              f"{learned['loss'][1]:.3f}, refusal log-odds {learned['refusal_log_odds'][0]:.3f} -> "
+              f"{learned['refusal_log_odds'][1]:.3f}, KL {learned['kl'][0]:.4f} -> {learned['kl'][1]:.4f} in "
+              f"{learned.get('seconds', float('nan')):.1f} s; "
+              f"{out['trials_on_learned_subspace']} trials chose it")
+    name = f"abliterate_subspace{args.subspace_rank}.json" if args.subspace_rank else "abliterate.json"
+    (folder / name).write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ free parameter A [rank d_model], trained with Adam; the model's weights get no g
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -40,7 +41,7 @@ class LearnedSubspace:
     objective along the way. `losses`, `refusal` and `kl` have steps + 1 entries: entry s is measured
     at the basis before update s, the last one at the returned basis (`refusal`: mean first-position
     refusal log-odds over the harmful prompts; `kl`: mean masked-position KL on the harmless ones;
-    `losses` = refusal + kl_weight * kl).
+    `losses` = refusal + kl_weight * kl). `seconds`: the wall time of the learning.
 
     Example:
         >>> sub = learn_subspace(model, harmful, harmless, rank=2, init=r)
@@ -58,6 +59,7 @@ class LearnedSubspace:
     gen_length: int
     seed: int
     init_rows: int = 0
+    seconds: float = 0.0
     options: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
@@ -68,6 +70,7 @@ class LearnedSubspace:
         """
         return {"rank": self.rank, "steps": self.steps, "lr": self.lr, "kl_weight": self.kl_weight,
                 "gen_length": self.gen_length, "seed": self.seed, "init_rows": self.init_rows,
+                "seconds": round(self.seconds, 2),
                 "loss": [self.losses[0], self.losses[-1]], "refusal_log_odds": [self.refusal[0], self.refusal[-1]],
                 "kl": [self.kl[0], self.kl[-1]]}
 
@@ -143,6 +146,7 @@ def learn_subspace(
         raise ValueError("learn_subspace optimises on the step-0 canvas (prompt + mask tokens), and this model has no "
                          "mask token: its canvas is noise drawn by its sampler (e.g. DiffusionGemma), which a plain "
                          "differentiable forward cannot reproduce. Use a difference-of-means direction there.")
+    started = time.perf_counter()
     ids = resolve_refusal_tokens(model, refusal_tokens)
     bad = _canvases(model, harmful, "harmful", gen_length, batch_size)
     good = _canvases(model, harmless, "harmless", gen_length, batch_size)
@@ -192,6 +196,7 @@ def learn_subspace(
     return LearnedSubspace(basis=_orthonormal(a.detach()).double().cpu(), losses=losses, refusal=refusals, kl=kls,
                            rank=rank, steps=steps, lr=float(lr), kl_weight=float(kl_weight), gen_length=gen_length,
                            seed=seed, init_rows=0 if init is None else (1 if init.ndim == 1 else init.shape[0]),
+                           seconds=time.perf_counter() - started,
                            options={"batch_size": batch_size, "refusal_tokens": ids.tolist()})
 
 
