@@ -11,7 +11,8 @@ import torch
 from lm_eval.api.instance import Instance
 
 from diffusion_lens import evals
-from diffusion_lens.harness import DiffusionLensLM, mc_loglikelihood, task_manager
+from diffusion_lens.harness import DiffusionLensLM, load_ifeval_jsonl, mc_loglikelihood, task_manager
+from diffusion_lens.harness.ifeval import IFEVAL_TINY
 from diffusion_lens.steering import mean_difference
 from diffusion_lens.studies.abliteration import prompt_sets
 
@@ -125,14 +126,24 @@ def test_loglikelihood_requests(lm):
         small.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("text",), 0)])
 
 
-def test_ifeval_runs_offline_through_lm_eval(monkeypatch):
+def test_ifeval_runs_offline_through_lm_eval_on_a_local_file(monkeypatch, tmp_path):
     def no_network(*args, **kwargs):
         raise OSError("network access during an offline lm-eval run")
 
+    shipped = load_ifeval_jsonl()["train"]
+    assert len(shipped) == 8 and {i for ids in shipped["instruction_id_list"] for i in ids} == {
+        "change_case:english_capital", "startend:end_checker"}
+    local = tmp_path / "ifeval.jsonl"
+    local.write_text("\n".join(IFEVAL_TINY.read_text().splitlines()[:3]) + "\n")
+    (tmp_path / "bad.jsonl").write_text('{"key": 1, "prompt": "Hi"}\n')
+    with pytest.raises(ValueError, match="lacks"):
+        load_ifeval_jsonl(str(tmp_path / "bad.jsonl"))
+
     monkeypatch.setattr(socket.socket, "connect", no_network)
     results = lm_eval.simple_evaluate(model="diffusion-lens", model_args=f"pretrained=tiny-refusal,gen_length={GEN}",
-                                      tasks=["ifeval_local"], task_manager=task_manager(include_defaults=False),
-                                      limit=4, apply_chat_template=True, batch_size=4)
+                                      tasks=["ifeval_local"], apply_chat_template=True, batch_size=4,
+                                      task_manager=task_manager(include_defaults=False, metadata={"ifeval_jsonl": str(local)}))
+    assert results["n-samples"]["ifeval_local"]["effective"] == 3
     metrics = results["results"]["ifeval_local"]
     for name in ("prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc", "inst_level_loose_acc"):
         assert 0.0 <= metrics[f"{name},none"] <= 1.0
@@ -163,3 +174,19 @@ def test_affine_map_and_abliterated_model_as_steer(lm, tmp_path):
         DiffusionLensLM(steer=str(folder), strength=0.5)
     with pytest.raises(ValueError, match="none of"):
         DiffusionLensLM(pretrained="tiny-refusal", steer=str(tmp_path / "missing"))
+
+
+def test_the_command_runs_lm_evals_cli_with_the_shipped_tasks(monkeypatch):
+    import sys
+
+    import lm_eval.__main__
+
+    from diffusion_lens.harness.__main__ import main
+
+    seen = []
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", lambda: seen.append(list(sys.argv)))
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    main(["--model", "diffusion-lens", "--tasks", "ifeval_local"])
+    main(["--model", "diffusion-lens", "--include_path", "mine"])
+    assert seen == [["lm-eval", "--model", "diffusion-lens", "--tasks", "ifeval_local", "--include_path", str(IFEVAL_TINY.parent)],
+                    ["lm-eval", "--model", "diffusion-lens", "--include_path", "mine"]]

@@ -117,7 +117,8 @@ def resolve_steering(model, path, *, mode: str, strength: float, layers, steps, 
     """Hooks for `steer=path` on `model`: Directions (ablate, or add at `strength`) or an AffineMap at `strength`.
 
     `layers` restrict where the hooks act (Directions: the ablated / added layers, default all for
-    ablation and the direction's own layer for addition; AffineMap: keep the sites of those blocks);
+    ablation and the direction's own layer for addition; AffineMap: keep the sites of those blocks,
+    default and 'all': every site of the map);
     `steps` schedule them by denoising step. A Directions holding several (layer, position) pairs
     needs `direction_layer` / `direction_position` to pick one.
 
@@ -169,10 +170,8 @@ def _from_directions(model, path, mode, strength, layers, steps, direction_layer
 
 def _from_map(model, path, strength, layers, steps) -> Steering:
     amap = AffineMap.load(path)
-    if layers is not None:
-        chosen = {f"blocks.{layer}." for layer in (range(model.cfg.n_layers) if layers == "all" else
-                                                    [layer % model.cfg.n_layers for layer in
-                                                     ([layers] if isinstance(layers, int) else layers)])}
+    if layers not in (None, "all"):
+        chosen = {f"blocks.{layer % model.cfg.n_layers}." for layer in ([layers] if isinstance(layers, int) else layers)}
         keep = [site for site in amap.sites if any(site.startswith(prefix) for prefix in chosen)]
         if not keep:
             raise ValueError(f"layers={layers} selects none of the map's sites {amap.sites}.")
