@@ -36,8 +36,10 @@ What the tests measure, on the step-0 canvas (prompt + 16 masks) of 4 harmful pr
 
 Not a test: behaviour. On 8 English harmful dev prompts (gen_length 32) with this 16-prompt
 direction, refusal is 1.00 unedited, 1.00 with combined-output ablation and 0.50 with every
-component edited (the card's 0.00 comes from the demo's 64-prompt, validated direction), and the
-three generations took 41 s on the shared 2 cores: neither robust nor fast enough to assert.
+component edited; directions from 64 / 128 training prompts give 0.25 / 0.00 (en) and 0.00 / 0.125
+(zh), combined-output ablation 1.00 throughout (the card's 0.00 / 0.00 uses the demo's validated
+direction). One condition's 8 generations take 13-18 s on the shared 2 cores: neither robust nor
+fast enough to assert.
 """
 
 from __future__ import annotations
