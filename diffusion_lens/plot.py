@@ -324,3 +324,36 @@ def pareto_plotly(trials: Sequence[dict], front: Sequence[int], *, title: Option
                       yaxis={"title": {"text": "refusal rate on harmful prompts"}, "range": [-0.05, 1.05]},
                       width=720, height=460)
     return fig
+
+
+def radar_chart(scores: dict[str, dict[str, float]], *, title: Optional[str] = None):
+    """One closed polygon per series over shared axes with values in [0, 1], e.g. IFEval accuracy per
+    constraint for each steering method (the optimal-transport paper's figure). Needs >= 3 axes.
+
+    Example:
+        >>> fig = radar_chart({"Linear-ACT": {"a": 0.9, "b": 0.5, "c": 0.7}, "no steering": {"a": 0.6, "b": 0.4, "c": 0.7}})
+    """
+    import math
+
+    if not scores:
+        raise ValueError("radar_chart needs at least one series.")
+    axes = list(next(iter(scores.values())))
+    if len(axes) < 3:
+        raise ValueError(f"radar_chart needs >= 3 axes; got {axes}. Plot fewer categories as bars instead.")
+    differ = {name: sorted(values) for name, values in scores.items() if set(values) != set(axes)}
+    if differ:
+        raise ValueError(f"Every series must have the axes {sorted(axes)}; these differ: {differ}.")
+    fig, _ = _figure((6.0, 5.0))
+    fig.clear()
+    ax = fig.add_subplot(1, 1, 1, projection="polar")
+    angles = [2 * math.pi * i / len(axes) for i in range(len(axes))]
+    for name, values in scores.items():
+        ys = [float(values[a]) for a in axes]
+        ax.plot(angles + angles[:1], ys + ys[:1], "o-", linewidth=1.5, markersize=3, label=name)
+        ax.fill(angles + angles[:1], ys + ys[:1], alpha=0.08)
+    ax.set_xticks(angles)
+    ax.set_xticklabels([short_label(a).split(":")[-1] for a in axes], fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper right", bbox_to_anchor=(1.35, 1.1), fontsize=8)
+    ax.set_title(title or "accuracy per category", fontsize=10)
+    return fig

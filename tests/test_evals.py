@@ -104,6 +104,8 @@ def test_instruction_following_scores_and_loose_mode():
     assert scores["prompt_level"] == 1.0 and scores["instruction_level"] == 1.0 and scores["n_skipped"] == 1
     scores = instruction_following(["all lower, comma", "Sure, done"], records)
     assert scores["prompt_level"] == 0.5 and scores["instruction_level"] == pytest.approx(2 / 3)
+    assert scores["by_instruction"] == {"punctuation:no_comma": [0, 1], "change_case:english_lowercase": [1, 1],
+                                        "startend:end_checker": [1, 1]}
     assert check_instruction("detectable_format:json_format", 'Here:\n{"a": 1}\nThanks', loose=True)
     assert not check_instruction("detectable_format:json_format", 'Here:\n{"a": 1}\nThanks')
     with pytest.raises(KeyError, match="Unsupported instruction"):

@@ -190,3 +190,15 @@ def test_the_command_runs_lm_evals_cli_with_the_shipped_tasks(monkeypatch):
     main(["--model", "diffusion-lens", "--include_path", "mine"])
     assert seen == [["lm-eval", "--model", "diffusion-lens", "--tasks", "ifeval_local", "--include_path", str(IFEVAL_TINY.parent)],
                     ["lm-eval", "--model", "diffusion-lens", "--include_path", "mine"]]
+
+
+def test_the_diffusion_lens_command_hands_every_later_argument_to_lm_eval(monkeypatch):
+    import diffusion_lens.harness.__main__ as entry
+    from diffusion_lens.__main__ import main
+
+    seen = []
+    monkeypatch.setattr(entry, "main", seen.append)
+    main(["lm-eval", "--model", "diffusion-lens", "--model_args", "pretrained=tiny-refusal", "--tasks", "ifeval_local"])
+    main(["lm-eval"])
+    assert seen == [["--model", "diffusion-lens", "--model_args", "pretrained=tiny-refusal", "--tasks", "ifeval_local"],
+                    ["--help"]]

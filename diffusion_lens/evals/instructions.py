@@ -186,9 +186,10 @@ def instruction_following(
     *,
     loose: bool = False,
     unsupported: str = "skip",
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """IFEval-style accuracy: `prompt_level` (all instructions of a prompt pass) and
-    `instruction_level` (fraction of instructions passed), over the supported instruction ids.
+    `instruction_level` (fraction of instructions passed), over the supported instruction ids;
+    `by_instruction` maps each instruction id to [passed, total] (per-constraint accuracy).
 
     `records[i]` has `instruction_id_list` and `kwargs` (a list of dicts), as in google/IFEval
     and `diffusion_lens.prompts.load_ifeval`. `unsupported="skip"` drops unknown ids (counted in
@@ -204,6 +205,7 @@ def instruction_following(
     if unsupported not in ("skip", "raise"):
         raise ValueError(f"unsupported must be 'skip' or 'raise'; got {unsupported!r}.")
     prompt_pass, inst_pass, inst_total, skipped, scored = 0, 0, 0, 0, 0
+    by_instruction: dict[str, list[int]] = {}
     for response, record in zip(responses, records):
         ids = list(record["instruction_id_list"])
         kwargs_list = list(record.get("kwargs") or [{}] * len(ids))
@@ -217,6 +219,9 @@ def instruction_following(
                 skipped += 1
                 continue
             results.append(check_instruction(iid, response, loose=loose, **(kw or {})))
+            counts = by_instruction.setdefault(iid, [0, 0])
+            counts[0] += results[-1]
+            counts[1] += 1
         if not results:
             continue
         scored += 1
@@ -229,6 +234,7 @@ def instruction_following(
         "n_prompts": scored,
         "n_instructions": inst_total,
         "n_skipped": skipped,
+        "by_instruction": by_instruction,
     }
 
 

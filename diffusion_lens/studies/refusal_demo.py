@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from diffusion_lens import HookedDiffusionTransformer
-from diffusion_lens.evals import masked_kl, refusal_rate
+from diffusion_lens.evals import generate_texts, masked_kl, refusal_rate
 from diffusion_lens import steering
 from diffusion_lens.steering import Directions, ablate, add, mean_difference, orthogonalize_weights, select_direction
 from diffusion_lens.studies import report
@@ -113,11 +113,8 @@ class Study:
     def refusal(self, prompt_list: list[str], hooks=(), model: HookedDiffusionTransformer | None = None) -> float:
         """Refusal rate of `model` (default: the study's; e.g. a weight-edited copy) with `hooks`."""
         model = self.model if model is None else model
-        texts = []
-        for start in range(0, len(prompt_list), self.size.batch_size):
-            chunk = prompt_list[start: start + self.size.batch_size]
-            texts += model.generate(chunk, hooks=hooks, progress=False, **self.generate_kwargs).texts
-        return refusal_rate(texts)
+        return refusal_rate(generate_texts(model, prompt_list, batch_size=self.size.batch_size, hooks=hooks,
+                                           **self.generate_kwargs))
 
     def refusal_by_lang(self, split: dict, kind: str, hooks=(), model=None) -> dict[str, float]:
         return {lang: self.refusal(split[kind][lang], hooks, model) for lang in LANGS}
