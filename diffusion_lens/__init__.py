@@ -3,9 +3,13 @@
 The package is layered; each layer imports only the ones below it (checked by import-linter,
 `[tool.importlinter]` in pyproject.toml; the diagram is in docs/architecture.md):
 
-    studies, __main__        the paper's study on the embedded model, the CLI
-    evals, plot              evaluations of steered generations; figures
-    steering                 directions, interventions, transport maps, selection, patching
+    studies, __main__        the papers' studies on the embedded models, the CLI
+    harness                  the lm-eval-harness model "diffusion-lens" (the `eval` extra)
+    abliterate               the automatic abliteration search (the `abliterate` extra)
+    plot                     figures
+    steering                 directions, interventions, transport maps, weight edits, selection, patching
+    evals                    judges, resumable evaluation runs, scores on logits, the diffusion KL
+    prompts                  prompt sets, chat templates, batching
     model                    HookedDiffusionTransformer = core + denoising + checkpoints
     model_adapters           one module per family (a top-level package)
     checkpoints              the adapter contract and registry; safetensors I/O
