@@ -162,13 +162,13 @@ def test_a_learned_subspace_candidate_is_searched_and_replays(model, tmp_path):
     optuna.create_study(directions=["minimize", "minimize"], storage=storage,
                         study_name="abliteration").enqueue_trial({"direction": "learned_subspace[2]"})
     sets = prompt_sets("tiny-refusal", None, None, n_train=4, n_eval=2)
-    space = SearchSpace(positions=("post_instruction",), subspace_rank=2, subspace_steps=4)
+    space = SearchSpace(positions=("pre_instruction", "post_instruction"), subspace_rank=2, subspace_steps=4)
     result = search(model, **sets, trials=1, storage=storage, space=space, generate_kwargs=OPTS, batch_size=8,
                     progress=False)
     assert "learned_subspace[2]" in result.info["candidates"] and len(result.trials()) == 1
     learned = result.info["learned_subspace"]
     assert learned["rank"] == 2 and len(learned["losses"]) == 5 and learned["loss"][1] < learned["loss"][0]
-    assert learned["init"].startswith("post_instruction[")  # the row with the largest relative separation
+    assert learned["init"].startswith("post_instruction[")  # post-instruction rows are preferred
     first = result.study.trials[0]
     assert first.params["direction"] == "learned_subspace[2]"
     edit, basis = result.edit(first), result.candidates.subspace.basis

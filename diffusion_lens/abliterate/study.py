@@ -104,17 +104,21 @@ class Candidates:
         the step-0 canvas with `gen_length` masks) on the same prompts.
 
         The subspace starts from the candidate row (candidate, layer) with the largest relative
-        separation |m_harmful - m_harmless| / ((|m_harmful| + |m_harmless|) / 2) of the class means:
-        the raw difference grows with the residual norm over depth, the ratio does not, so it picks
-        where the classes are furthest apart for their size without a forward per row. The learning
-        then only has to improve a direction that already separates the classes.
+        separation |m_harmful - m_harmless| / ((|m_harmful| + |m_harmless|) / 2) of the class means
+        among the post-instruction candidates (all candidates when the space has none): the raw
+        difference grows with the residual norm over depth, the ratio does not, so it picks where
+        the classes are furthest apart for their size without a forward per row; post-instruction
+        positions hold the same template tokens in both classes, so their difference is what the
+        model computed about the request (where Arditi et al. read refusal), whereas elsewhere the
+        ratio can be largest at layer 0 from token identity alone (bench: pre_instruction at layer
+        0 won over all positions). The learning then improves a direction that already separates.
 
         Example:
             >>> Candidates.compute(model, harmful, harmless, SearchSpace(), gen_length=32, batch_size=32)
         """
         out: dict[str, torch.Tensor] = {}
         left_out: dict[str, list[int]] = {}
-        best: tuple[float, str, torch.Tensor] = (-1.0, "", torch.zeros(0))  # (separation, "name layer l", row)
+        best: dict[bool, tuple] = {}  # post-instruction or not -> (separation, "name layer l", row)
         for step in space.extraction_steps:
             for kind in space.positions:
                 dirs: Directions = mean_difference(model, harmful, harmless, layers="all", positions=kind, step=step,
@@ -130,19 +134,19 @@ class Candidates:
                     out[f"{label}@step{step}"] = vectors
                     size = (dirs.mean_positive[:, column].norm(dim=-1) + dirs.mean_negative[:, column].norm(dim=-1)) / 2
                     separation = vectors.norm(dim=-1) / size
-                    row = int(separation.argmax())
-                    if float(separation[row]) > best[0]:
-                        best = (float(separation[row]), f"{label}@step{step} layer {dirs.layers[row]}", vectors[row])
+                    row, post = int(separation.argmax()), str(label).startswith("post_instruction")
+                    if float(separation[row]) > best.get(post, (-1.0,))[0]:
+                        best[post] = (float(separation[row]), f"{label}@step{step} layer {dirs.layers[row]}", vectors[row])
         if not out:
             raise ValueError(f"Every candidate position has a zero difference of means at some layer ({left_out}): "
                              "the harmful and harmless prompts give the same activations there. Check the prompt sets.")
         if not space.subspace_rank:
             return cls(out, left_out)
-        rank = space.subspace_rank
-        subspace = learn_subspace(model, harmful, harmless, rank=rank, init=best[2],
+        rank, (_, init_name, init) = space.subspace_rank, best.get(True, best.get(False))
+        subspace = learn_subspace(model, harmful, harmless, rank=rank, init=init,
                                   steps=space.subspace_steps, gen_length=gen_length, batch_size=batch_size, seed=seed)
         out[f"learned_subspace[{rank}]"] = subspace.basis.expand(model.cfg.n_layers, -1, -1).clone()
-        return cls(out, left_out, subspace, best[1])
+        return cls(out, left_out, subspace, init_name)
 
 
 def suggest_edit(trial, space: SearchSpace, candidates: Candidates, components: Sequence[str],
