@@ -265,10 +265,6 @@ def sensitivity_heatmap_plotly(sensitivity, *, title: Optional[str] = None, colo
                            value_range=value_range)
 
 
-__all__ = ["cosine_per_layer", "pca_scatter", "selection_heatmap", "selection_heatmap_plotly", "sensitivity_heatmap",
-           "sensitivity_heatmap_plotly", "short_label"]
-
-
 def _pareto_points(trials: Sequence[dict]):
     if not trials:
         raise ValueError("No completed trial to plot; run the search first.")
@@ -357,3 +353,7 @@ def radar_chart(scores: dict[str, dict[str, float]], *, title: Optional[str] = N
     ax.legend(loc="upper right", bbox_to_anchor=(1.35, 1.1), fontsize=8)
     ax.set_title(title or "accuracy per category", fontsize=10)
     return fig
+
+
+__all__ = ["cosine_per_layer", "pareto_plotly", "pareto_scatter", "pca_scatter", "radar_chart", "selection_heatmap",
+           "selection_heatmap_plotly", "sensitivity_heatmap", "sensitivity_heatmap_plotly", "short_label"]
