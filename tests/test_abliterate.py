@@ -200,3 +200,39 @@ def test_command_line_passes_the_subspace_options(monkeypatch, tmp_path):
         main(["abliterate", "tiny-refusal", "--trials", "1", "--out", str(tmp_path), "--n-train", "2", "--n-eval", "2",
               "--subspace-rank", "3", "--subspace-steps", "5"])
     assert (seen["space"].subspace_rank, seen["space"].subspace_steps) == (3, 5)
+
+
+def test_prefill_proxy_rows_correlation_and_table():
+    """On a model whose run opens with a prompt prefill (DiffusionGemma) every trial also stores the encoder's
+    next-token KL: rows, front table and a second rank correlation show it; elsewhere asking for it is an error.
+    A learned-subspace trial is listed without the scope and index it does not use."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    from diffusion_lens.abliterate import Candidates, SearchResult
+
+    names = ["learned_subspace[2]", "post_instruction[-1]@step0"]
+    dists = {"direction": CategoricalDistribution(names), "scope": CategoricalDistribution(["global", "per_layer"]),
+             "direction_index": FloatDistribution(0.0, 5.0)}
+
+    def study(with_prefill: bool):
+        s = optuna.create_study(directions=["minimize", "minimize"])
+        for i, (refusal, kl, first, prefill) in enumerate([(0.9, 0.01, 0.02, 0.5), (0.5, 0.05, 0.01, 0.3),
+                                                            (0.0, 0.20, 0.04, 0.1)]):
+            attrs = {"first_position_kl": first, **({"prefill_kl": prefill} if with_prefill else {})}
+            s.add_trial(optuna.trial.create_trial(
+                values=[refusal, kl], distributions=dists, user_attrs=attrs,
+                params={"direction": names[i % 2], "scope": "global", "direction_index": 1.5}))
+        return SearchResult(s, SearchSpace(), Candidates({}), ["attention"], 6)
+
+    gemma_like, plain = study(True), study(False)
+    assert gemma_like.proxy_correlation("prefill") == -1.0 and gemma_like.proxy_correlation() == 0.5
+    assert [r["prefill_kl"] for r in gemma_like.front()] == [0.1, 0.3, 0.5]
+    table = front_table(gemma_like).splitlines()
+    assert "prefill KL" in table[0] and table[1].endswith("learned_subspace[2]")
+    assert table[2].endswith("post_instruction[-1]@step0 (global, index 1.50)")
+    assert "prefill" not in front_table(plain) and "prefill_kl" not in plain.front()[0]
+    with pytest.raises(ValueError, match="no prefill KL"):
+        plain.proxy_correlation("prefill")
+    with pytest.raises(ValueError, match="proxy must be"):
+        plain.proxy_correlation("encoder")

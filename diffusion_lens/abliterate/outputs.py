@@ -27,6 +27,8 @@ def write_front(result: SearchResult, out) -> dict[str, Path]:
     front = result.front()
     numbers = [r["trial"] for r in front]
     summary = {"front": front, "n_trials": len(rows), "proxy_rank_correlation": _proxy(result), **result.info}
+    if rows and "prefill_kl" in rows[0]:
+        summary["prefill_rank_correlation"] = _proxy(result, "prefill")
     paths = {"json": out / "front.json", "html": out / "pareto.html", "png": out / "pareto.png"}
     _write_atomic(paths["json"], json.dumps(summary, indent=2) + "\n")
     _write_atomic(paths["html"], plot.pareto_plotly(rows, numbers).to_html(include_plotlyjs=True, full_html=True))
@@ -34,9 +36,9 @@ def write_front(result: SearchResult, out) -> dict[str, Path]:
     return paths
 
 
-def _proxy(result: SearchResult):
+def _proxy(result: SearchResult, proxy: str = "first_position"):
     try:
-        return result.proxy_correlation()
+        return result.proxy_correlation(proxy)
     except ValueError as error:  # fewer than 3 trials, or a constant KL: say why instead of a number
         return str(error)
 
@@ -47,11 +49,18 @@ def front_table(result: SearchResult) -> str:
     Example:
         >>> print(front_table(result))
     """
-    lines = [f"{'trial':>5s} {'refusal':>8s} {'diffusion KL':>13s} {'first-pos KL':>13s}  direction (scope)"]
-    for r in result.front():
+    front = result.front()
+    prefill = bool(front) and "prefill_kl" in front[0]
+    lines = [f"{'trial':>5s} {'refusal':>8s} {'diffusion KL':>13s} {'first-pos KL':>13s}"
+             + (f" {'prefill KL':>11s}" if prefill else "") + "  direction (scope)"]
+    for r in front:
         p = r["params"]
-        lines.append(f"{r['trial']:5d} {r['refusal']:8.3f} {r['diffusion_kl']:13.4f} {r['first_position_kl']:13.4f}  "
-                     f"{p['direction']} ({p['scope']}{', index %.2f' % p['direction_index'] if p['scope'] == 'global' else ''})")
+        if p["direction"].startswith("learned_subspace"):
+            where = ""  # one basis at every layer: scope and index unused
+        else:
+            where = f" ({p['scope']}{', index %.2f' % p['direction_index'] if p['scope'] == 'global' else ''})"
+        lines.append(f"{r['trial']:5d} {r['refusal']:8.3f} {r['diffusion_kl']:13.4f} {r['first_position_kl']:13.4f}"
+                     + (f" {r['prefill_kl']:11.4f}" if prefill else "") + f"  {p['direction']}{where}")
     return "\n".join(lines)
 
 
@@ -73,7 +82,7 @@ def save_abliterated(model, result: SearchResult, trial, folder) -> Path:
             model.save_pretrained(staging)
         card = {"trial": trial.number, "params": trial.params,
                 "objectives": {"refusal": trial.values[0], "diffusion_kl": trial.values[1],
-                               "first_position_kl": trial.user_attrs["first_position_kl"]},
+                               **{k: v for k, v in trial.user_attrs.items() if k in ("first_position_kl", "prefill_kl")}},
                 "study": result.study.study_name, "library": f"diffusion-lens {version('diffusion-lens')}",
                 **result.info}
         (staging / "abliteration.json").write_text(json.dumps(card, indent=2) + "\n")

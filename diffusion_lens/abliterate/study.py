@@ -218,8 +218,11 @@ class SearchResult:
             >>> result.row(result.study.best_trials[0])["diffusion_kl"]
         """
         refusal, kl = trial.values
-        return {"trial": trial.number, "refusal": refusal, "diffusion_kl": kl,
-                "first_position_kl": trial.user_attrs["first_position_kl"], "params": dict(trial.params)}
+        row = {"trial": trial.number, "refusal": refusal, "diffusion_kl": kl,
+               "first_position_kl": trial.user_attrs["first_position_kl"], "params": dict(trial.params)}
+        if "prefill_kl" in trial.user_attrs:  # models whose run opens with a prompt prefill (DiffusionGemma)
+            row["prefill_kl"] = trial.user_attrs["prefill_kl"]
+        return row
 
     def front(self) -> list[dict]:
         """The Pareto front (`study.best_trials`) as rows, lowest refusal first.
@@ -254,15 +257,23 @@ class SearchResult:
             trial = self.study.trials[trial]
         return suggest_edit(trial, self.space, self.candidates, self.components, self.n_layers)
 
-    def proxy_correlation(self) -> float:
-        """Spearman's rho between the first-position KL and the diffusion KL over completed trials:
-        how far the proxy ranks edits like the measure it stands for.
+    def proxy_correlation(self, proxy: str = "first_position") -> float:
+        """Spearman's rho between a proxy KL and the diffusion KL over completed trials: how far the
+        proxy ranks edits like the measure it stands for. `proxy`: "first_position" (Arditi et al. /
+        heretic's first-token KL) or "prefill" (the encoder's next-token KL heretic's DiffusionGemma
+        pull requests use; only on models whose run opens with a prompt prefill).
 
         Example:
             >>> result.proxy_correlation()        # 1.0: the proxy orders the trials exactly as the diffusion KL
+            >>> gemma_result.proxy_correlation("prefill")
         """
+        if proxy not in ("first_position", "prefill"):
+            raise ValueError(f"proxy must be 'first_position' or 'prefill'; got {proxy!r}.")
         rows = [self.row(t) for t in self.trials()]
-        return rank_correlation([r["first_position_kl"] for r in rows], [r["diffusion_kl"] for r in rows])
+        if any(f"{proxy}_kl" not in r for r in rows):
+            raise ValueError(f"The trials have no {proxy} KL: this model's run has no prompt prefill (only "
+                             "multi-pass models such as DiffusionGemma have one). Use proxy='first_position'.")
+        return rank_correlation([r[f"{proxy}_kl"] for r in rows], [r["diffusion_kl"] for r in rows])
 
 
 def search(model, harmful_train: Sequence[str], harmless_train: Sequence[str], harmful_eval: Sequence[str],
@@ -319,6 +330,8 @@ def search(model, harmful_train: Sequence[str], harmless_train: Sequence[str], h
             refusal = float(judge(texts))
             kl = reference.measure(model)
         trial.set_user_attr("first_position_kl", float(kl.first_position.mean()))
+        if kl.prefill is not None:
+            trial.set_user_attr("prefill_kl", float(kl.prefill.mean()))
         if not math.isfinite(kl.masked.mean):
             raise ValueError("The diffusion KL is not finite: no masked position was measured (gen_length 0?).")
         return refusal, kl.masked.mean

@@ -114,7 +114,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="output folder (study.db, front.json, pareto.html/png, model/)")
     parser.add_argument("--storage", help="an SQLAlchemy URL for the study (default: sqlite in --out)")
     parser.add_argument("--study", default="abliteration", help="study name inside the storage")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds the search (default 0); workers sharing one study need different seeds")
     parser.add_argument("--harmful", help="harmful prompts: a text file, one per line, or a JSON list")
     parser.add_argument("--harmless", help="harmless prompts, same format")
     parser.add_argument("--n-train", type=int, default=64, help="prompts per class for the directions")
