@@ -27,7 +27,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from diffusion_lens.evals import kl_reference, rank_correlation, refusal_rate
+from diffusion_lens.evals import generate_texts, kl_reference, rank_correlation, refusal_rate
+from diffusion_lens.evals.scores import _aggregate, _replay_batch
+from diffusion_lens.prompts.distributed import broadcast_object, gather_records, my_batches, world
 from diffusion_lens.steering import (AblationKernel, AbliterationEdit, Directions, LearnedSubspace, learn_subspace,
                                      mean_difference, model_components)
 
@@ -276,6 +278,26 @@ class SearchResult:
         return rank_correlation([r[f"{proxy}_kl"] for r in rows], [r["diffusion_kl"] for r in rows])
 
 
+def _storage(url: Optional[str]):
+    """The study's storage: None (in memory), or an `RDBStorage` for `url`, retried a few times.
+
+    Why: processes starting together on a fresh SQLite file race on creating Optuna's tables
+    (optuna#1092: "table studies already exists", "UNIQUE constraint failed: alembic_version");
+    the loser sees a SQLAlchemy error, and on the next try finds the tables made."""
+    if url is None:
+        return None
+    import optuna
+    import sqlalchemy
+
+    for attempt in range(10):
+        try:
+            return optuna.storages.RDBStorage(url)
+        except sqlalchemy.exc.SQLAlchemyError:
+            if attempt == 9:
+                raise
+            time.sleep(0.1 * (attempt + 1))
+
+
 def search(model, harmful_train: Sequence[str], harmless_train: Sequence[str], harmful_eval: Sequence[str],
            harmless_eval: Sequence[str], *, trials: int, storage: Optional[str] = None,
            study_name: str = "abliteration", seed: int = 0, space: SearchSpace = SearchSpace(),
@@ -290,6 +312,17 @@ def search(model, harmful_train: Sequence[str], harmless_train: Sequence[str], h
     (gen_length, steps, block_length, ...). `kl_steps` / `kl_max_bytes`: the denoising steps the
     diffusion KL scores (default all) and the bound on the recorded reference (`kl_reference`): it
     keeps full-vocabulary log-probabilities, so on a 126k-token model score a few steps.
+
+    Several processes. Independent workers (separate launches) may share one study through an RDB
+    `storage`: each runs its `trials` and sees the others' (give every worker a different `seed`:
+    with one seed their TPE start-up trials are the same random draws, so each trial is run twice).
+    Inside a `torch.distributed` process group (torchrun, accelerate launch) the ranks instead
+    evaluate each trial together: rank 0 asks Optuna and broadcasts the trial's parameters, every
+    rank applies the same edit and runs its share of the batches (`mean_difference` for the
+    candidates too), the results are gathered in batch order (the objectives are the one-process
+    numbers bit for bit; the candidates' means up to float64 round-off) and rank 0 tells Optuna.
+    Only rank 0 touches `storage`; every rank returns the same `SearchResult` (the others' `study`
+    is an in-memory copy of rank 0's trials).
 
     Example:
         >>> result = search(model, harmful[:64], harmless[:64], harmful[64:], harmless[64:], trials=60,
@@ -313,31 +346,52 @@ def search(model, harmful_train: Sequence[str], harmless_train: Sequence[str], h
                              steps=kl_steps, max_bytes=kl_max_bytes)
     components = [k for k in model_components(model) if k in BLOCK_KINDS or k == "embedding"]
     n_layers = model.cfg.n_layers
+    rank, size = world()
     sampler = optuna.samplers.TPESampler(multivariate=True, seed=seed,
                                          n_startup_trials=startup_trials if startup_trials is not None
                                          else max(4, trials // 4))
-    study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler, storage=storage,
-                                study_name=study_name, load_if_exists=True)
-    study.set_user_attr("objectives", ["refusal", "diffusion_kl"])
+    if rank == 0:
+        study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler,
+                                    storage=_storage(storage), study_name=study_name, load_if_exists=True)
+        study.set_user_attr("objectives", ["refusal", "diffusion_kl"])
 
-    def objective(trial) -> tuple[float, float]:
-        edit = suggest_edit(trial, space, candidates, components, n_layers)
+    def measure(edit: AbliterationEdit) -> tuple[float, float, dict]:
+        """Both objectives and the proxies of one edit; under several ranks each rank runs its share of
+        the batches (generation batches and the reference's replay batches), gathered in batch order."""
         with edit.applied(model):
-            texts = []
-            for start in range(0, len(harmful_eval), batch_size):
-                chunk = list(harmful_eval[start: start + batch_size])
-                texts += model.generate(chunk, progress=False, **options).texts
+            texts = generate_texts(model, list(harmful_eval), batch_size=batch_size, **options)
             refusal = float(judge(texts))
-            kl = reference.measure(model)
-        trial.set_user_attr("first_position_kl", float(kl.first_position.mean()))
+            mine = my_batches(reference.batches)
+            parts = [_replay_batch(batch, reference.steps, model, ()) for _, batch in mine]
+            kl = _aggregate(reference.steps, gather_records(parts, [b for b, _ in mine]))
+        attrs = {"first_position_kl": float(kl.first_position.mean())}
         if kl.prefill is not None:
-            trial.set_user_attr("prefill_kl", float(kl.prefill.mean()))
+            attrs["prefill_kl"] = float(kl.prefill.mean())
         if not math.isfinite(kl.masked.mean):
             raise ValueError("The diffusion KL is not finite: no masked position was measured (gen_length 0?).")
-        return refusal, kl.masked.mean
+        return refusal, kl.masked.mean, attrs
+
+    def objective(trial) -> tuple[float, float]:
+        edit = suggest_edit(trial, space, candidates, components, n_layers)  # suggests every parameter
+        broadcast_object(dict(trial.params) if size > 1 else None)  # the other ranks evaluate the same trial
+        refusal, kl, attrs = measure(edit)
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        return refusal, kl
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study.optimize(objective, n_trials=trials, show_progress_bar=progress, catch=())
+    if rank == 0:
+        study.optimize(objective, n_trials=trials, show_progress_bar=progress, catch=())
+    else:  # rank 0 asks Optuna; every other rank evaluates each trial's shard with the same parameters
+        for _ in range(trials):
+            measure(suggest_edit(optuna.trial.FixedTrial(broadcast_object(None)), space, candidates, components,
+                                 n_layers))
+    if size > 1:  # every rank returns the same result: rank 0's trials, in an in-memory copy of its study
+        finished = broadcast_object(study.get_trials(deepcopy=False) if rank == 0 else None)
+        if rank != 0:
+            study = optuna.create_study(directions=["minimize", "minimize"], sampler=sampler, study_name=study_name)
+            study.set_user_attr("objectives", ["refusal", "diffusion_kl"])
+            study.add_trials(finished)
     info = {"seconds": round(time.time() - started, 1), "trials_this_run": trials, "seed": seed,
             "generate_kwargs": options, "kl_steps": reference.steps,
             "candidates": sorted(candidates.directions), "candidates_left_out": candidates.left_out, "n_prompts": {"harmful_train": len(harmful_train),

@@ -15,10 +15,16 @@ the batch starting at prompt `i` is generated with `seed + i`. A response depend
 (left padding, the batch's shared random draws), so a resumed run keeps the batch boundaries:
 `batch_size` is part of the stored settings, and a batch left half-written by a crash is
 generated again whole (its finished rows are kept, not duplicated).
+
+Several processes: inside a `torch.distributed` process group (torchrun, accelerate launch) the
+batches still to do are run in rounds of one batch per rank; each round's rows are gathered and
+rank 0, the only process that reads or writes the file, appends them in prompt order. Every rank
+returns the same `EvaluationRun`, row for row what one process writes (each batch has its own seed).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -26,8 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+from diffusion_lens.denoising.generate import split_generate_kwargs
 from diffusion_lens.evals.judges import Judge
 from diffusion_lens.prompts import check_batch_size, prompt_texts
+from diffusion_lens.prompts.distributed import broadcast_object, check_batch_draws, gather_records, my_batches, world
 
 #: Row fields that must match the current call for a file to be resumed.
 SETTINGS: tuple[str, ...] = ("steering", "seed", "batch_size", "generate_kwargs", "judges", "model")
@@ -39,6 +47,9 @@ def generate_texts(model, prompts: Sequence[str], *, batch_size: int, hooks=(), 
     Why: the one "generate in batches" loop every refusal count needs (studies, the abliteration
     objective, benchmarks). `generate_kwargs` go to `model.generate` unchanged (each batch gets
     the same `seed` if one is given); the per-batch progress bar is off unless `progress=True`.
+    Inside a `torch.distributed` process group the batches are shared round-robin over the ranks
+    and the texts gathered: every rank returns the one-process texts (random draws must then come
+    from `seed=`, not a `generator=` or the global RNG, which depend on the batches run before).
 
     Example:
         >>> texts = generate_texts(model, harmful, batch_size=16, hooks=ablate(model, r), gen_length=32, steps=32)
@@ -50,14 +61,20 @@ def generate_texts(model, prompts: Sequence[str], *, batch_size: int, hooks=(), 
     prompts = list(prompts)
     if not prompts:
         raise ValueError("prompts is empty.")
-    generate_kwargs.setdefault("progress", False)
-    texts: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        out = model.generate(prompts[start: start + batch_size], hooks=hooks, **generate_kwargs)
-        if out.texts is None:
-            raise ValueError("This model has no tokenizer, so generate returns no texts; load one with a tokenizer.")
-        texts += out.texts
-    return texts
+    if world()[1] > 1:
+        sampler, driver = split_generate_kwargs(model, generate_kwargs)
+        check_batch_draws(sampler.stochastic(), driver, "generate_texts")
+    mine = my_batches(range(0, len(prompts), batch_size))
+    texts = [_batch_texts(model, prompts[start: start + batch_size], hooks, generate_kwargs) for _, start in mine]
+    return [text for batch in gather_records(texts, [b for b, _ in mine]) for text in batch]
+
+
+def _batch_texts(model, batch: list[str], hooks, generate_kwargs: dict) -> list[str]:
+    """The texts of one `model.generate` call (progress bar off unless asked for)."""
+    out = model.generate(batch, hooks=hooks, **{"progress": False, **generate_kwargs})
+    if out.texts is None:
+        raise ValueError("This model has no tokenizer, so generate returns no texts; load one with a tokenizer.")
+    return out.texts
 
 
 @dataclass
@@ -140,7 +157,8 @@ def evaluate(
     prompts are skipped. A torn last line (a crash mid-write) is dropped with a warning.
     `hooks` steer the generation and must come with `steering`, a JSON-able description of them
     that every row records (hooks themselves cannot be stored). `prompts`: a list of strings or
-    a `datasets.Dataset` (its prompt column). See the module docstring for seeds and batches.
+    a `datasets.Dataset` (its prompt column). See the module docstring for seeds and batches, and
+    for several processes (torchrun: rank 0 writes the file, every rank returns the same run).
 
     Example:
         >>> judges = [SubstringJudge.jailbreakbench(), SubstringJudge.whole_response()]
@@ -167,7 +185,9 @@ def evaluate(
     }
     _json_value(settings["judges"], "the judges' config()")
     path = Path(out)
-    done = _read_rows(path, prompts, settings)
+    rank, size = world()
+    # rank 0 reads (and may repair) the file; the others get its rows, or its error
+    done = _on_rank_zero(lambda: _read_rows(path, prompts, settings))
     names = [judge.name for judge in judges]
     starts = list(range(0, len(prompts), batch_size))
     todo = [s for s in starts if any(i not in done for i in range(s, min(s + batch_size, len(prompts))))]
@@ -175,30 +195,59 @@ def evaluate(
     from tqdm.auto import tqdm  # lazy: tqdm.auto probes for notebooks at import
 
     bar = tqdm(total=len(starts), initial=len(starts) - len(todo), desc="evaluating", unit="batch",
-               disable=None if progress else True)
-    path.parent.mkdir(parents=True, exist_ok=True)
+               disable=None if progress and rank == 0 else True)
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with open(path, "a", encoding="utf-8") as f:
-            for start in todo:
-                batch = prompts[start: start + batch_size]
-                texts = generate_texts(model, batch, batch_size=batch_size, hooks=hooks, seed=seed + start,
-                                       **settings["generate_kwargs"])
-                verdicts = {judge.name: _verdicts(judge, batch, texts) for judge in judges}
+        with open(path, "a", encoding="utf-8") if rank == 0 else contextlib.nullcontext() as f:
+            # rounds of `size` batches, one per rank (`my_batches`); the rows of a round are
+            # gathered and rank 0 appends them (in prompt order) before the next round starts
+            for first in range(0, len(todo), size):
+                mine = my_batches(todo[first: first + size])
+                rows = [_batch_rows(model, prompts, start, batch_size, hooks, judges, names, settings, done)
+                        for _, start in mine]
                 lines = []
-                for k, (prompt, text) in enumerate(zip(batch, texts)):
-                    if start + k in done:
-                        continue
-                    row = {"index": start + k, "prompt": prompt, "response": text,
-                           "verdicts": {name: verdicts[name][k] for name in names}, **settings}
-                    done[start + k] = row
-                    lines.append(json.dumps(row, ensure_ascii=False) + "\n")
-                f.write("".join(lines))
-                f.flush()
-                os.fsync(f.fileno())
-                bar.update()
+                for batch_rows in gather_records(rows, [b for b, _ in mine]):
+                    for row in batch_rows:
+                        done[row["index"]] = row
+                        lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+                if rank == 0:
+                    f.write("".join(lines))
+                    f.flush()
+                    os.fsync(f.fileno())
+                bar.update(min(first + size, len(todo)) - first)
     finally:
         bar.close()
     return EvaluationRun(path=path, rows=[done[i] for i in sorted(done)], judges=names)
+
+
+def _batch_rows(model, prompts: list[str], start: int, batch_size: int, hooks, judges: list[Judge], names: list[str],
+                settings: dict, done: dict[int, dict]) -> list[dict]:
+    """The new rows of the batch starting at prompt `start`, generated with `seed + start` (see module docstring)."""
+    batch = prompts[start: start + batch_size]
+    texts = _batch_texts(model, batch, hooks, {"seed": settings["seed"] + start, **settings["generate_kwargs"]})
+    verdicts = {judge.name: _verdicts(judge, batch, texts) for judge in judges}
+    return [{"index": start + k, "prompt": prompt, "response": text,
+             "verdicts": {name: verdicts[name][k] for name in names}, **settings}
+            for k, (prompt, text) in enumerate(zip(batch, texts)) if start + k not in done]
+
+
+def _on_rank_zero(fn):
+    """`fn()` run by rank 0 only, its result (or the error it raised) on every rank: one process
+    touches the file, and an error stops every rank instead of leaving the others waiting."""
+    rank, size = world()
+    if size == 1:
+        return fn()
+    result = None
+    if rank == 0:
+        try:
+            result = ("ok", fn())
+        except Exception as error:  # re-raised on every rank below
+            result = ("error", error)
+    kind, value = broadcast_object(result)
+    if kind == "error":
+        raise value
+    return value
 
 
 def _prompt_list(prompts) -> list[str]:

@@ -22,6 +22,7 @@ from diffusion_lens.core.results_io import load_result, save_result
 from diffusion_lens.denoising import StreamingMean
 from diffusion_lens.denoising import hooks as H
 from diffusion_lens.prompts.batching import PromptsInput, batch_indices, check_batch_size, left_pad, prepare_prompts
+from diffusion_lens.prompts.distributed import all_reduce_float64, my_batches, world
 from diffusion_lens.steering._common import LayerSpec, progress_bar, require_pandas, resolve_layers, unit
 from diffusion_lens.steering.collect import Reading, collect_activations
 from diffusion_lens.steering.positions import (
@@ -281,6 +282,35 @@ class _Plan:
         checks = [H.at(self.sites[0], check, steps=self.reading.step, passes=self.reading.pass_name)]
         return checks + ([] if self.moments is None else self.moments.hooks())
 
+    def reduce_across_ranks(self) -> None:
+        """Add every rank's float64 sums and counts (`all_reduce_float64`), so each rank holds the sums
+        of all batches: the one-process means up to float64 round-off. A no-op in one process.
+
+        The running sums live in `StreamingMean._sums` / `_counts` (keyed (site, None)) and in
+        `_SecondMoments`; a rank that ran no batch contributes zeros."""
+        if world()[1] == 1:
+            return
+        for reducer in self.reducers:
+            for site in self.sites:
+                key = (site, None)
+                total = all_reduce_float64(reducer._sums.get(key))
+                if total is None:
+                    continue
+                count = reducer._counts.get(key)
+                as_tensor = torch.as_tensor(count if count is not None else 0, dtype=torch.float64)
+                if count is None and self.mode == "columns":
+                    as_tensor = None  # per-column counts: the shape comes from the ranks that ran a batch
+                summed = all_reduce_float64(as_tensor).round().long()
+                reducer._sums[key] = total
+                reducer._counts[key] = summed if self.mode == "columns" else int(summed)
+        if self.moments is not None:
+            for site in self.sites:
+                total = all_reduce_float64(self.moments.sums.get(site))
+                if total is not None:
+                    self.moments.sums[site] = total
+                    n = all_reduce_float64(torch.tensor(float(self.moments.counts.get(site, 0)), dtype=torch.float64))
+                    self.moments.counts[site] = int(n.round())
+
     def means(self) -> Float[Tensor, "site pos d"]:
         if self.mode == "pooled":
             return torch.stack([self.reducers[0].mean(site)[None] for site in self.sites])
@@ -371,10 +401,11 @@ def _class_means(model, prepared, sites, positions, *, reading, batch_size, seco
     response_length = reading.sampler.response_length()
     _check_prompts_against_positions(prepared, positions, response_length, argument)
     plan = _Plan(sites, positions, prepared.template, response_length, reading, second_moment)
-    for indices in batch_indices(model, prepared, batch_size):
+    for _, indices in my_batches(batch_indices(model, prepared, batch_size)):
         bar.update()
         tokens, mask, _ = left_pad(model, [prepared.tokens[i] for i in indices])
         reading.generate(model, tokens, mask, reading.hooks(model, sites) + plan.hooks(indices), plan.reducers)
+    plan.reduce_across_ranks()
     return plan.means(), (None if plan.moments is None else plan.moments.means())
 
 
@@ -420,7 +451,10 @@ def mean_difference(
     `subspace=True` also streams the positive class's second moment (d_model^2 floats per layer
     and position) for `Directions.subspace`. `positive` / `negative` may be `datasets.Dataset`s:
     their prompt column is detected (prompt, instruction, goal, ...) or named with `column=`.
-    `progress=False` turns off the bar over batches.
+    `progress=False` turns off the bar over batches. Inside a `torch.distributed` process group
+    (torchrun, accelerate launch) each rank runs every world-size-th batch and the float64 sums are
+    added across ranks: every rank returns the same `Directions`, the one-process result up to
+    float64 round-off (`diffusion_lens.prompts.distributed`; docs/data_parallel.md).
 
     Example:
         >>> dirs = mean_difference(model, harmful, harmless, layers="all", positions="post_instruction")
@@ -446,7 +480,7 @@ def mean_difference(
         if reserved in options:
             raise ValueError(f"generate_kwargs may not set {reserved!r}; mean_difference controls it.")
     reading = Reading.plan(model, pass_name=pass_name, step=step, gen_length=gen_length, generate_kwargs=options)
-    n_batches = sum(len(batch_indices(model, p, batch_size)) for p in (pos_prompts, neg_prompts))
+    n_batches = sum(len(my_batches(batch_indices(model, p, batch_size))) for p in (pos_prompts, neg_prompts))
     with progress_bar(n_batches, "mean_difference", progress) as bar:
         common = dict(reading=reading, batch_size=batch_size, bar=bar)
         mp, sp = _class_means(model, pos_prompts, sites, positions, second_moment=subspace, argument="positive", **common)

@@ -30,6 +30,7 @@ from diffusion_lens.core.results_io import load_result, save_result
 from diffusion_lens.denoising import hooks as H
 from diffusion_lens.denoising.generate import split_generate_kwargs
 from diffusion_lens.prompts.batching import PromptsInput, prepare_prompts
+from diffusion_lens.prompts.distributed import check_batch_draws, gather_records, my_batches
 from diffusion_lens.steering._common import progress_bar, require_pandas
 
 StepGroup = Union[int, range, Sequence[int]]
@@ -163,6 +164,11 @@ def patch_across_steps(
     draw the same random numbers). See the module docstring for the two modes and `metric`.
     `progress=False` turns off the bar over patched runs.
 
+    Inside a `torch.distributed` process group (torchrun, accelerate launch) the patched runs are
+    shared round-robin over the ranks (every rank first runs the clean and corrupted ones: the prompts
+    form one batch, which is never split) and the effects are gathered: every rank returns the
+    one-process result bit for bit (each run draws from `seed`, never from an earlier run).
+
     Example:
         >>> opts = dict(steps=16, gen_length=16, block_length=8)
         >>> m = lambda out: (out.responses == target).float().mean()
@@ -182,6 +188,7 @@ def patch_across_steps(
     for reserved in ("hooks", "cache", "reducers"):
         if reserved in driver:
             raise ValueError(f"generate_kwargs may not set {reserved!r} here.")
+    check_batch_draws(sampler.stochastic(), driver, "patch_across_steps")
     clean_tokens, corrupt_tokens = _aligned_tokens(model, clean, corrupt, chat)
     n_steps = sampler.n_steps()
     step_groups = _as_groups(steps, n_steps, "steps")
@@ -202,8 +209,6 @@ def patch_across_steps(
 
         return fn
 
-    effects = torch.empty(len(names), len(step_groups), len(pos_groups), dtype=torch.float64)
-    bar = progress_bar(effects.numel(), "patch_across_steps", progress)
     if mode == "generate":
         def run(tokens, hooks=(), cache=None):
             return model.generate(tokens, hooks=list(hooks), cache=cache, sampler=sampler,
@@ -213,12 +218,9 @@ def patch_across_steps(
         source = clean_out.cache
         clean_value = _scalar(metric(clean_out))
         corrupted = _scalar(metric(run(corrupt_tokens)))
-        for i, name in enumerate(names):
-            for j, group in enumerate(step_groups):
-                for k, pos in enumerate(pos_groups):
-                    hook = H.at(name, patcher(name, source), steps=group, positions=pos, guidance="conditional")
-                    effects[i, j, k] = _scalar(metric(run(corrupt_tokens, hooks=[hook]))) - corrupted
-                    bar.update()
+
+        def patched(hook) -> float:
+            return _scalar(metric(run(corrupt_tokens, hooks=[hook])))
     else:
         every_step = list(range(n_steps))
 
@@ -234,13 +236,23 @@ def patch_across_steps(
         source = recorded.cache
         clean_value = _scalar(metric(token_logits(recorded)))
         corrupted = _scalar(metric(replay_corrupt()))
-        for i, name in enumerate(names):
-            for j, group in enumerate(step_groups):
-                for k, pos in enumerate(pos_groups):
-                    hook = H.at(name, patcher(name, source), steps=group, positions=pos, guidance="conditional")
-                    effects[i, j, k] = _scalar(metric(replay_corrupt([hook]))) - corrupted
-                    bar.update()
+
+        def patched(hook) -> float:
+            return _scalar(metric(replay_corrupt([hook])))
+
+    # one work item per patched run (each self-seeded, so independent of the others): each rank runs its
+    # share after its own clean and corrupted runs (`sharded_map`), the effects are gathered in order
+    cells = [(name, group, pos) for name in names for group in step_groups for pos in pos_groups]
+    mine = my_batches(cells)
+    bar = progress_bar(len(mine), "patch_across_steps", progress)
+    values = []
+    for _, (name, group, pos) in mine:
+        hook = H.at(name, patcher(name, source), steps=group, positions=pos, guidance="conditional")
+        values.append(patched(hook) - corrupted)
+        bar.update()
     bar.close()
+    effects = torch.tensor(gather_records(values, [k for k, _ in mine]), dtype=torch.float64).reshape(
+        len(names), len(step_groups), len(pos_groups))
     return PatchingResult(effects, names, [_label(g) for g in step_groups], [_label(p) for p in pos_groups],
                           clean_value, corrupted, mode)
 

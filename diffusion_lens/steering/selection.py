@@ -44,6 +44,7 @@ from torch import Tensor
 from diffusion_lens.core.results_io import load_result, prefixed, save_result, subset
 from diffusion_lens.evals.scores import first_response_logits, kl_divergence, log_odds, resolve_refusal_tokens
 from diffusion_lens.prompts.batching import PromptsInput, prepare_prompts
+from diffusion_lens.prompts.distributed import gather_records, my_batches
 from diffusion_lens.steering._common import LayerSpec, progress_bar, require_pandas
 from diffusion_lens.steering.directions import Directions, mean_difference
 from diffusion_lens.steering.interventions import ablate, add
@@ -175,6 +176,11 @@ def select_direction(
     `induce_threshold=0.0`). The prompt sets may be `datasets.Dataset`s (prompt column detected,
     or named with `column=`). `progress=False` turns off the bar over candidates.
 
+    Inside a `torch.distributed` process group (torchrun, accelerate launch) the candidates'
+    `mean_difference` is sharded by batches (float64 round-off) and the candidates are shared
+    round-robin over the ranks, each scored on all validation prompts by one rank and gathered: with
+    `candidates=` given, every rank returns the one-process selection bit for bit.
+
     Example:
         >>> sel = select_direction(model, harm_tr, ok_tr, harm_val, ok_val, positions="post_instruction")
         >>> r = sel.winner["direction"]
@@ -218,20 +224,33 @@ def select_direction(
     n_l, n_p = len(candidates.layers), len(candidates.positions)
     bypass = torch.full((n_l, n_p), float("nan"), dtype=torch.float64)
     induce, kl = bypass.clone(), bypass.clone()
-    bar = progress_bar(n_l * n_p, "select_direction", progress)
-    for i, layer in enumerate(candidates.layers):
-        for j, pos in enumerate(candidates.positions):
-            bar.update()
-            raw = candidates.directions[i, j]
-            if not bool(raw.norm() > 0):
-                continue
-            ablation = ablate(model, raw)
-            bypass[i, j] = log_odds(first_response_logits(model, harmful_val_p, hooks=ablation, **fwd), ids).mean()
-            steered = first_response_logits(model, harmless_val_p, hooks=ablation, **fwd)
-            kl[i, j] = kl_divergence(base_harmless, steered).mean()
-            added = first_response_logits(model, harmless_val_p, hooks=add(model, raw.float(), 1.0, layers=layer), **fwd)
-            induce[i, j] = log_odds(added, ids).mean()
+
+    def scores(cell: tuple[int, int]) -> Optional[tuple[float, float, float]]:
+        """(bypass, kl, induce) of one candidate, each a mean over all its validation prompts."""
+        i, j = cell
+        raw = candidates.directions[i, j]
+        if not bool(raw.norm() > 0):
+            return None
+        ablation = ablate(model, raw)
+        by = log_odds(first_response_logits(model, harmful_val_p, hooks=ablation, **fwd), ids).mean()
+        steered = first_response_logits(model, harmless_val_p, hooks=ablation, **fwd)
+        added = first_response_logits(model, harmless_val_p, hooks=add(model, raw.float(), 1.0,
+                                                                       layers=candidates.layers[i]), **fwd)
+        return float(by), float(kl_divergence(base_harmless, steered).mean()), float(log_odds(added, ids).mean())
+
+    # candidates are shared round-robin over the ranks of a torch.distributed group (each candidate's
+    # scores computed whole, on all validation prompts, by one rank) and gathered: bit-identical
+    cells = [(i, j) for i in range(n_l) for j in range(n_p)]
+    mine = my_batches(cells)
+    bar = progress_bar(len(mine), "select_direction", progress)
+    measured = []
+    for _, cell in mine:
+        measured.append(scores(cell))
+        bar.update()
     bar.close()
+    for (i, j), values in zip(cells, gather_records(measured, [k for k, _ in mine])):
+        if values is not None:
+            bypass[i, j], kl[i, j], induce[i, j] = values
 
     kept = torch.ones((n_l, n_p), dtype=torch.bool)
     reasons = [["" for _ in range(n_p)] for _ in range(n_l)]

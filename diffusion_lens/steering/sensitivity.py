@@ -21,6 +21,7 @@ from diffusion_lens.core.results_io import load_result, save_result
 from diffusion_lens.denoising.generate import split_generate_kwargs
 from diffusion_lens.evals.refusal import is_refusal
 from diffusion_lens.prompts.batching import PromptsInput, batch_indices, check_batch_size, left_pad, prepare_prompts
+from diffusion_lens.prompts.distributed import check_batch_draws, gather_records, my_batches
 from diffusion_lens.steering._common import LayerSpec, check_vector, progress_bar, require_pandas, resolve_layers
 from diffusion_lens.steering.interventions import ablate
 
@@ -135,6 +136,12 @@ def sensitivity(
     rates. `generate_kwargs` go to `model.generate` (sampler options, seed...); the same seed is
     used for every cell. `progress=False` turns off the bar over cells.
 
+    Inside a `torch.distributed` process group (torchrun, accelerate launch) the (cell, batch) runs
+    are shared round-robin over the ranks, with the batches of one process; the per-batch metric
+    sums are gathered and added in batch order, so every rank returns the one-process grid bit for
+    bit. Random draws must then come from `seed=` in `generate_kwargs` (a `generator=`, or a
+    sampling sampler without a seed, is refused there: its draws depend on the batches run before).
+
     Example:
         >>> opts = dict(steps=64, gen_length=64, block_length=32, seed=0)
         >>> sens = sensitivity(model, r, harmful, over=("layers", "steps"), window=8, generate_kwargs=opts)
@@ -150,24 +157,22 @@ def sensitivity(
     if not callable(metric):
         raise TypeError(f"metric must be a callable(GenerationOutput) -> values; got {type(metric).__name__}.")
     sampler, driver = split_generate_kwargs(model, generate_kwargs)
+    check_batch_draws(sampler.stochastic(), driver, "sensitivity")
     prepared = prepare_prompts(model, prompts, chat=chat)
     batches = [left_pad(model, [prepared.tokens[i] for i in idx])[:2] for idx in batch_indices(model, prepared, batch_size)]
 
-    def evaluate(hooks) -> float:
-        total, count = 0.0, 0
-        for tokens, mask in batches:
-            out = model.generate(tokens, attention_mask=mask, hooks=hooks, sampler=sampler,
-                                 **{"progress": False, "return_trajectory": False, **driver})
-            values = torch.as_tensor(metric(out), dtype=torch.float64).flatten()
-            n = tokens.shape[0]
-            if values.numel() == 1:
-                total, count = total + float(values) * n, count + n
-            elif values.numel() == n:
-                total, count = total + float(values.sum()), count + n
-            else:
-                raise ValueError(f"metric returned {values.numel()} values for a batch of {n} prompts; return one "
-                                 "per prompt or one for the batch.")
-        return total / count
+    def batch_total(hooks, tokens, mask) -> tuple[float, int]:
+        """(sum of the metric over the batch's prompts, prompts) for one batch under `hooks`."""
+        out = model.generate(tokens, attention_mask=mask, hooks=hooks, sampler=sampler,
+                             **{"progress": False, "return_trajectory": False, **driver})
+        values = torch.as_tensor(metric(out), dtype=torch.float64).flatten()
+        n = tokens.shape[0]
+        if values.numel() == 1:
+            return float(values) * n, n
+        if values.numel() == n:
+            return float(values.sum()), n
+        raise ValueError(f"metric returned {values.numel()} values for a batch of {n} prompts; return one "
+                         "per prompt or one for the batch.")
 
     n_steps, n_blocks = sampler.n_steps(), sampler.n_blocks()
     layer_list = resolve_layers(model, layers)
@@ -181,22 +186,36 @@ def sensitivity(
     elif col_axis == "blocks":
         cols = _windows(n_blocks, window or 1, "block")
 
-    values = torch.empty(len(rows), len(cols), dtype=torch.float64)
-    with progress_bar(len(rows) * len(cols) + 2, "sensitivity", progress) as bar:
-        for i, row in enumerate(rows):
-            for j, col in enumerate(cols):
-                kwargs = {}
-                if col_axis == "steps":
-                    kwargs["steps"] = col
-                elif col_axis == "blocks":
-                    kwargs["denoise_blocks"] = col
-                hooks = ablate(model, vector, layers=layer_list if row == "all" else [row], **kwargs)
-                values[i, j] = evaluate(hooks)
-                bar.update()
-        baseline = evaluate([])
-        bar.update()
-        full = evaluate(ablate(model, vector, layers=layer_list))
-        bar.update()
+    def cell_hooks(cell: int) -> list:
+        """Cells in order: the grid row by row, then the baseline (no hooks), then ablation everywhere."""
+        if cell == len(rows) * len(cols):
+            return []
+        if cell == len(rows) * len(cols) + 1:
+            return ablate(model, vector, layers=layer_list)
+        row, col = rows[cell // len(cols)], cols[cell % len(cols)]
+        kwargs = {"steps": col} if col_axis == "steps" else {"denoise_blocks": col} if col_axis == "blocks" else {}
+        return ablate(model, vector, layers=layer_list if row == "all" else [row], **kwargs)
+
+    # one work item per (cell, batch): each rank runs its share (`my_batches`), the per-batch totals are
+    # gathered and every cell adds them in batch order, as one process does (bit-identical results)
+    n_cells = len(rows) * len(cols) + 2
+    items = [(cell, b) for cell in range(n_cells) for b in range(len(batches))]
+    mine, totals, hooks_of = my_batches(items), [], {}
+    with progress_bar(len(mine), "sensitivity", progress) as bar:
+        for _, (cell, b) in mine:
+            if cell not in hooks_of:
+                hooks_of = {cell: cell_hooks(cell)}
+            totals.append(batch_total(hooks_of[cell], *batches[b]))
+            bar.update()
+    totals = gather_records(totals, [k for k, _ in mine])
+    cell_values = []
+    for cell in range(n_cells):
+        total, count = 0.0, 0
+        for t, n in totals[cell * len(batches): (cell + 1) * len(batches)]:
+            total, count = total + t, count + n
+        cell_values.append(total / count)
+    values = torch.tensor(cell_values[:-2], dtype=torch.float64).reshape(len(rows), len(cols))
+    baseline, full = cell_values[-2], cell_values[-1]
     return Sensitivity(
         values=values,
         row_labels=[str(r) for r in rows],
