@@ -48,3 +48,4 @@ bench: setup
 	$(PY) bench/steering_cache.py --threads 1
 	$(PY) bench/diffusion_gemma.py
 	$(PY) bench/abliterate.py
+	$(PY) bench/scaling.py
