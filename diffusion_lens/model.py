@@ -79,23 +79,40 @@ class HookedDiffusionTransformer(HookedDiffusionCore):
         name_or_path: Union[str, Path],
         *,
         dtype: Union[torch.dtype, str, None] = None,
-        device: Union[str, torch.device] = "cpu",
+        device: Union[str, torch.device, None] = None,
+        device_map: Union[str, dict[str, Union[str, int, torch.device]], None] = None,
+        max_memory: Optional[dict[Union[int, str], Union[int, str]]] = None,
+        offload_folder: Union[str, Path, None] = None,
         adapter: Optional[str] = None,
         revision: Optional[str] = None,
     ) -> "HookedDiffusionTransformer":
         """Load a checkpoint: an embedded name ("tiny-refusal"), a local folder or a hub id.
 
         Weights are read shard by shard straight into `dtype` (a torch.dtype or a name such as
-        "bfloat16") on `device` (default: the checkpoint's dtype), so peak memory stays near one copy.
-        Files, config.json and key names are checked first (docs/installation.md, "Checks at load
-        time"). The family adapter is detected from config.json or forced with `adapter=`. No code
-        from the checkpoint folder is ever run.
+        "bfloat16"; default: the checkpoint's dtype) on `device` (default "cpu"), so peak memory stays
+        near one copy. Files, config.json and key names are checked first (docs/installation.md,
+        "Checks at load time"). The family adapter is detected from config.json or forced with
+        `adapter=`. No code from the checkpoint folder is ever run.
+
+        A model too big for one device is spread with `device_map=` (instead of `device=`), through
+        accelerate's big-model machinery (docs/scale.md): a dict of module name -> device in
+        accelerate's convention ({"embed": 0, "blocks.0": 0, ..., "blocks.31": 1, "ln_final": 1,
+        "unembed": 1}; a device is a GPU index, "cuda:1", "cpu" or "disk"), or "auto" / "balanced" /
+        "balanced_low_0" / "sequential", which size blocks against `max_memory` ({0: "20GiB",
+        "cpu": "60GiB"}; default: what is free) and never split a block. Each tensor still streams from
+        its shard to its module's device; "disk" modules are written to `offload_folder` (a new or empty
+        folder) and read back at each use. Hooks, `hook.state`, `generate` and steering work unchanged:
+        a hook sees its block's activation on that block's device. The map is `model.hf_device_map`.
 
         Example:
             >>> model = HookedDiffusionTransformer.from_pretrained("GSAI-ML/LLaDA-8B-Instruct",
             ...                                                    dtype=torch.bfloat16, device="cuda")
+            >>> big = HookedDiffusionTransformer.from_pretrained("inclusionAI/LLaDA2.0-flash", dtype="bfloat16",
+            ...                                                  device_map="auto", max_memory={0: "70GiB", 1: "70GiB"})
+            >>> big.hf_device_map["blocks.0"], big.hf_device_map["unembed"]   # (0, 1)
         """
-        return load_pretrained(cls, name_or_path, dtype=dtype, device=device, adapter=adapter, revision=revision)
+        return load_pretrained(cls, name_or_path, dtype=dtype, device=device, device_map=device_map,
+                               max_memory=max_memory, offload_folder=offload_folder, adapter=adapter, revision=revision)
 
     def save_pretrained(self, path: Union[str, Path], *, max_shard_bytes: int = 4 * 2**30) -> Path:
         """Write the model in its family's original checkpoint format (config.json, safetensors,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import uuid
 import warnings
@@ -313,7 +314,13 @@ class _SkipInit(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def load_pretrained(model_cls, name_or_path, *, dtype=None, device="cpu", adapter=None, revision=None):
+def load_pretrained(model_cls, name_or_path, *, dtype=None, device=None, device_map=None, max_memory=None,
+                    offload_folder=None, adapter=None, revision=None):
+    if device is not None and device_map is not None:
+        raise ValueError(
+            f"from_pretrained got device={device!r} and device_map={device_map!r}; pass one. device= puts the whole "
+            "model on one device, device_map= places modules (e.g. device_map={'': 'cuda:0'} for one device)."
+        )
     dtype = resolve_dtype(dtype)
     folder = resolve_checkpoint(name_or_path, revision)
     config_json = read_config(folder)
@@ -325,9 +332,18 @@ def load_pretrained(model_cls, name_or_path, *, dtype=None, device="cpu", adapte
     cfg.model_name = str(name_or_path)
 
     model = _meta_model(model_cls, cfg)
+    placement = None
+    if device_map is not None:
+        placement = resolve_device_map(model, device_map, max_memory, offload_folder)
+    elif max_memory is not None or offload_folder is not None:
+        raise ValueError("max_memory= and offload_folder= place modules and need device_map= ('auto' or a dict); "
+                         "without device_map the whole model goes to device=.")
+    device = "cpu" if device is None else device
     expected = {name: param for name, param in model.state_dict(keep_vars=True).items()}
     if cfg.tie_word_embeddings:
         expected.pop("unembed.weight", None)
+    offload_index: dict = {}
+    buffers = {name for name, _ in model.named_buffers()}
     loaded, unexpected, wrong_shape = set(), [], []
     for header in headers:
         shard = {}
@@ -344,7 +360,16 @@ def load_pretrained(model_cls, name_or_path, *, dtype=None, device="cpu", adapte
                 if tuple(piece.shape) != tuple(expected[internal].shape):
                     wrong_shape.append(f"{key}: checkpoint {tuple(piece.shape)}, model {tuple(expected[internal].shape)}")
                     continue
-                shard[internal] = piece.to(device=device, dtype=cfg.dtype)
+                target = device if placement is None else _placed_on(placement, internal)
+                if target == "disk" and internal in buffers:  # accelerate keeps buffers resident (offload_buffers=False)
+                    target = _placed_on(placement, "embed.weight")
+                if target == "disk":  # straight to offload_folder in accelerate's format; stays meta in the model
+                    from accelerate.utils import offload_weight
+
+                    offload_weight(piece.to(cfg.dtype), internal, str(offload_folder), index=offload_index)
+                    loaded.add(internal)
+                    continue
+                shard[internal] = piece.to(device=target, dtype=cfg.dtype)
         model.load_state_dict(shard, strict=False, assign=True)
         loaded.update(shard)
         del shard
@@ -359,12 +384,176 @@ def load_pretrained(model_cls, name_or_path, *, dtype=None, device="cpu", adapte
         )
     if cfg.tie_word_embeddings:
         model.unembed.weight = model.embed.weight
-    _apply_bias_sidecar(model, family, folder / BIAS_SIDECAR, device)
+    _apply_bias_sidecar(model, family, folder / BIAS_SIDECAR, device if placement is None else None)
     model.adapter = family
     model.tokenizer = family.load_tokenizer(folder)
     model.checkpoint_folder = folder  # before on_loaded: an adapter may read files beside config.json
     family.on_loaded(model)
-    return model.eval().requires_grad_(False)
+    model = model.eval().requires_grad_(False)
+    if placement is not None:
+        _dispatch(model, placement, offload_folder, offload_index)
+    return model
+
+
+# ----------------------------------------------------------------------------- device maps (accelerate)
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def resolve_device_map(model, device_map, max_memory=None, offload_folder=None) -> dict[str, Union[str, int]]:
+    """A checked accelerate device map for the meta model: module name prefix -> device ("cpu", "disk",
+    "cuda:1" or a GPU index), covering every weight once, with transformer blocks never split.
+
+    `device_map` is a dict in accelerate's convention ({"embed": 0, "blocks.0": 0, ..., "unembed": 1,
+    "" for the whole model}) or a strategy: "auto" / "balanced" (accelerate's `get_balanced_memory` then
+    `infer_auto_device_map`, spreading blocks evenly over the GPUs in `max_memory`), "balanced_low_0"
+    (GPU 0 kept light, for generation buffers) or "sequential" (fill each device in turn). Modules that
+    fit nowhere in `max_memory` go to "cpu", then "disk" (which needs `offload_folder`).
+
+    The embedding must sit on an execution device (not "disk", and not "cpu" beside a GPU, which
+    accelerate offloads): it is where inputs go and what `model.W_E.device` reports. A tied LM head
+    shares its device.
+
+    Example:
+        >>> resolve_device_map(meta_model, "auto", max_memory={0: "20GiB", 1: "20GiB", "cpu": "60GiB"})
+        {'embed': 0, 'blocks.0': 0, ..., 'blocks.31': 1, 'ln_final': 1, 'unembed': 1}
+    """
+    block_classes = sorted({type(block).__name__ for block in model.blocks})
+    if isinstance(device_map, str):
+        if device_map not in DEVICE_MAP_STRATEGIES:
+            raise ValueError(f"device_map={device_map!r} is not a strategy; use one of {DEVICE_MAP_STRATEGIES} or a "
+                             "dict of module name -> device ({'embed': 0, 'blocks.0': 0, ..., 'unembed': 1}).")
+        from accelerate.utils import get_balanced_memory, infer_auto_device_map
+
+        if max_memory is not None and not isinstance(max_memory, dict):
+            raise ValueError(f"max_memory must be a dict of device -> size ({{0: '20GiB', 'cpu': '60GiB'}}), got {max_memory!r}.")
+        if device_map != "sequential":
+            max_memory = get_balanced_memory(model, max_memory, no_split_module_classes=block_classes,
+                                             dtype=model.cfg.dtype, low_zero=device_map == "balanced_low_0")
+        placement = dict(infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=block_classes,
+                                               dtype=model.cfg.dtype))
+    elif isinstance(device_map, dict):
+        if max_memory is not None:
+            raise ValueError("max_memory= sizes the devices for device_map='auto' (or another strategy); with a dict "
+                             "device_map every module's device is already given. Drop one of them.")
+        placement = {str(name): _device_name(name, value) for name, value in device_map.items()}
+    else:
+        raise TypeError(f"device_map must be a strategy ({', '.join(DEVICE_MAP_STRATEGIES)}) or a dict of module name "
+                        f"-> device, got {type(device_map).__name__}.")
+    _check_device_map(model, placement, block_classes, offload_folder)
+    return placement
+
+
+def _device_name(name, value) -> Union[str, int]:
+    """One device-map value as accelerate takes it: a GPU index (int), "cpu", "disk" or a device string."""
+    if isinstance(value, torch.device):
+        value = str(value)
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"device_map[{name!r}] = {value!r} is not a device; use an int (GPU index), 'cpu', 'disk' "
+                         "or a device string such as 'cuda:1'.")
+    if isinstance(value, str) and value != "disk":
+        try:
+            torch.device(value)
+        except RuntimeError:
+            raise ValueError(f"device_map[{name!r}] = {value!r} is not a device; use an int (GPU index), 'cpu', "
+                             "'disk' or a device string such as 'cuda:1'.") from None
+    return value
+
+
+def _check_device_map(model, placement: dict, block_classes: list[str], offload_folder) -> None:
+    """Every name a module, no name inside another, every weight placed, blocks whole, the embedding on
+    an execution device (with a tied head beside it), and an empty offload folder for "disk"."""
+    modules = dict(model.named_modules())
+    unknown = [name for name in placement if name not in modules]
+    if unknown:
+        raise ValueError(
+            f"device_map names {_count_and_name(unknown, 'modules this model does not have')}. Names are module "
+            f"prefixes such as 'embed', 'blocks.3', 'ln_final', 'unembed' ('' = the whole model); "
+            f"this model has blocks.0 ... blocks.{len(model.blocks) - 1}."
+        )
+    nested = [f"{inner!r} inside {outer!r}" for outer in placement for inner in placement
+              if inner != outer and (outer == "" or inner.startswith(outer + "."))]
+    if nested:
+        raise ValueError(f"device_map places {', '.join(nested[:5])}: give each weight one entry (drop the outer "
+                         "name, or list its submodules one by one).")
+    unplaced = [name for name in model.state_dict() if _placed_on(placement, name, default=None) is None]
+    if unplaced:
+        raise ValueError(f"device_map leaves {_count_and_name(unplaced, 'weights')} unplaced; add an entry for "
+                         "each of their modules (e.g. 'ln_final': 0).")
+    split = [name for name in placement if re.match(r"blocks\.\d+\.", name)]
+    if split:
+        raise ValueError(f"device_map splits transformer blocks ({', '.join(split[:5])}); a block is placed whole "
+                         f"({block_classes} are never split): use 'blocks.3', not 'blocks.3.attn'.")
+    accelerators = {str(d) for d in placement.values() if d not in ("cpu", "disk")}
+    embed = _placed_on(placement, "embed.weight")
+    if embed == "disk" or (embed == "cpu" and accelerators):
+        raise ValueError(f"device_map puts 'embed' on {embed!r}, which accelerate offloads; the embedding is where "
+                         "inputs go (model.W_E.device), so place it on an execution device"
+                         + (f" (one of {sorted(accelerators)})." if accelerators else " ('cpu')."))
+    if model.cfg.tie_word_embeddings and _placed_on(placement, "unembed.weight") != embed:
+        raise ValueError(f"This model ties its LM head to the embedding (tie_word_embeddings): place 'unembed' on "
+                         f"the embedding's device {embed!r}, not {_placed_on(placement, 'unembed.weight')!r}.")
+    if "disk" in placement.values():
+        if offload_folder is None:
+            disk = [name for name, d in placement.items() if d == "disk"]
+            raise ValueError(f"device_map puts {_count_and_name(disk, 'modules')} on 'disk'; pass offload_folder= "
+                             "(an empty or new folder) to hold their weights.")
+        folder = Path(offload_folder)
+        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+            raise ValueError(f"offload_folder={str(folder)!r} exists and is not an empty folder; it receives this "
+                             "model's offloaded weights, so pass a new or empty folder.")
+        folder.mkdir(parents=True, exist_ok=True)
+
+
+def _placed_on(placement: dict, name: str, default="error"):
+    """The device of weight `name`: its longest module prefix in the map."""
+    parts = name.split(".")
+    for n in range(len(parts), -1, -1):
+        prefix = ".".join(parts[:n])
+        if prefix in placement:
+            return placement[prefix]
+    if default == "error":
+        raise KeyError(f"No device_map entry places {name!r}.")
+    return default
+
+
+def _dispatch(model, placement: dict, offload_folder, offload_index: dict) -> None:
+    """accelerate's `dispatch_model`: an `AlignDevicesHook` per placed module moves its inputs to its
+    device ("cpu"/"disk" modules: a block's weights loaded for its forward), outputs come back to the input's device;
+    sets `model.hf_device_map`. A KV cache layer on another device than its block is refused (a moved
+    copy would lose the block's writes)."""
+    from accelerate import dispatch_model
+    from accelerate.utils import save_offload_index
+
+    if offload_index:
+        save_offload_index(offload_index, str(offload_folder))
+    main = _placed_on(placement, "embed.weight")
+    # an offloaded block loads all its weights when it starts (some are read as tensors, not through a
+    # submodule's forward: a router's scales) and drops them when it ends
+    block_classes = sorted({type(block).__name__ for block in model.blocks})
+    dispatch_model(model, placement, main_device=main, offload_dir=str(offload_folder) if offload_index else None,
+                   preload_module_classes=block_classes)
+    for layer, block in enumerate(model.blocks):
+        hook = getattr(block, "_hf_hook", None)
+        if hook is not None and getattr(hook, "execution_device", None) is not None:
+            block.register_forward_pre_hook(_KVCacheOnDevice(layer, torch.device(hook.execution_device)),
+                                             with_kwargs=True)
+
+
+class _KVCacheOnDevice:
+    """Pre-forward check of a dispatched block: its KV cache layer lives on the block's device."""
+
+    def __init__(self, layer: int, device: torch.device):
+        self.layer, self.device = layer, device
+
+    def __call__(self, module, args, kwargs):
+        kv = args[3] if len(args) > 3 else kwargs.get("kv")
+        if kv is not None and any(t.device != self.device for t in kv):
+            raise RuntimeError(
+                f"blocks.{self.layer} runs on {self.device} but its KV cache layer is on {kv[0].device}; a copy moved "
+                "there would not keep the block's writes. Allocate each layer's keys and values on its block's "
+                "device (model.hf_device_map)."
+            )
+        return None
 
 
 def _meta_model(model_cls, cfg):
@@ -410,7 +599,13 @@ def _apply_bias_sidecar(model, family: ModelAdapter, path: Path, device) -> None
                 f"(shape {tuple(tensor.shape)}). The sidecar holds folded biases for the checkpoint beside it; "
                 "delete it to load the checkpoint without them."
             )
-        linear.bias = nn.Parameter(tensor.to(device=device, dtype=linear.weight.dtype), requires_grad=False)
+        if device is None and linear.weight.device.type == "meta":
+            raise ValueError(
+                f"{path}: {key!r} is a folded bias of a layer that device_map offloads to disk; place that layer's "
+                "block on a device (or 'cpu'), or delete the sidecar to load the checkpoint without its biases."
+            )
+        target = linear.weight.device if device is None else device
+        linear.bias = nn.Parameter(tensor.to(device=target, dtype=linear.weight.dtype), requires_grad=False)
 
 
 def save_pretrained(model, path, *, max_shard_bytes: int = 4 * 2**30) -> Path:

@@ -196,6 +196,17 @@ class EditHook:
 
 
 # ----------------------------------------------------------------------------- folding into weights
+def _check_materialised(weight: Tensor, name: str) -> None:
+    """A weight that device_map offloads ("disk", or "cpu" beside a GPU) is a meta placeholder outside the
+    forward (accelerate loads it per call): writing it would change nothing, so refuse."""
+    if weight.device.type == "meta":
+        raise ValueError(
+            f"Cannot fold into {name}: device_map offloads its weights (a meta placeholder here; accelerate loads the "
+            "stored copy only during the forward). Load the model with that module on an execution device to edit "
+            "its weights, or steer with hooks (ablate, add, AffineMap.as_hooks), which work on offloaded modules."
+        )
+
+
 def _check_features(size: int, n: int, side: str, name: str) -> None:
     if size != n:
         raise ValueError(f"Cannot fold into {name}: the edit has {n} features, the layer's {side} has {size}.")
@@ -212,6 +223,7 @@ def fold_producer(linear: nn.Linear, edit: SiteEdit, name: str) -> list[str]:
         ['blocks.0.attn.o_proj.weight']
     """
     edit = edit.flat()
+    _check_materialised(linear.weight, name)
     _check_features(linear.out_features, edit.shape[0], "output", name)
     w64 = linear.weight.double()
     edit = edit.to(w64.device, torch.float64)
@@ -236,6 +248,7 @@ def fold_fused_producer(weight: nn.Parameter, edit: SiteEdit, name: str) -> list
         ['blocks.0.mlp.experts.down_proj']
     """
     edit = edit.flat()
+    _check_materialised(weight, name)
     if weight.ndim != 3:
         raise ValueError(f"Cannot fold into {name}: a fused tensor is [n d_out d_in]; got shape {tuple(weight.shape)}.")
     if edit.beta is not None:
@@ -256,6 +269,7 @@ def fold_consumer(linear: nn.Linear, edit: SiteEdit, name: str) -> list[str]:
         >>> fold_consumer(model.blocks[0].mlp.down_proj, edit, "blocks.0.mlp.down_proj")   # site mlp.hook_post
     """
     edit = edit.flat()
+    _check_materialised(linear.weight, name)
     _check_features(linear.in_features, edit.shape[0], "input", name)
     w64 = linear.weight.double()
     edit = edit.to(w64.device, torch.float64)
@@ -275,6 +289,7 @@ def fold_rows(embed: nn.Embedding, edit: SiteEdit, name: str) -> list[str]:
         ['embed.weight']
     """
     edit = edit.flat()
+    _check_materialised(embed.weight, name)
     _check_features(embed.weight.shape[1], edit.shape[0], "embedding width", name)
     e64 = embed.weight.double()
     edit = edit.to(e64.device, torch.float64)
