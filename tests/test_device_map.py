@@ -114,6 +114,9 @@ def test_weight_edits_work_on_placed_blocks_and_refuse_offloaded_ones(tmp_path):
     with pytest.raises(ValueError, match="Cannot fold into blocks.1.attn.o_proj: device_map offloads its weights"):
         orthogonalize_weights(offloaded, direction, layers=[1], embedding=False)
     assert torch.equal(offloaded(canvas()), before)
+    with pytest.raises(ValueError, match=r"weights \(blocks.1.ln1.weight, .*\) are offloaded by device_map"):
+        offloaded.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()
 
 
 def test_auto_spills_what_does_not_fit_max_memory_to_disk(tmp_path):
@@ -137,6 +140,11 @@ def test_auto_places_whole_blocks_over_two_gpus_on_the_meta_model():
     assert {placement[f"blocks.{i}"] for i in range(meta.cfg.n_layers)} == {0, 1}  # split between blocks
     assert not any(name.count(".") > 1 for name in placement)  # never inside a block
     assert loading.resolve_device_map(meta, "sequential", max_memory={0: total, 1: total}) == {"": 0}
+    tied = meta_model("diffusion-gemma-tiny-dense")  # accelerate alone fails on "embed" / "unembed" ties
+    total = sum(p.numel() * p.element_size() for p in tied.parameters())
+    placement = loading.resolve_device_map(tied, "auto", max_memory={0: total, 1: total, "cpu": total})
+    assert placement["embed"] == placement["unembed"] == 0 and placement["blocks.2"] == 1, placement
+    assert tied.unembed.weight is tied.embed.weight
 
 
 def test_a_kv_cache_on_another_device_than_its_block_is_refused(pair):
@@ -202,10 +210,15 @@ def test_diffusion_gemma_with_passes_and_a_tied_head_runs_placed(tmp_path):
     device_map |= {f"blocks.{i}": "disk" if i % 2 else "cpu" for i in range(plain.cfg.n_layers)}
     placed = HookedDiffusionTransformer.from_pretrained(FIXTURES / name, device_map=device_map,
                                                         offload_folder=tmp_path / "w")
-    assert placed.unembed.weight is placed.embed.weight
+    total = sum(p.numel() * p.element_size() for p in plain.parameters())
+    auto = HookedDiffusionTransformer.from_pretrained(FIXTURES / name, device_map="auto", max_memory={"cpu": total // 2},
+                                                      offload_folder=tmp_path / "auto")
+    assert auto.hf_device_map["unembed"] == "cpu" and "disk" in auto.hf_device_map.values(), auto.hf_device_map
     tokens = torch.tensor([[2, 17, 33, 41, 5]])
-    assert torch.equal(placed.generate(tokens, seed=0, max_new_tokens=16, progress=False).sequences,
-                       plain.generate(tokens, seed=0, max_new_tokens=16, progress=False).sequences)
+    expected = plain.generate(tokens, seed=0, max_new_tokens=16, progress=False).sequences
+    for model in (placed, auto):
+        assert model.unembed.weight is model.embed.weight
+        assert torch.equal(model.generate(tokens, seed=0, max_new_tokens=16, progress=False).sequences, expected)
 
 
 def test_disk_offload_streams_each_tensor_out(tmp_path, monkeypatch):

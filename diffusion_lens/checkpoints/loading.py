@@ -424,13 +424,26 @@ def resolve_device_map(model, device_map, max_memory=None, offload_folder=None) 
                              "dict of module name -> device ({'embed': 0, 'blocks.0': 0, ..., 'unembed': 1}).")
         from accelerate.utils import get_balanced_memory, infer_auto_device_map
 
+        from accelerate.utils.modeling import clean_device_map
+
         if max_memory is not None and not isinstance(max_memory, dict):
             raise ValueError(f"max_memory must be a dict of device -> size ({{0: '20GiB', 'cpu': '60GiB'}}), got {max_memory!r}.")
-        if device_map != "sequential":
-            max_memory = get_balanced_memory(model, max_memory, no_split_module_classes=block_classes,
-                                             dtype=model.cfg.dtype, low_zero=device_map == "balanced_low_0")
-        placement = dict(infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=block_classes,
-                                               dtype=model.cfg.dtype))
+        tied = model.cfg.tie_word_embeddings
+        if tied:  # accelerate matches tied names by substring ("embed." is in "unembed.weight." and fails):
+            # size the map with an empty head, then put the head with the embedding, whose storage it shares
+            model.unembed.weight = nn.Parameter(torch.empty(0, device="meta", dtype=model.cfg.dtype), requires_grad=False)
+        try:
+            if device_map != "sequential":
+                max_memory = get_balanced_memory(model, max_memory, no_split_module_classes=block_classes,
+                                                 dtype=model.cfg.dtype, low_zero=device_map == "balanced_low_0")
+            placement = dict(infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=block_classes,
+                                                   dtype=model.cfg.dtype, clean_result=False))
+        finally:
+            if tied:
+                model.unembed.weight = model.embed.weight
+        if tied:
+            placement["unembed"] = _placed_on(placement, "embed.weight")
+        placement = dict(clean_device_map(placement))
     elif isinstance(device_map, dict):
         if max_memory is not None:
             raise ValueError("max_memory= sizes the devices for device_map='auto' (or another strategy); with a dict "
@@ -634,6 +647,13 @@ def save_pretrained(model, path, *, max_shard_bytes: int = 4 * 2**30) -> Path:
         raise FileExistsError(
             f"{folder} exists and is not an empty folder or a checkpoint folder (no config.json); save_pretrained "
             "replaces a folder as a whole, so pass a new path or an empty folder."
+        )
+    offloaded = [name for name, tensor in model.state_dict().items() if tensor.device.type == "meta"]
+    if offloaded:
+        raise ValueError(
+            f"{_count_and_name(offloaded, 'weights')} are offloaded by device_map (meta placeholders; accelerate holds "
+            "the stored copies), so this model cannot be saved as a whole. Load it with every module on a device or "
+            "'cpu' (device_map={'': 'cpu'} or device='cpu') to save it."
         )
     tensors, biases = _checkpoint_tensors(model)
     config = model.adapter.to_checkpoint_config(model.cfg)
