@@ -158,6 +158,22 @@ def test_a_kv_cache_on_another_device_than_its_block_is_refused(pair):
     assert guards[1](placed.blocks[1], (None, None, None, None, 0), {}) is None
 
 
+def test_a_kv_cache_is_allocated_on_each_block_s_execution_device(pair, monkeypatch):
+    """generate allocates layer l's keys and values where block l computes (accelerate's execution device),
+    so on several GPUs each block writes its own cache in place; simulated here with a fake dispatch hook."""
+    from diffusion_lens.core.kv_cache import KVCache
+
+    plain, placed, _ = pair
+    assert placed.block_devices() == plain.block_devices() == [torch.device("cpu")] * plain.cfg.n_layers
+    monkeypatch.setattr(plain.blocks[1], "_hf_hook", type("Hook", (), {"execution_device": "meta"})(), raising=False)
+    devices = plain.block_devices()
+    assert devices == [torch.device("cpu"), torch.device("meta"), torch.device("cpu")]
+    cache = KVCache.empty(plain.cfg, 2, 14, like=plain.W_E, devices=devices)
+    assert [k.device.type for k in cache.keys] == [v.device.type for v in cache.values] == ["cpu", "meta", "cpu"]
+    with pytest.raises(ValueError, match="devices has 2 entries; the model has 3 layers"):
+        KVCache.empty(plain.cfg, 2, 14, like=plain.W_E, devices=devices[:2])
+
+
 def meta_model(name=NAME):
     config_json = loading.read_config(FIXTURES / name)
     cfg = loading.detect_adapter(config_json).to_config(config_json)

@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 from jaxtyping import Float
@@ -52,16 +53,22 @@ class KVCache:
     values: list[Float[Tensor, "batch _kv_head n_pos _d_head"]]
 
     @classmethod
-    def empty(cls, cfg: DiffusionConfig, batch: int, n_pos: int, like: Tensor) -> "KVCache":
-        """A cache of zeros for a [batch n_pos] canvas, on `like`'s device and dtype; fill it with a
-        full forward (`window_start=0`) before any windowed one reads it.
+    def empty(cls, cfg: DiffusionConfig, batch: int, n_pos: int, like: Tensor,
+              devices: Optional[Sequence[torch.device]] = None) -> "KVCache":
+        """A cache of zeros for a [batch n_pos] canvas, in `like`'s dtype, on `like`'s device or layer
+        l on `devices[l]` (a model spread over several GPUs: `model.block_devices()`, because a block
+        writes its keys and values in place and a copy moved to its device would lose them); fill it
+        with a full forward (`window_start=0`) before any windowed one reads it.
 
         Example:
             >>> cache = KVCache.empty(model.cfg, batch=1, n_pos=canvas.shape[1], like=model.W_E)
             >>> _ = model(canvas, kv_cache=cache)    # fills every layer
         """
+        if devices is not None and len(devices) != cfg.n_layers:
+            raise ValueError(f"devices has {len(devices)} entries; the model has {cfg.n_layers} layers.")
+        where = [like.device] * cfg.n_layers if devices is None else list(devices)
         shapes = [(batch, cfg.kv_heads(layer), n_pos, cfg.head_dim(layer)) for layer in range(cfg.n_layers)]
-        keys, values = ([torch.zeros(shape, dtype=like.dtype, device=like.device) for shape in shapes]
+        keys, values = ([torch.zeros(shape, dtype=like.dtype, device=device) for shape, device in zip(shapes, where)]
                         for _ in range(2))
         return cls(keys, values)
 

@@ -554,6 +554,20 @@ class HookedDiffusionCore(KeepPropertyErrors, HookedRootModule):
         for block in self.blocks:
             block.attn.use_attn_result = use
 
+    def block_devices(self) -> list[torch.device]:
+        """The device each block computes on: accelerate's execution device when `from_pretrained(...,
+        device_map=)` dispatched it (a disk- or CPU-offloaded block runs on the main device), else its
+        weights' device. Per-layer state such as a KV cache must live there.
+
+        Example:
+            >>> model.block_devices()        # [device('cuda:0'), ..., device('cuda:1')] under device_map="auto"
+        """
+        out = []
+        for block in self.blocks:
+            device = getattr(getattr(block, "_hf_hook", None), "execution_device", None)
+            out.append(torch.device(device) if device is not None else next(block.parameters()).device)
+        return out
+
     # ------------------------------------------------------------------ weight views (TransformerLens shapes)
     @property
     def W_E(self) -> Float[Tensor, "d_vocab d_model"]:

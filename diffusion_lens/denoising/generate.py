@@ -202,12 +202,12 @@ class _Run:
         if state.window is None:
             n_pos, cache = state.model_input.shape[1], self.kv_cache
             if cache is None or cache.batch != rows or cache.n_pos != n_pos:
-                cache = self.kv_cache = KVCache.empty(cfg, rows, n_pos, like=like)
+                cache = self.kv_cache = KVCache.empty(cfg, rows, n_pos, like=like, devices=self.model.block_devices())
             return self.model(state.model_input, state.model_attention_mask, kv_cache=cache, **options)
         if self.kv_cache is None:
             if state.kv_cache != "passes" and not (state.window[0] == 0 and state.attention_block_size is not None):
                 raise RuntimeError(f"Step {state.step} reads the KV cache, but no full forward of this run has built it.")
-            self.kv_cache = KVCache.empty(cfg, rows, state.n_pos, like=like)
+            self.kv_cache = KVCache.empty(cfg, rows, state.n_pos, like=like, devices=self.model.block_devices())
         return self.model(state.model_input, state.model_attention_mask, kv_cache=self.kv_cache,
                           window_start=state.window[0], **options)
 
@@ -307,6 +307,7 @@ def generate(
     capture_logits: Sequence[int] = (),
     record: bool = False,
     replay: Optional[GenerationOutput] = None,
+    grad: bool = False,
     **sampler_options,
 ) -> GenerationOutput:
     """Denoise a response for each prompt with the family's sampler, hooks and step caches.
@@ -332,6 +333,9 @@ def generate(
     step's `DenoisingState` in `out.states`. `replay=recorded` (an output made with `record=True`):
     re-run its forwards on its canvases, with `input` (the recorded prompt, or another of the same
     token shape) in the prompt columns; sampler options and `sampler=` do not apply then.
+    `grad=True` runs with autograd on (otherwise off), so captured logits carry gradients back to
+    hook tensors that require them: learning a steering vector through the step-0 forward
+    (`sampler=CanvasProbe(gen_length)`, `capture_logits=[0]`); the weights' own `requires_grad` decide theirs.
 
     Example:
         >>> out = model.generate("Tell me a joke", gen_length=64, steps=64, block_length=32)
@@ -379,7 +383,7 @@ def generate(
     canvases: list[Tensor] = []
     canvas, n_forwards = tokens, 0
     try:
-        with torch.no_grad(), model.hooks(fwd_hooks=hooks):
+        with torch.set_grad_enabled(grad), model.hooks(fwd_hooks=hooks):
             for state, canvas in sampler.run(model.cfg, tokens, attention_mask, run.forward, generator):
                 n_forwards += 1
                 if return_trajectory:

@@ -29,7 +29,7 @@ import tqdm.auto
 from jaxtyping import Float
 from torch import Tensor
 
-from diffusion_lens.denoising.canvas import build_canvas
+from diffusion_lens.denoising import CanvasProbe, generate
 from diffusion_lens.evals.scores import log_odds, resolve_refusal_tokens
 from diffusion_lens.prompts.batching import PromptsInput, batch_indices, left_pad, prepare_prompts
 from diffusion_lens.steering._common import Hook, orthonormal_rows, unit
@@ -148,14 +148,13 @@ def learn_subspace(
                          "differentiable forward cannot reproduce. Use a difference-of-means direction there.")
     started = time.perf_counter()
     ids = resolve_refusal_tokens(model, refusal_tokens)
-    bad = _canvases(model, harmful, "harmful", gen_length, batch_size)
-    good = _canvases(model, harmless, "harmless", gen_length, batch_size)
+    bad = _batches(model, harmful, "harmful", batch_size)
+    good = _batches(model, harmless, "harmless", batch_size)
     a = _initial_rows(init, rank, d_model, seed).to(model.W_E.device)
     n_bad, n_good = sum(len(c[0]) for c in bad), sum(len(c[0]) for c in good)
 
-    with torch.no_grad():  # the unablated reference, once
-        reference = [torch.log_softmax(_response_logits(model, canvas, mask, start).double(), -1).float()
-                     for canvas, mask, start in good]
+    reference = [torch.log_softmax(_response_logits(model, tokens, mask, gen_length).double(), -1).float()
+                 for tokens, mask in good]  # the unablated predictions, once
 
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     losses, refusals, kls = [], [], []
@@ -169,18 +168,16 @@ def learn_subspace(
             optimizer.zero_grad(set_to_none=True)
             refusal = kl = 0.0
             with torch.set_grad_enabled(learning):
-                for canvas, mask, start in bad:
-                    q = _orthonormal(a)
-                    with model.hooks(fwd_hooks=subspace_ablation_hooks(model, q)):
-                        first = _response_logits(model, canvas, mask, start)[:, 0]
+                for tokens, mask in bad:
+                    hooks = subspace_ablation_hooks(model, _orthonormal(a))
+                    first = _response_logits(model, tokens, mask, gen_length, hooks, grad=learning)[:, 0]
                     term = log_odds(first, ids).sum() / n_bad
                     if learning:
                         term.backward()
                     refusal += float(term.detach())
-                for (canvas, mask, start), ref in zip(good, reference):
-                    q = _orthonormal(a)
-                    with model.hooks(fwd_hooks=subspace_ablation_hooks(model, q)):
-                        logp = torch.log_softmax(_response_logits(model, canvas, mask, start).double(), -1)
+                for (tokens, mask), ref in zip(good, reference):
+                    hooks = subspace_ablation_hooks(model, _orthonormal(a))
+                    logp = torch.log_softmax(_response_logits(model, tokens, mask, gen_length, hooks, grad=learning).double(), -1)
                     term = (ref.double().exp() * (ref.double() - logp)).sum() / (n_good * gen_length)
                     if learning and kl_weight:
                         (kl_weight * term).backward()
@@ -221,20 +218,19 @@ def _orthonormal(a: Tensor) -> Tensor:
     return q.T
 
 
-def _canvases(model, prompts, argument: str, gen_length: int, batch_size: int) -> list[tuple[Tensor, Optional[Tensor], int]]:
-    """The step-0 canvases (prompt + gen_length masks, as `CanvasProbe` builds them), their attention
-    masks and the response's first column, one per batch."""
+def _batches(model, prompts, argument: str, batch_size: int) -> list[tuple[Tensor, Optional[Tensor]]]:
+    """The prompts left-padded into batches: (tokens, attention mask) each."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}.")
     prepared = prepare_prompts(model, prompts, argument=argument)
-    out = []
-    for indices in batch_indices(model, prepared, batch_size):
-        tokens, mask, _ = left_pad(model, [prepared.tokens[i] for i in indices])
-        canvas, full_mask = build_canvas(tokens, mask, gen_length, model.cfg.mask_token_id)
-        out.append((canvas, full_mask, tokens.shape[1]))
-    return out
+    return [left_pad(model, [prepared.tokens[i] for i in indices])[:2]
+            for indices in batch_indices(model, prepared, batch_size)]
 
 
-def _response_logits(model, canvas: Tensor, mask: Optional[Tensor], start: int) -> Float[Tensor, "batch gen vocab"]:
-    """The predictions for the response positions of a step-0 canvas (logit shift applied)."""
-    return model.token_logits(model(canvas, mask))[:, start:]
+def _response_logits(model, tokens: Tensor, mask: Optional[Tensor], gen_length: int, hooks: Sequence = (),
+                     grad: bool = False) -> Float[Tensor, "batch gen vocab"]:
+    """The predictions for the response positions of the step-0 canvas (`CanvasProbe`: prompt +
+    gen_length masks; logit shift applied), with gradients to the hooks' tensors when `grad`."""
+    run = generate(model, tokens, attention_mask=mask, sampler=CanvasProbe(gen_length=gen_length), hooks=list(hooks),
+                   capture_logits=[0], return_trajectory=False, progress=False, grad=grad)
+    return model.token_logits(run.logits[0])[:, run.response_start:]
