@@ -261,3 +261,15 @@ def test_disk_offload_streams_each_tensor_out(tmp_path, monkeypatch):
     assert peak[0] <= kept + max(path.stat().st_size for path in shards), (peak[0], kept, total)
     assert peak[0] < total / 2
     assert torch.equal(model(canvas()), plain(canvas()))
+
+
+def test_an_abliteration_edit_of_offloaded_weights_is_refused_and_changes_nothing(pair):
+    from diffusion_lens.steering import AblationKernel, AbliterationEdit
+
+    _, placed, _ = pair
+    edit = AbliterationEdit.from_directions(torch.randn(placed.cfg.n_layers, placed.cfg.d_model),
+                                            {"attention": AblationKernel(1.0, 1.0, 1.0, 2.0)})
+    before = {n: p.detach().clone() for n, p in placed.named_parameters() if p.device.type != "meta"}
+    with pytest.raises(ValueError, match=r"Cannot fold into blocks\.1\..*device_map offloads its weights"):
+        edit.apply(placed)
+    assert all(torch.equal(p, before[n]) for n, p in placed.named_parameters() if n in before)

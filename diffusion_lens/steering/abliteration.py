@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from diffusion_lens.core.components.writers import ResidualWriter, Writer
 from diffusion_lens.steering._common import Hook, orthonormal_rows
-from diffusion_lens.steering.edits import EditHook, SiteEdit, fold_producer, fold_rows
+from diffusion_lens.steering.edits import EditHook, SiteEdit, _check_materialised, fold_producer, fold_rows
 from diffusion_lens.steering.weights import writer_basis, writer_sites
 
 #: Components written before block 0 (one scalar weight each) and inside blocks (one kernel each).
@@ -243,6 +243,8 @@ class AbliterationEdit:
         for _, rows in plan:
             for name, _, weight, edit in rows:
                 tensors = _tensors(name, weight)
+                for tensor_name, tensor in tensors:
+                    _check_materialised(tensor, tensor_name)
                 key = _storage_key(tensors[0][1])
                 if key in seen:
                     if not _same_edit(seen[key], edit):
