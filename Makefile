@@ -16,8 +16,10 @@ demo: setup
 	$(PY) -m diffusion_lens demo
 
 # The test suite, then the documentation site, which executes every tutorial notebook once (`docs`).
+# Two pytest-xdist workers (CI has 2 cores), one test file per worker so module fixtures load once;
+# each worker computes with one torch thread (tests/conftest.py).
 test: setup
-	$(PY) -m pytest tests --ignore=tests/test_docs_site.py
+	$(PY) -m pytest -n 2 --dist loadfile tests --ignore=tests/test_docs_site.py
 	.venv/bin/lint-imports --no-cache
 	$(MAKE) docs
 

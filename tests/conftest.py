@@ -57,7 +57,9 @@ import torch
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Under pytest-xdist (`make test` runs two workers, one per core of the CI machine) each worker
+# computes with one thread, so two workers do not fight over the cores; alone, two threads.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 
 @pytest.fixture(scope="session")
