@@ -90,6 +90,18 @@ def worker(out: str, rank: int, size: int) -> None:
 
         dist.init_process_group("gloo", init_method=f"file://{folder / 'rendezvous'}", rank=rank, world_size=size)
     results = run_all(folder / ("group" if size else "alone"))
+    from diffusion_lens.evals import generate_texts
+    from diffusion_lens.prompts.distributed import my_batches, world
+
+    results["world"] = [world(), my_batches(["b0", "b1", "b2"])]
+    if size:  # sampling without seed= draws from the global RNG in batch order: refused under several ranks
+        from diffusion_lens import HookedDiffusionTransformer
+
+        try:
+            generate_texts(HookedDiffusionTransformer.from_pretrained("tiny-refusal"), ["Hi", "Hello", "Hey"],
+                           batch_size=BATCH, temperature=0.5, **OPTS)
+        except ValueError as error:
+            results["unseeded"] = str(error)
     torch.save(results, folder / f"{'group' if size else 'alone'}{rank}.pt")
     if size:
         dist.destroy_process_group()
@@ -128,6 +140,16 @@ def test_bit_for_bit_on_two_ranks(results, name):
     rank0, rank1 = (r[name] for r in results["ranks"])
     assert same(rank0, rank1)
     assert same(rank0, results["alone"][name])
+
+
+def test_each_rank_runs_its_own_batches(results):
+    assert results["alone"]["world"] == [(0, 1), [(0, "b0"), (1, "b1"), (2, "b2")]]
+    assert [r["world"] for r in results["ranks"]] == [[(0, 2), [(0, "b0"), (2, "b2")]], [(1, 2), [(1, "b1")]]]
+
+
+def test_unseeded_sampling_is_refused_under_several_ranks(results):
+    for r in results["ranks"]:
+        assert "no seed= was given" in r.get("unseeded", "")
 
 
 def test_mean_difference_to_float64_round_off(results):
