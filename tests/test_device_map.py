@@ -17,17 +17,10 @@ from diffusion_lens import hooks as H
 from diffusion_lens.checkpoints import loading
 from diffusion_lens.steering import ablate, orthogonalize_weights
 from tests.conftest import FIXTURES
+from tests.test_steering_core import one_thread  # noqa: F401  (autouse fixture)
 
 NAME = "llada-tiny-mha"  # 3 blocks, untied head
 RUN = dict(steps=8, gen_length=16, block_length=8, chat=False, progress=False)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def mixed_map(model_or_layers, *, tail="disk"):

@@ -4,18 +4,14 @@ import json
 
 import pytest
 
-from diffusion_lens import HookedDiffusionTransformer
 from diffusion_lens.__main__ import main
 from diffusion_lens.evals import generate_texts, instruction_following
 from diffusion_lens.steering import AffineMap
 from diffusion_lens.studies.ot_protocol import METHODS, run_ot_protocol, toy_sets, wilson_interval, write_protocol
 
+from tests.test_abliterate import model  # noqa: F401  (module fixture: tiny-refusal)
+
 OPTS = dict(gen_length=8, steps=8, block_length=8)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return HookedDiffusionTransformer.from_pretrained("tiny-refusal")
 
 
 @pytest.fixture(scope="module")

@@ -6,22 +6,12 @@ model untouched, and beat the difference-of-means direction it starts from."""
 import pytest
 import torch
 
-from diffusion_lens import HookedDiffusionTransformer
 from diffusion_lens.evals import refusal_score
 from diffusion_lens.steering import AblationKernel, AbliterationEdit, learn_subspace, mean_difference
-from diffusion_lens.studies.abliteration import prompt_sets
+
+from tests.test_abliterate import model, sets  # noqa: F401  (module fixtures: tiny-refusal and its toy prompt sets)
 
 GEN = 8
-
-
-@pytest.fixture(scope="module")
-def model():
-    return HookedDiffusionTransformer.from_pretrained("tiny-refusal")
-
-
-@pytest.fixture(scope="module")
-def sets():
-    return prompt_sets("tiny-refusal", None, None, n_train=8, n_eval=4)
 
 
 @pytest.fixture(scope="module")
