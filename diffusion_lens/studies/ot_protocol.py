@@ -310,7 +310,7 @@ def write_protocol(result: OTProtocolResult, out) -> list[Path]:
     staged(out / "results.json", lambda p: p.write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False)))
     staged(out / "table.txt", lambda p: p.write_text(result.table() + "\n"))
     figure = radar_chart(result.radar_axes(), title="IFEval accuracy per constraint (test)")
-    staged(out / "radar.png", lambda p: figure.savefig(p, format="png", dpi=120))
+    staged(out / "radar.png", lambda p: figure.savefig(p, format="png", dpi=120, bbox_inches="tight"))  # + legend
     for kind, amap in result.maps.items():
         staged(out / "maps" / f"{kind}.safetensors", lambda p, amap=amap: amap.save(p))
     return written
