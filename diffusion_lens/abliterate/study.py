@@ -28,8 +28,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from diffusion_lens.evals import generate_texts, kl_reference, rank_correlation, refusal_rate
-from diffusion_lens.evals.scores import _aggregate, _replay_batch
-from diffusion_lens.prompts.distributed import broadcast_object, gather_records, my_batches, world
+from diffusion_lens.prompts.distributed import broadcast_object, world
 from diffusion_lens.steering import (AblationKernel, AbliterationEdit, Directions, LearnedSubspace, learn_subspace,
                                      mean_difference, model_components)
 
@@ -361,9 +360,7 @@ def search(model, harmful_train: Sequence[str], harmless_train: Sequence[str], h
         with edit.applied(model):
             texts = generate_texts(model, list(harmful_eval), batch_size=batch_size, **options)
             refusal = float(judge(texts))
-            mine = my_batches(reference.batches)
-            parts = [_replay_batch(batch, reference.steps, model, ()) for _, batch in mine]
-            kl = _aggregate(reference.steps, gather_records(parts, [b for b, _ in mine]))
+            kl = reference.measure(model)  # each rank replays its share of the reference's batches
         attrs = {"first_position_kl": float(kl.first_position.mean())}
         if kl.prefill is not None:
             attrs["prefill_kl"] = float(kl.prefill.mean())

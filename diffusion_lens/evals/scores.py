@@ -27,6 +27,7 @@ from torch import Tensor
 from diffusion_lens.denoising import generate
 from diffusion_lens.denoising.generate import GenerationOutput, split_generate_kwargs
 from diffusion_lens.denoising.samplers import CanvasProbe
+from diffusion_lens.prompts.distributed import gather_records, my_batches
 from diffusion_lens.prompts.batching import (
     PreparedPrompts,
     PromptsInput,
@@ -362,14 +363,18 @@ class KLReference:
 
         `model` may be the recorded object itself (with edited weights or `hooks`) or another model
         of the same shape (vocabulary, d_model, mask token, device; checked). Step-scheduled hooks see
-        the usual `hook.state`.
+        the usual `hook.state`. Inside a `torch.distributed` process group each rank replays its
+        share of the recorded batches and every rank returns the whole result
+        (`diffusion_lens.prompts.distributed`).
 
         Example:
             >>> ref.measure(model, hooks=ablate(model, r)).masked.per_step
             >>> ref.measure(abliterated).first_position            # [n_prompts]
         """
         self._check_model(model)
-        return _aggregate(self.steps, [_replay_batch(batch, self.steps, model, hooks) for batch in self.batches])
+        mine = my_batches(self.batches)
+        parts = [_replay_batch(batch, self.steps, model, hooks) for _, batch in mine]
+        return _aggregate(self.steps, gather_records(parts, [b for b, _ in mine]))
 
     def _check_model(self, model) -> None:
         got = _signature(model)
