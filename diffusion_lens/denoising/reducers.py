@@ -62,6 +62,24 @@ class StreamingMean:
         self._device = None
         self.hook_pairs = [(name_filter(n), self._update) for n in self.names]
 
+    # -- partial means (another process's share of the prompts)
+    def running_sums(self, name: str, step: Optional[int] = None) -> tuple[Optional[Tensor], Union[int, Tensor, None]]:
+        """The float64 running sum and the count of `name` (of `step` when `by_step`), None before any
+        update: what merging means accumulated over different prompts needs (sum the sums and counts).
+
+        Example:
+            >>> total, count = reducer.running_sums("blocks.0.hook_resid_post")
+        """
+        return self._sums.get((name, step)), self._counts.get((name, step))
+
+    def set_running_sums(self, name: str, total: Tensor, count: Union[int, Tensor], step: Optional[int] = None) -> None:
+        """Replace the running sum and count of `name`, e.g. by their sums over processes.
+
+        Example:
+            >>> reducer.set_running_sums(name, all_reduce_float64(total), int(all_reduce_float64(count)))
+        """
+        self._sums[(name, step)], self._counts[(name, step)] = total, count
+
     # -- hooks
     def wants(self, state) -> bool:
         if self.passes is not None and state.pass_name not in self.passes:

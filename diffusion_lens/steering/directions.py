@@ -286,23 +286,21 @@ class _Plan:
         """Add every rank's float64 sums and counts (`all_reduce_float64`), so each rank holds the sums
         of all batches: the one-process means up to float64 round-off. A no-op in one process.
 
-        The running sums live in `StreamingMean._sums` / `_counts` (keyed (site, None)) and in
-        `_SecondMoments`; a rank that ran no batch contributes zeros."""
+        The running sums are `StreamingMean.running_sums` and `_SecondMoments.sums`; a rank that ran
+        no batch contributes zeros."""
         if world()[1] == 1:
             return
         for reducer in self.reducers:
             for site in self.sites:
-                key = (site, None)
-                total = all_reduce_float64(reducer._sums.get(key))
+                local, count = reducer.running_sums(site)
+                total = all_reduce_float64(local)
                 if total is None:
                     continue
-                count = reducer._counts.get(key)
                 as_tensor = torch.as_tensor(count if count is not None else 0, dtype=torch.float64)
                 if count is None and self.mode == "columns":
                     as_tensor = None  # per-column counts: the shape comes from the ranks that ran a batch
                 summed = all_reduce_float64(as_tensor).round().long()
-                reducer._sums[key] = total
-                reducer._counts[key] = summed if self.mode == "columns" else int(summed)
+                reducer.set_running_sums(site, total, summed if self.mode == "columns" else int(summed))
         if self.moments is not None:
             for site in self.sites:
                 total = all_reduce_float64(self.moments.sums.get(site))
