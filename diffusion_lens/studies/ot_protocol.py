@@ -104,7 +104,11 @@ class OTProtocolResult:
     maps: dict = field(default_factory=dict)  # kind -> the fitted AffineMap, at strength 1
 
     def table(self) -> str:
-        """Accuracy [95% interval] per method: prompt level, instruction level, each constraint."""
+        """Accuracy [95% interval] per method: prompt level, instruction level, each constraint.
+
+        Example:
+            >>> print(result.table())      # one row per method, "0.89 [0.79, 0.95]" cells
+        """
         head = ["method", "choice", "prompt-level", "instruction-level", *self.constraints]
         rows = [head]
         for name, res in self.methods.items():
@@ -131,7 +135,11 @@ class OTProtocolResult:
         return out
 
     def to_dict(self) -> dict:
-        """Everything but the maps, JSON-ready (`write_protocol` saves the maps beside it)."""
+        """Everything but the maps, JSON-ready (`write_protocol` saves the maps beside it).
+
+        Example:
+            >>> json.dumps(result.to_dict())        # what results.json holds
+        """
         return {"constraints": self.constraints, "info": self.info,
                 "methods": {name: vars(res) for name, res in self.methods.items()}}
 
